@@ -1,0 +1,396 @@
+// The traversal shared by every group operator on the CPU.
+//
+// A group operator ("step", see ProxStep below) needs, per group, a few sums over the group's
+// elements (sum of squares, sum of magnitudes, count of nonzeros), turns them into per-group
+// parameters (a scale, a threshold), and rewrites the group elementwise. The engine does that
+// with one read of memory per element wherever a group (or a tile of groups) fits in cache:
+// the statistics pass streams the group from memory, the rewrite reads it again from cache.
+//
+// Two traversals of the [batch][outer][groups][inner] layout (group_layout.h):
+//  * chunk path (outer == 1, or inner long): one task per group; the group is `outer` contiguous
+//    runs of `inner` elements, read with full-width vector loads. Rows of a Linear or conv filter.
+//    A group larger than the per-core cache (kGroupCacheBytes) is read twice from memory.
+//  * column-tile path (outer > 1, inner short): columns of a Linear, conv input channels, CGES's
+//    dim=0. A tile is a block of whole groups: [all outer rows] x [tile columns]; the statistics
+//    pass reads each row of the tile contiguously and accumulates per column (vectorized across
+//    columns), then reduces each group's `inner` columns. The tile is sized to stay in cache for
+//    the rewrite (kColumnTileBytes); when even the narrowest tile does not fit (huge `outer`),
+//    the rewrite reads from memory.
+//
+// Determinism: every sum is taken in an order fixed by the layout alone (per group in the chunk
+// path, per column over rows in the column path), never by how work is split across threads, so
+// results are bitwise identical from run to run and for any thread count.
+//
+// Accumulation is in at::opmath_type<T>: float for float16/bfloat16, the type itself otherwise.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/group_layout.h"
+
+namespace fastprox::cpu {
+
+// Element counts and byte budgets of the traversal (see bench/RESULTS.md for how they were set).
+constexpr int64_t kParallelGrainElems = 1 << 15;     // below this, a task is not worth a thread
+constexpr int64_t kColumnTileBytes = 1 << 20;        // column tile, kept in L2 for the rewrite
+constexpr int64_t kChunkPathMinInner = 128;          // inner runs this long use the chunk path
+
+// Loads and stores of storage type T as vectors of its accumulation type.
+template <typename T>
+struct Lanes {
+  using A = at::opmath_type<T>;
+  using V = at::vec::Vectorized<A>;
+  using TV = at::vec::Vectorized<T>;
+  static constexpr int64_t kWidth = TV::size();         // elements per load
+  static constexpr int64_t kParts = kWidth / V::size();  // accumulation vectors per load
+
+  // Loads `count` (1..kWidth) elements; missing lanes read as zero.
+  static void load(const T* p, int64_t count, V* out) {
+    if constexpr (kParts == 1) {
+      out[0] = count == kWidth ? V::loadu(p) : V::loadu(p, count);
+    } else {
+      const TV v = count == kWidth ? TV::loadu(p) : TV::loadu(p, count);
+      auto halves = at::vec::convert_to_float<T>(v);
+      out[0] = std::get<0>(halves);
+      out[1] = std::get<1>(halves);
+    }
+  }
+  static void store(T* p, int64_t count, const V* v) {
+    if constexpr (kParts == 1) {
+      count == kWidth ? v[0].store(p) : v[0].store(p, count);
+    } else {
+      const TV r = at::vec::convert_from_float<T>(v[0], v[1]);
+      count == kWidth ? r.store(p) : r.store(p, count);
+    }
+  }
+};
+
+// copysign(max(|y| - tau, 0), y): soft threshold of magnitudes. NaN in y or tau gives NaN
+// (at::vec::maximum propagates NaN); the zero result keeps y's sign (-0 for negative y).
+template <typename V>
+inline V shrink_magnitude(const V& y, const V& tau) {
+  using A = typename V::value_type;
+  const V mag = at::vec::maximum(y.abs() - tau, V(A(0)));
+  return mag | (y & V(A(-0.0)));
+}
+
+// Per-group parameters of the rewrite  y = pre(x) * scale,  then  y = shrink_magnitude(y, tau).
+template <typename A>
+struct GroupParams {
+  A scale = 1;
+  A tau = 0;
+  A active = 0;          // exact exclusive: count of magnitudes above tau
+  bool iterate = false;  // exact exclusive: tau still to be refined
+};
+
+// The fused proximal step of group lasso (kGroup), sparse group lasso (kL1 + kGroup), exclusive
+// lasso (kExcl) and CGES (kGroup + kExcl); formulas in the operator files and SPEC.md.
+template <typename A, bool kL1, bool kGroup, bool kExcl>
+struct ProxStep {
+  using V = at::vec::Vectorized<A>;
+  static constexpr bool kWantSumSq = kGroup;
+  static constexpr bool kWantAbs = kExcl;
+  static constexpr bool kRewrite = true;
+
+  A l1 = 0;       // soft threshold applied first (sparse group lasso)
+  A t = 0;        // group threshold lam * c
+  A lam_e = 0;    // exclusive lam
+  bool exact = true;
+
+  V pre(const V& x) const {
+    if constexpr (kL1) {
+      return shrink_magnitude(x, V(l1));
+    } else {
+      return x;
+    }
+  }
+
+  // sum_sq, sum_abs, nonzero: sums over pre(x) of the group (sum_abs/nonzero only with kExcl).
+  GroupParams<A> finish(int64_t /*group*/, A sum_sq, A sum_abs, A nonzero) const {
+    GroupParams<A> p;
+    if constexpr (kGroup) {
+      const A norm = std::sqrt(sum_sq);
+      // Written so that NaN norms give a NaN scale (the group becomes NaN), inf norms give 1
+      // (the group keeps its values), and a zero group gets 0 without dividing by zero.
+      p.scale = norm <= t ? A(0) : A(1) - t / norm;
+    }
+    if constexpr (kExcl) {
+      const A s = p.scale;
+      const A l1_norm = sum_abs * s;  // of the values the exclusive step sees
+      if (std::isnan(l1_norm)) {
+        p.tau = std::numeric_limits<A>::quiet_NaN();
+      } else if (std::isinf(l1_norm) || s == A(0)) {
+        p.tau = 0;  // an infinite group keeps its values; a group shrunk to zero stays zero
+      } else if (!exact) {
+        p.tau = lam_e * l1_norm;  // CGES's update: an upper bound on the exact threshold
+      } else {
+        p.tau = lam_e * l1_norm / (A(1) + lam_e * nonzero);  // first Newton step from tau = 0
+        p.active = nonzero;
+        p.iterate = nonzero > A(0);
+      }
+    }
+    return p;
+  }
+
+  // One Newton step for the exact exclusive threshold, given the sum and count of the magnitudes
+  // above the current tau. tau solves tau = lam * sum_i max(a_i - tau, 0): Newton from 0 rises
+  // monotonically and stops exactly when the active set stops changing, so the active count
+  // strictly falls until then (at most n steps; a handful in practice).
+  void newton(GroupParams<A>& p, A sum_above, A count_above) const {
+    if (!(count_above < p.active) || count_above == A(0)) {
+      p.iterate = false;  // same active set: tau is exact (count 0 only by rounding at tiny n)
+      return;
+    }
+    p.tau = std::max(p.tau, lam_e * sum_above / (A(1) + lam_e * count_above));
+    p.active = count_above;
+  }
+
+  V rewrite(const V& x, const V& scale, const V& tau) const {
+    V y = pre(x);
+    if constexpr (kGroup) y = y * scale;
+    if constexpr (kExcl) y = shrink_magnitude(y, tau);
+    return y;
+  }
+};
+
+// Norms only: writes sqrt(sum of squares) per group, rewrites nothing.
+template <typename T>
+struct NormStep {
+  using A = at::opmath_type<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr bool kWantSumSq = true;
+  static constexpr bool kWantAbs = false;
+  static constexpr bool kRewrite = false;
+  T* out;
+
+  V pre(const V& x) const { return x; }
+  GroupParams<A> finish(int64_t group, A sum_sq, A, A) const {
+    out[group] = static_cast<T>(std::sqrt(sum_sq));
+    return {};
+  }
+  void newton(GroupParams<A>&, A, A) const {}
+  V rewrite(const V& x, const V&, const V&) const { return x; }
+};
+
+namespace detail {
+
+template <typename A>
+inline A reduce_sum(const at::vec::Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>(
+      [](const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) { return a + b; }, v);
+}
+
+// Calls f(pointer, count) over the runs of group `g`, in memory order, count <= kWidth.
+template <typename T, typename F>
+inline void for_each_load(T* group, const GroupShape& s, F&& f) {
+  constexpr int64_t W = Lanes<T>::kWidth;
+  const int64_t row_stride = s.groups * s.inner;
+  for (int64_t o = 0; o < s.outer; ++o) {
+    T* run = group + o * row_stride;
+    for (int64_t j = 0; j < s.inner; j += W) f(run + j, std::min(W, s.inner - j));
+  }
+}
+
+// Chunk path: one task per group.
+template <typename T, typename Step>
+void chunk_path(T* data, const GroupShape& s, const Step& step) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  constexpr int64_t P = L::kParts;
+  const int64_t n = s.group_size();
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(n, 1));
+  const V one(A(1)), zero(A(0));
+
+  at::parallel_for(0, s.num_groups(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t b = gi / s.groups, g = gi % s.groups;
+      T* group = data + b * s.outer * s.groups * s.inner + g * s.inner;
+
+      V sum_sq = zero, sum_abs = zero, nonzero = zero;
+      for_each_load(group, s, [&](const T* p, int64_t count) {
+        V x[P];
+        L::load(p, count, x);
+        for (int64_t k = 0; k < P; ++k) {
+          const V y = step.pre(x[k]);
+          if constexpr (Step::kWantSumSq) sum_sq = at::vec::fmadd(y, y, sum_sq);
+          if constexpr (Step::kWantAbs) {
+            const V a = y.abs();
+            sum_abs = sum_abs + a;
+            nonzero = nonzero + ((a > zero) & one);
+          }
+        }
+      });
+      GroupParams<A> p =
+          step.finish(gi, reduce_sum(sum_sq), reduce_sum(sum_abs), reduce_sum(nonzero));
+      if constexpr (!Step::kRewrite) continue;
+
+      const V scale(p.scale);
+      while (p.iterate) {  // exact exclusive threshold: passes over the cached group
+        const V tau(p.tau);
+        V above = zero, count = zero;
+        for_each_load(group, s, [&](const T* ptr, int64_t cnt) {
+          V x[P];
+          L::load(ptr, cnt, x);
+          for (int64_t k = 0; k < P; ++k) {
+            const V y = step.pre(x[k]).abs() * scale;
+            const V mask = y > tau;
+            above = above + (mask & y);
+            count = count + (mask & one);
+          }
+        });
+        step.newton(p, reduce_sum(above), reduce_sum(count));
+      }
+
+      const V tau(p.tau);
+      for_each_load(group, s, [&](T* ptr, int64_t count) {
+        V x[P];
+        L::load(ptr, count, x);
+        for (int64_t k = 0; k < P; ++k) x[k] = step.rewrite(x[k], scale, tau);
+        L::store(ptr, count, x);
+      });
+    }
+  });
+}
+
+// Column-tile path: one task per tile of whole groups, all `outer` rows of it.
+template <typename T, typename Step>
+void column_path(T* data, const GroupShape& s, const Step& step) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  constexpr int64_t P = L::kParts;
+  constexpr int64_t W = L::kWidth;
+  constexpr int64_t VS = V::size();
+  const int64_t row_stride = s.groups * s.inner;
+
+  // Tile: as many whole groups as fit the byte budget over all rows, at least one vector wide,
+  // and at least ~8 tiles when the weight has enough groups (two cores must both get work).
+  int64_t cols = kColumnTileBytes / (s.outer * static_cast<int64_t>(sizeof(T)));
+  cols = std::max<int64_t>(W, cols / W * W);
+  int64_t tile_groups = std::max<int64_t>(1, cols / s.inner);
+  tile_groups = std::min(tile_groups, std::max<int64_t>(1, (s.groups + 7) / 8));
+  const int64_t tiles_per_batch = (s.groups + tile_groups - 1) / tile_groups;
+  const int64_t padded_cols = (tile_groups * s.inner + W - 1) / W * W;
+  const int64_t grain = std::max<int64_t>(
+      1, kParallelGrainElems / std::max<int64_t>(s.outer * tile_groups * s.inner, 1));
+
+  at::parallel_for(0, s.batch * tiles_per_batch, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> col_sq(padded_cols), col_abs(padded_cols), col_nz(padded_cols);
+    std::vector<A> col_scale(padded_cols), col_tau(padded_cols);
+    std::vector<GroupParams<A>> params(tile_groups);
+    const V one(A(1)), zero(A(0));
+
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / tiles_per_batch;
+      const int64_t g0 = (unit % tiles_per_batch) * tile_groups;
+      const int64_t ng = std::min(tile_groups, s.groups - g0);
+      const int64_t width = ng * s.inner;
+      T* tile = data + b * s.outer * row_stride + g0 * s.inner;
+
+      // Calls f(pointer, count, column) for each vector load of the tile, row by row.
+      auto for_each_load_in_tile = [&](auto&& f) {
+        for (int64_t o = 0; o < s.outer; ++o) {
+          T* row = tile + o * row_stride;
+          for (int64_t j = 0; j < width; j += W) f(row + j, std::min(W, width - j), j);
+        }
+      };
+      // Sums of the tile's columns into per-group values.
+      auto group_sum = [&](const std::vector<A>& col, int64_t g) {
+        A acc = 0;
+        for (int64_t i = 0; i < s.inner; ++i) acc += col[g * s.inner + i];
+        return acc;
+      };
+      auto spread = [&](std::vector<A>& col, auto&& value_of_group) {
+        for (int64_t g = 0; g < ng; ++g) {
+          std::fill_n(col.begin() + g * s.inner, s.inner, value_of_group(g));
+        }
+      };
+
+      std::fill(col_sq.begin(), col_sq.end(), A(0));
+      std::fill(col_abs.begin(), col_abs.end(), A(0));
+      std::fill(col_nz.begin(), col_nz.end(), A(0));
+      for_each_load_in_tile([&](const T* p, int64_t count, int64_t j) {
+        V x[P];
+        L::load(p, count, x);
+        for (int64_t k = 0; k < P; ++k) {
+          const int64_t c = j + k * VS;
+          const V y = step.pre(x[k]);
+          if constexpr (Step::kWantSumSq) {
+            at::vec::fmadd(y, y, V::loadu(&col_sq[c])).store(&col_sq[c]);
+          }
+          if constexpr (Step::kWantAbs) {
+            const V a = y.abs();
+            (V::loadu(&col_abs[c]) + a).store(&col_abs[c]);
+            (V::loadu(&col_nz[c]) + ((a > zero) & one)).store(&col_nz[c]);
+          }
+        }
+      });
+      bool iterate = false;
+      for (int64_t g = 0; g < ng; ++g) {
+        params[g] = step.finish(b * s.groups + g0 + g, group_sum(col_sq, g),
+                                group_sum(col_abs, g), group_sum(col_nz, g));
+        iterate = iterate || params[g].iterate;
+      }
+      if constexpr (!Step::kRewrite) continue;
+
+      spread(col_scale, [&](int64_t g) { return params[g].scale; });
+      while (iterate) {  // exact exclusive threshold, all groups of the tile at once
+        spread(col_tau, [&](int64_t g) { return params[g].tau; });
+        std::fill(col_abs.begin(), col_abs.end(), A(0));
+        std::fill(col_nz.begin(), col_nz.end(), A(0));
+        for_each_load_in_tile([&](const T* p, int64_t count, int64_t j) {
+          V x[P];
+          L::load(p, count, x);
+          for (int64_t k = 0; k < P; ++k) {
+            const int64_t c = j + k * VS;
+            const V y = step.pre(x[k]).abs() * V::loadu(&col_scale[c]);
+            const V mask = y > V::loadu(&col_tau[c]);
+            (V::loadu(&col_abs[c]) + (mask & y)).store(&col_abs[c]);
+            (V::loadu(&col_nz[c]) + (mask & one)).store(&col_nz[c]);
+          }
+        });
+        iterate = false;
+        for (int64_t g = 0; g < ng; ++g) {
+          if (!params[g].iterate) continue;
+          step.newton(params[g], group_sum(col_abs, g), group_sum(col_nz, g));
+          iterate = iterate || params[g].iterate;
+        }
+      }
+      spread(col_tau, [&](int64_t g) { return params[g].tau; });
+
+      for_each_load_in_tile([&](T* p, int64_t count, int64_t j) {
+        V x[P];
+        L::load(p, count, x);
+        for (int64_t k = 0; k < P; ++k) {
+          const int64_t c = j + k * VS;
+          x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
+        }
+        L::store(p, count, x);
+      });
+    }
+  });
+}
+
+}  // namespace detail
+
+// Runs `step` over every group of `work` (contiguous in the layout `s`).
+template <typename T, typename Step>
+void run_groups(T* data, const GroupShape& s, const Step& step) {
+  if (s.num_groups() == 0 || s.group_size() == 0) return;
+  if (s.outer == 1 || s.inner >= kChunkPathMinInner) {
+    detail::chunk_path(data, s, step);
+  } else {
+    detail::column_path(data, s, step);
+  }
+}
+
+}  // namespace fastprox::cpu

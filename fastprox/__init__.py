@@ -1,0 +1,31 @@
+"""fastprox: fused proximal operators for structured-sparsity training in PyTorch.
+
+    >>> import fastprox
+    >>> fastprox.group_shrink_(layer.weight, lr * lam, dim=0)   # after optimizer.step()
+
+Operators (in place, return the weight): group_shrink_, soft_threshold_, sparse_group_shrink_,
+exclusive_shrink_, cges_shrink_; and group_norms. fastprox.reference holds the pure-PyTorch
+oracle of each.
+"""
+
+from . import reference
+from .ops import (
+    cges_shrink_,
+    exclusive_shrink_,
+    group_norms,
+    group_shrink_,
+    soft_threshold_,
+    sparse_group_shrink_,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "group_norms",
+    "group_shrink_",
+    "soft_threshold_",
+    "sparse_group_shrink_",
+    "exclusive_shrink_",
+    "cges_shrink_",
+    "reference",
+]

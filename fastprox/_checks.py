@@ -1,0 +1,71 @@
+"""Argument checks of the public API: every one runs before any memory is touched.
+
+They look only at metadata (types, dtypes, shapes, devices), so they cost nothing under
+torch.compile. The value of a threshold (negative, NaN, inf) is checked by the kernel, which
+reads it before touching the weight: a tensor threshold cannot be read here without a graph
+break (and, on a GPU, a synchronisation).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_weight(weight, fn: str) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.layout != torch.strided:
+        raise TypeError(f"{fn}: weight must be a dense (strided) tensor, got layout {weight.layout}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: weight must be float32, float64, float16 or bfloat16, got {weight.dtype}"
+        )
+    if weight.dim() == 0:
+        raise ValueError(f"{fn}: weight must have at least one dimension, got a 0-d tensor")
+
+
+def normalize_dim(dim, weight: torch.Tensor, fn: str) -> list[int]:
+    """The reduced dimensions as sorted non-negative ints; None: every dimension but the first."""
+    ndim = weight.dim()
+    if dim is None:
+        return list(range(1, ndim))
+    dims: Sequence = (dim,) if not isinstance(dim, (tuple, list, torch.Size)) else dim
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"{fn}: dim must be an int or a tuple of ints, got {dim!r}")
+        d = int(d)
+        if not -ndim <= d < ndim:
+            raise ValueError(
+                f"{fn}: dim {d} is out of range for a weight with {ndim} dimensions "
+                f"(expected in [{-ndim}, {ndim - 1}])"
+            )
+        d %= ndim
+        if d in out:
+            raise ValueError(f"{fn}: dim {dim!r} names dimension {d} more than once")
+        out.append(d)
+    return sorted(out)
+
+
+def as_threshold(value, name: str, weight: torch.Tensor, fn: str) -> torch.Tensor:
+    """A threshold as the 0-d tensor the ops take; its value is checked by the kernel."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{fn}: {name} must be a number or a 0-d tensor, got shape "
+                             f"{tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{fn}: {name} must be a real number, got dtype {value.dtype}")
+        if value.device.type != "cpu" and value.device != weight.device:
+            raise ValueError(f"{fn}: {name} is on {value.device} but weight is on "
+                             f"{weight.device}; use a CPU tensor or the weight's device")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat,
+                                                         torch.SymInt)):
+        raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got "
+                        f"{type(value).__name__}")
+    return torch.tensor(value, dtype=torch.float64)

@@ -1,0 +1,78 @@
+"""Loads the operator library and registers what PyTorch needs beyond the kernels.
+
+Schemas: csrc/fastprox.cpp (defined once, in C++). CPU kernels: csrc/cpu/. Here: the fake
+(meta) implementation of every op, used by torch.compile and opcheck, and the autograd formula
+of group_norms. The mutating ops have no derivative (see csrc/fastprox.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+except ImportError as exc:  # a silent fallback to the reference would hide a broken install
+    raise ImportError(
+        "fastprox: the C++ extension fastprox._C failed to load "
+        f"({exc}). Rebuild it against the installed torch with "
+        "`pip install --no-build-isolation -e .` (or `make build`)."
+    ) from exc
+
+
+def _check_cpu_capability() -> None:
+    built = _C.cpu_capability
+    ranks = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+    here = torch.backends.cpu.get_cpu_capability()
+    if ranks.get(built, 0) > ranks.get(here, 0):
+        raise ImportError(
+            f"fastprox: the C++ extension was built for {built} but this CPU supports {here}. "
+            "Rebuild here, or build with FASTPROX_CPU_CAPABILITY=DEFAULT for a portable build."
+        )
+
+
+_check_cpu_capability()
+
+ops = torch.ops.fastprox
+
+
+def kept_shape(weight: torch.Tensor, dim: list[int]) -> list[int]:
+    """Shape of the per-group values: the weight's sizes along the dimensions not in ``dim``."""
+    reduced = {d % weight.dim() for d in dim}
+    return [s for d, s in enumerate(weight.shape) if d not in reduced]
+
+
+@torch.library.register_fake("fastprox::group_norms")
+def _group_norms_fake(weight, dim):
+    return weight.new_empty(kept_shape(weight, dim))
+
+
+def _no_output(*args):
+    return None
+
+
+for _name in ("group_shrink_", "soft_threshold_", "sparse_group_shrink_", "exclusive_shrink_",
+              "cges_shrink_"):
+    torch.library.register_fake(f"fastprox::{_name}")(_no_output)
+
+
+def _group_norms_setup_context(ctx, inputs, output):
+    weight, dim = inputs
+    ctx.dim = dim
+    ctx.save_for_backward(weight, output)
+
+
+def _group_norms_backward(ctx, grad_norms):
+    # d||w||/dw = w / ||w||; at a zero group the subgradient 0 is taken (finite, never NaN).
+    weight, norms = ctx.saved_tensors
+    reduced = sorted(d % weight.dim() for d in ctx.dim)
+    for d in reduced:  # broadcast per-group values back over the reduced dimensions
+        norms = norms.unsqueeze(d)
+        grad_norms = grad_norms.unsqueeze(d)
+    safe = torch.where(norms == 0, torch.ones_like(norms), norms)
+    grad = torch.where(norms == 0, torch.zeros_like(weight), weight * (grad_norms / safe))
+    return grad, None
+
+
+torch.library.register_autograd(
+    "fastprox::group_norms", _group_norms_backward, setup_context=_group_norms_setup_context
+)
