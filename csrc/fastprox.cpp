@@ -7,7 +7,9 @@
 // so that changing them under torch.compile does not recompile the graph.
 #include <Python.h>
 
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastprox, m) {
@@ -23,20 +25,30 @@ TORCH_LIBRARY(fastprox, m) {
       "bool size_weighted, bool exact) -> ()");
 }
 
-// The proximal steps have no derivative. Without these fallbacks an in-place call on a non-leaf
-// tensor that requires grad would leave a stale grad_fn behind (silently wrong gradients); with
-// them it behaves like a torch in-place op without a formula: the leaf error, a bumped version
-// counter, and "derivative ... not implemented" on backward. group_norms gets a real backward
-// in Python (torch.library.register_autograd), which takes precedence over the fallback.
-static const char* const kMutatingOps[] = {
-    "group_shrink_", "soft_threshold_", "sparse_group_shrink_", "exclusive_shrink_", "cges_shrink_"};
-
-TORCH_LIBRARY_IMPL(fastprox, Autograd, m) {
-  for (const char* op : kMutatingOps) m.impl(op, torch::autograd::autogradNotImplementedFallback());
+// In-place ops bump the version counter of what they mutate, so that autograd notices a weight
+// changed after it was saved for backward (torch's stock fallback bumps only aliased returns, and
+// these ops return nothing). The Python API refuses tensors that need grad in grad mode
+// (fastprox/_checks.py: the proximal steps have no derivative).
+static void bump_mutated_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                  torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  std::vector<at::Tensor> mutated;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const auto* alias = arguments[i].alias_info();
+    const auto& value = (*stack)[stack->size() - arguments.size() + i];
+    if (alias != nullptr && alias->isWrite() && value.isTensor()) mutated.push_back(value.toTensor());
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& t : mutated) torch::autograd::impl::bump_version(t);
 }
+
 TORCH_LIBRARY_IMPL(fastprox, ADInplaceOrView, m) {
-  for (const char* op : kMutatingOps) {
-    m.impl(op, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  for (const char* op : {"group_shrink_", "soft_threshold_", "sparse_group_shrink_",
+                         "exclusive_shrink_", "cges_shrink_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
   }
 }
 

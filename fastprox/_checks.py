@@ -69,3 +69,19 @@ def as_threshold(value, name: str, weight: torch.Tensor, fn: str) -> torch.Tenso
         raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got "
                         f"{type(value).__name__}")
     return torch.tensor(value, dtype=torch.float64)
+
+
+def check_grad(weight: torch.Tensor, fn: str) -> None:
+    """In-place on a tensor that requires grad, in grad mode: a leaf raises torch's own error for
+    in-place ops; a non-leaf raises too, since the proximal steps have no derivative and would
+    leave a stale grad_fn behind. (Version counters are bumped by the op, csrc/fastprox.cpp.)"""
+    if weight.requires_grad and torch.is_grad_enabled():
+        if weight.is_leaf:
+            raise RuntimeError(
+                f"{fn}: a leaf Variable that requires grad is being used in an in-place "
+                "operation. Apply it under torch.no_grad() (as after optimizer.step())"
+            )
+        raise RuntimeError(
+            f"{fn}: weight requires grad and has a grad_fn, but the proximal step has no "
+            "derivative; apply it under torch.no_grad() (as after optimizer.step())"
+        )

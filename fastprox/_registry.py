@@ -2,7 +2,7 @@
 
 Schemas: csrc/fastprox.cpp (defined once, in C++). CPU kernels: csrc/cpu/. Here: the fake
 (meta) implementation of every op, used by torch.compile and opcheck, and the autograd formula
-of group_norms. The mutating ops have no derivative (see csrc/fastprox.cpp).
+of group_norms. The mutating ops have no derivative (see _checks.check_grad).
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ def _check_flag(value, name: str, fn: str) -> bool:
 def _prepare(fn: str, weight, dim, *thresholds):
     """Checks weight and dim, converts thresholds ((name, value) pairs) to 0-d tensors."""
     _checks.check_weight(weight, fn)
+    if fn != "group_norms":
+        _checks.check_grad(weight, fn)
     dims = None if dim is False else _checks.normalize_dim(dim, weight, fn)
     lams = [_checks.as_threshold(value, name, weight, fn) for name, value in thresholds]
     return dims, lams

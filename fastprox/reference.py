@@ -91,7 +91,8 @@ def exclusive_threshold(a: torch.Tensor, lam: float, exact: bool = True) -> torc
         return lam * a.sum(dim=1)
     s = torch.sort(a, dim=1, descending=True).values.cumsum(dim=1)
     k = torch.arange(1, a.shape[1] + 1, dtype=a.dtype, device=a.device)
-    return (lam * s / (1 + lam * k)).amax(dim=1).clamp(min=0)
+    # lam S_k / (1 + lam k), as S_k / (1/lam + k) so that a huge lam does not overflow.
+    return (s / (1 / lam + k)).amax(dim=1).clamp(min=0)
 
 
 def exclusive_shrink_(weight, lam, dim=None, *, exact=True):

@@ -116,13 +116,15 @@ struct ProxStep {
   // sum_sq, sum_abs, nonzero: sums over pre(x) of the group (sum_abs/nonzero only with kExcl).
   GroupParams<A> finish(int64_t /*group*/, A sum_sq, A sum_abs, A nonzero) const {
     GroupParams<A> p;
-    if constexpr (kGroup) {
+    // A sub-step whose lam is 0 is skipped, as in the composition it fuses (a NaN must not
+    // spread over its group through a step that is not taken).
+    if (kGroup && t > A(0)) {
       const A norm = std::sqrt(sum_sq);
       // Written so that NaN norms give a NaN scale (the group becomes NaN), inf norms give 1
       // (the group keeps its values), and a zero group gets 0 without dividing by zero.
       p.scale = norm <= t ? A(0) : A(1) - t / norm;
     }
-    if constexpr (kExcl) {
+    if (kExcl && lam_e > A(0)) {
       const A s = p.scale;
       const A l1_norm = sum_abs * s;  // of the values the exclusive step sees
       if (std::isnan(l1_norm)) {
@@ -130,14 +132,21 @@ struct ProxStep {
       } else if (std::isinf(l1_norm) || s == A(0)) {
         p.tau = 0;  // an infinite group keeps its values; a group shrunk to zero stays zero
       } else if (!exact) {
-        p.tau = lam_e * l1_norm;  // CGES's update: an upper bound on the exact threshold
+        // CGES's update, an upper bound of the exact threshold (0 * inf guarded: a zero group
+        // with a lam that overflows A).
+        p.tau = l1_norm > A(0) ? lam_e * l1_norm : A(0);
       } else {
-        p.tau = lam_e * l1_norm / (A(1) + lam_e * nonzero);  // first Newton step from tau = 0
+        p.tau = newton_tau(l1_norm, nonzero);  // first Newton step from tau = 0
         p.active = nonzero;
         p.iterate = nonzero > A(0);
       }
     }
     return p;
+  }
+
+  // lam S / (1 + lam k), written so that a lam that overflows A (inf) still gives S / k.
+  A newton_tau(A sum, A count) const {
+    return count > A(0) ? sum / (A(1) / lam_e + count) : A(0);
   }
 
   // One Newton step for the exact exclusive threshold, given the sum and count of the magnitudes
@@ -149,7 +158,7 @@ struct ProxStep {
       p.iterate = false;  // same active set: tau is exact (count 0 only by rounding at tiny n)
       return;
     }
-    p.tau = std::max(p.tau, lam_e * sum_above / (A(1) + lam_e * count_above));
+    p.tau = std::max(p.tau, newton_tau(sum_above, count_above));
     p.active = count_above;
   }
 

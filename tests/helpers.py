@@ -1,0 +1,95 @@
+"""Shared test helpers: the operator table, tolerances, and the kernel-vs-reference comparison."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+import fastprox
+from fastprox import reference
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Tolerances of a kernel result (in the weight's dtype) against the float64 reference of the same
+# input, relative to the largest input magnitude of the tensor (atol) and to each value (rtol).
+# 16-bit: the result is rounded once to the storage type (half an ulp: 2^-9 bf16, 2^-12 fp16)
+# after float32 arithmetic, plus the float32 error of the per-group scale or threshold.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=8e-3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    fused: Callable
+    ref: Callable
+    lams: tuple  # a typical set of thresholds for N(0, 1) weights
+    grouped: bool = True
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __str__(self):
+        extra = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.name}[{extra}]" if extra else self.name
+
+
+OPS = [
+    Op("group_shrink_", fastprox.group_shrink_, reference.group_shrink_, (0.3,)),
+    Op("group_shrink_", fastprox.group_shrink_, reference.group_shrink_, (0.9,),
+       kwargs=dict(size_weighted=False)),
+    Op("soft_threshold_", fastprox.soft_threshold_, reference.soft_threshold_, (0.5,),
+       grouped=False),
+    Op("sparse_group_shrink_", fastprox.sparse_group_shrink_, reference.sparse_group_shrink_,
+       (0.2, 0.15)),
+    Op("exclusive_shrink_", fastprox.exclusive_shrink_, reference.exclusive_shrink_, (0.1,)),
+    Op("exclusive_shrink_", fastprox.exclusive_shrink_, reference.exclusive_shrink_, (0.02,),
+       kwargs=dict(exact=False)),
+    Op("cges_shrink_", fastprox.cges_shrink_, reference.cges_shrink_, (0.1, 0.05)),
+    Op("cges_shrink_", fastprox.cges_shrink_, reference.cges_shrink_, (0.5, 0.02),
+       kwargs=dict(size_weighted=False, exact=False)),
+]
+GROUPED_OPS = [op for op in OPS if op.grouped]
+
+
+def run(op: Op, weight: torch.Tensor, lams=None, dim=None, fused=True) -> torch.Tensor:
+    fn = op.fused if fused else op.ref
+    lams = op.lams if lams is None else lams
+    if op.grouped:
+        return fn(weight, *lams, dim, **op.kwargs)
+    return fn(weight, *lams)
+
+
+def expected(op: Op, weight: torch.Tensor, lams=None, dim=None) -> torch.Tensor:
+    """The float64 reference result for weight (not modified)."""
+    return run(op, weight.detach().to(torch.float64).clone(), lams, dim, fused=False)
+
+
+def assert_matches_reference(op: Op, weight: torch.Tensor, lams=None, dim=None) -> torch.Tensor:
+    """Runs the fused op in place on weight and compares it with the float64 reference."""
+    want = expected(op, weight, lams, dim)
+    ptr = weight.data_ptr()
+    got = run(op, weight, lams, dim)
+    assert got is weight and weight.data_ptr() == ptr, "must work in place and return weight"
+    scale = want.abs().nan_to_num(posinf=0).max().item() if want.numel() else 1.0
+    tol = TOLERANCES[weight.dtype]
+    torch.testing.assert_close(
+        weight.to(torch.float64), want, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0),
+        equal_nan=True, msg=lambda m: f"{op} dim={dim} {weight.dtype} {tuple(weight.shape)}: {m}",
+    )
+    return weight
+
+
+def random_weight(shape, dtype, generator=None) -> torch.Tensor:
+    """N(0, 1) values, with a few exact zeros and whole zero slices to exercise zero groups."""
+    w = torch.randn(shape, dtype=torch.float64, generator=generator)
+    if w.numel() > 4:
+        w.view(-1)[:: max(1, w.numel() // 5)] = 0
+    if w.dim() >= 2 and w.shape[0] > 2 and w.shape[1] > 0:
+        w[1] = 0  # a whole zero row
+        w[:, 0] = 0  # a whole zero column
+    return w.to(dtype)

@@ -1,0 +1,114 @@
+"""The bad-input catalog: each error's type and message (naming the argument), weight unchanged."""
+
+import math
+
+import pytest
+import torch
+
+import fastprox
+
+W = lambda: torch.randn(6, 5)  # noqa: E731
+
+# (call, exception type, a fragment the message must contain). `w` is the weight passed.
+CATALOG = [
+    ("not a tensor", lambda w: fastprox.group_shrink_([[1.0]], 0.1), TypeError, "weight"),
+    ("numpy array", lambda w: fastprox.soft_threshold_(w.numpy(), 0.1), TypeError, "weight"),
+    ("int weight", lambda w: fastprox.group_shrink_(w.to(torch.int32), 0.1), TypeError, "weight"),
+    ("bool weight", lambda w: fastprox.group_norms(w > 0), TypeError, "weight"),
+    ("complex weight", lambda w: fastprox.exclusive_shrink_(w.to(torch.complex64), 0.1),
+     TypeError, "weight"),
+    ("0-d weight", lambda w: fastprox.group_shrink_(w[0, 0], 0.1), ValueError, "weight"),
+    ("sparse weight", lambda w: fastprox.group_shrink_(w.to_sparse(), 0.1), TypeError, "weight"),
+    ("csr weight", lambda w: fastprox.soft_threshold_(w.to_sparse_csr(), 0.1), TypeError,
+     "weight"),
+    ("negative lam", lambda w: fastprox.group_shrink_(w, -0.1), ValueError, "lam"),
+    ("nan lam", lambda w: fastprox.soft_threshold_(w, math.nan), ValueError, "lam"),
+    ("inf lam", lambda w: fastprox.exclusive_shrink_(w, math.inf), ValueError, "lam"),
+    ("negative tensor lam", lambda w: fastprox.group_shrink_(w, torch.tensor(-1.0)), ValueError,
+     "lam"),
+    ("nan tensor lam_l1", lambda w: fastprox.sparse_group_shrink_(w, torch.tensor(math.nan), 0.1),
+     ValueError, "lam_l1"),
+    ("inf lam_group", lambda w: fastprox.sparse_group_shrink_(w, 0.1, math.inf), ValueError,
+     "lam_group"),
+    ("negative lam_exclusive", lambda w: fastprox.cges_shrink_(w, 0.1, -1e-9), ValueError,
+     "lam_exclusive"),
+    ("string lam", lambda w: fastprox.group_shrink_(w, "0.1"), TypeError, "lam"),
+    ("bool lam", lambda w: fastprox.group_shrink_(w, True), TypeError, "lam"),
+    ("None lam", lambda w: fastprox.exclusive_shrink_(w, None), TypeError, "lam"),
+    ("1-element 1-d tensor lam", lambda w: fastprox.group_shrink_(w, torch.tensor([0.1])),
+     ValueError, "lam"),
+    ("vector lam", lambda w: fastprox.group_shrink_(w, torch.rand(6)), ValueError, "lam"),
+    ("complex tensor lam", lambda w: fastprox.group_shrink_(w, torch.tensor(1j)), TypeError, "lam"),
+    ("meta-device lam", lambda w: fastprox.group_shrink_(w, torch.tensor(0.1, device="meta")),
+     ValueError, "lam"),
+    ("dim out of range", lambda w: fastprox.group_shrink_(w, 0.1, dim=2), ValueError, "dim"),
+    ("negative dim out of range", lambda w: fastprox.group_norms(w, dim=-3), ValueError, "dim"),
+    ("repeated dim", lambda w: fastprox.exclusive_shrink_(w, 0.1, dim=(0, 0)), ValueError, "dim"),
+    ("repeated dim, negative", lambda w: fastprox.cges_shrink_(w, 0.1, 0.1, dim=(1, -1)),
+     ValueError, "dim"),
+    ("float dim", lambda w: fastprox.group_shrink_(w, 0.1, dim=1.0), TypeError, "dim"),
+    ("bool dim", lambda w: fastprox.group_shrink_(w, 0.1, dim=True), TypeError, "dim"),
+    ("string dim", lambda w: fastprox.group_shrink_(w, 0.1, dim="rows"), TypeError, "dim"),
+    ("size_weighted not bool", lambda w: fastprox.group_shrink_(w, 0.1, size_weighted=1),
+     TypeError, "size_weighted"),
+    ("exact not bool", lambda w: fastprox.exclusive_shrink_(w, 0.1, exact="yes"), TypeError,
+     "exact"),
+    ("expanded weight", lambda w: fastprox.group_shrink_(w[:1].expand(6, 5), 0.1), ValueError,
+     "weight"),
+]
+
+
+@pytest.mark.parametrize("name, call, exc, fragment", CATALOG, ids=[c[0] for c in CATALOG])
+def test_bad_input_raises_and_leaves_weight_untouched(name, call, exc, fragment):
+    w = W()
+    w[0, 0] = math.nan  # NaN payloads must survive too
+    before = w.clone()
+    with pytest.raises(exc, match=fragment):
+        call(w)
+    assert w.view(torch.int32).equal(before.view(torch.int32)), "weight changed by a failed call"
+
+
+@pytest.mark.parametrize("name, args", [
+    ("negative lam", (torch.tensor(-1.0, dtype=torch.float64), [1], True)),
+    ("bad dim", (torch.tensor(0.1, dtype=torch.float64), [5], True)),
+    ("repeated dim", (torch.tensor(0.1, dtype=torch.float64), [1, 1], True)),
+    ("vector lam", (torch.ones(3, dtype=torch.float64), [1], True)),
+])
+def test_raw_op_checks_its_arguments(name, args):
+    # torch.ops.fastprox.* is public too: its C++ checks keep bad calls from undefined behaviour.
+    w = W()
+    before = w.clone()
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        torch.ops.fastprox.group_shrink_(w, *args)
+    assert torch.equal(w, before)
+
+
+def test_requires_grad_leaf_is_treated_like_torch_inplace_ops():
+    w = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        w.mul_(2)  # what torch does ...
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fastprox.group_shrink_(w, 0.1)  # ... and what fastprox does
+    with torch.no_grad():
+        fastprox.group_shrink_(w, 0.1)  # the documented use: after optimizer.step()
+
+
+def test_requires_grad_non_leaf_has_no_derivative():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = x * 2
+    before = y.detach().clone()
+    with pytest.raises(RuntimeError, match="no derivative"):
+        fastprox.group_shrink_(y, 0.1)
+    assert torch.equal(y.detach(), before)
+
+
+def test_version_counter_is_bumped_like_torch_inplace_ops():
+    # So that autograd notices a weight modified after it was saved for backward.
+    w = torch.randn(4, 3, requires_grad=True)
+    loss = (w ** 2).sum()
+    with torch.no_grad():
+        version = w._version
+        fastprox.group_shrink_(w, 0.1)
+        assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -1,0 +1,101 @@
+"""fastprox as torch custom ops: opcheck, torch.compile(fullgraph=True), no recompiles when a
+threshold changes, and the autograd formula of group_norms."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import fastprox
+from helpers import OPS, random_weight, run
+
+F64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+OPCHECK_CASES = [
+    ("group_norms", lambda w: (w, [1])),
+    ("group_norms", lambda w: (w, [0])),
+    ("group_shrink_", lambda w: (w, F64(0.3), [1], True)),
+    ("group_shrink_", lambda w: (w, F64(0.3), [0], False)),
+    ("soft_threshold_", lambda w: (w, F64(0.5))),
+    ("sparse_group_shrink_", lambda w: (w, F64(0.2), F64(0.1), [0], True)),
+    ("exclusive_shrink_", lambda w: (w, F64(0.1), [1], True)),
+    ("exclusive_shrink_", lambda w: (w, F64(0.1), [0], False)),
+    ("cges_shrink_", lambda w: (w, F64(0.1), F64(0.05), [0], False, True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name, make_args", OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
+def test_opcheck(name, make_args, dtype):
+    op = getattr(torch.ops.fastprox, name).default
+    for shape in [(7, 13), (3, 4, 5)]:
+        torch.library.opcheck(op, make_args(random_weight(shape, dtype)))
+
+
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_compile_fullgraph_matches_eager(op):
+    torch._dynamo.reset()
+
+    def step(w, lams):
+        run(op, w, lams=lams, dim=0 if op.grouped else None)
+        return w
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    w = random_weight((24, 18), torch.float32)
+    eager, comp = w.clone(), w.clone()
+    step(eager, op.lams)
+    out = compiled(comp, op.lams)
+    assert out is comp or out.data_ptr() == comp.data_ptr()
+    assert torch.equal(eager, comp)
+
+
+def test_compile_inductor_in_a_training_step():
+    torch._dynamo.reset()
+    model = torch.nn.Linear(16, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @torch.compile(fullgraph=True)
+    def prox(weight, lam):
+        with torch.no_grad():
+            fastprox.group_shrink_(weight, lam, dim=0)
+            fastprox.group_norms(weight, dim=0)
+
+    x = torch.randn(32, 16)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    want = model.weight.detach().clone()
+    fastprox.group_shrink_(want, 0.05, dim=0)
+    prox(model.weight, torch.tensor(0.05, dtype=torch.float64))
+    assert torch.equal(model.weight.detach(), want)
+
+
+@pytest.mark.parametrize("kind", ["python float", "0-d tensor"])
+def test_changing_lam_does_not_recompile_every_step(kind):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(w, lam):
+        fastprox.group_shrink_(w, lam, dim=0)
+        return w
+
+    w = random_weight((16, 8), torch.float32)
+    for i in range(8):
+        lam = 0.01 * (i + 1)
+        step(w, lam if kind == "python float" else torch.tensor(lam, dtype=torch.float64))
+    # A tensor never recompiles; a Python float is specialised once, then made dynamic.
+    assert counter.frame_count <= (1 if kind == "0-d tensor" else 2)
+
+
+def test_group_norms_gradient():
+    w = torch.randn(5, 4, dtype=torch.float64)
+    w[2] = 0  # a zero group: gradient 0, never NaN
+    w.requires_grad_(True)
+    norms = fastprox.group_norms(w)
+    norms.sum().backward()
+    assert not w.grad.isnan().any()
+    assert (w.grad[2] == 0).all()
+    torch.testing.assert_close(w.grad[[0, 1, 3, 4]],
+                               (w / w.norm(dim=1, keepdim=True)).detach()[[0, 1, 3, 4]])
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: fastprox.group_norms(t, dim=(0, 2)), (x,))
+    torch.autograd.gradcheck(lambda t: fastprox.group_norms(t, dim=1), (x,))
