@@ -2,23 +2,24 @@
 //
 // A group operator ("step", see ProxStep below) needs, per group, a few sums over the group's
 // elements (sum of squares, sum of magnitudes, count of nonzeros), turns them into per-group
-// parameters (a scale, a threshold), and rewrites the group elementwise. The engine does that
-// with one read of memory per element wherever a group (or a tile of groups) fits in cache:
-// the statistics pass streams the group from memory, the rewrite reads it again from cache.
+// parameters (a scale, a threshold), and rewrites the group elementwise.
 //
 // Two traversals of the [batch][outer][groups][inner] layout (group_layout.h):
-//  * chunk path (outer == 1, or inner long): one task per group; the group is `outer` contiguous
-//    runs of `inner` elements, read with full-width vector loads. Rows of a Linear or conv filter.
-//    A group larger than the per-core cache (kGroupCacheBytes) is read twice from memory.
-//  * column-tile path (outer > 1, inner short): columns of a Linear, conv input channels, CGES's
-//    dim=0. A tile is a block of whole groups: [all outer rows] x [tile columns]; the statistics
-//    pass reads each row of the tile contiguously and accumulates per column (vectorized across
-//    columns), then reduces each group's `inner` columns. The tile is sized to stay in cache for
-//    the rewrite (kColumnTileBytes); when even the narrowest tile does not fit (huge `outer`),
-//    the rewrite reads from memory.
+//  * chunk path (outer == 1, or inner long): rows of a Linear, conv filters. One task per group,
+//    the group being `outer` contiguous runs of `inner` elements. The statistics pass streams the
+//    group from memory and the rewrite reads it again from cache: one read and one write of
+//    memory per element while a group fits in the per-core cache (a 16 KiB fp32 row of 4096 fits
+//    L1). A group larger than the cache is read twice from memory.
+//  * column path (outer > 1, inner short): columns of a Linear, conv input channels, CGES's
+//    dim=0. Rows are streamed contiguously, per-column sums accumulated per block of rows, and
+//    the rows streamed again for the rewrite: two reads and one write per element. Why not column
+//    tiles (one read): see column_path.
+// Exact exclusive thresholds take extra passes (Newton steps, 3-8 on typical data): from cache
+// on the chunk path, streamed on the column path.
 //
-// Determinism: every sum is taken in an order fixed by the layout alone (per group in the chunk
-// path, per column over rows in the column path), never by how work is split across threads, so
+// Determinism: every sum is taken in an order fixed by the shape alone (per group in the chunk
+// path; per column within fixed row blocks, then over blocks, in the column path), never by how
+// work is split across threads, so
 // results are bitwise identical from run to run and for any thread count.
 //
 // Accumulation is in at::opmath_type<T>: float for float16/bfloat16, the type itself otherwise.
@@ -40,7 +41,8 @@ namespace fastprox::cpu {
 
 // Element counts and byte budgets of the traversal (see bench/RESULTS.md for how they were set).
 constexpr int64_t kParallelGrainElems = 1 << 15;     // below this, a task is not worth a thread
-constexpr int64_t kColumnTileBytes = 1 << 20;        // column tile, kept in L2 for the rewrite
+constexpr int64_t kColumnBlocks = 64;               // column path: row blocks of partial sums
+constexpr int64_t kColumnBlockMinRows = 16;          // ... of at least this many rows
 constexpr int64_t kChunkPathMinInner = 128;          // inner runs this long use the chunk path
 
 // Loads and stores of storage type T as vectors of its accumulation type.
@@ -270,7 +272,13 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
   });
 }
 
-// Column-tile path: one task per tile of whole groups, all `outer` rows of it.
+// Column path: the weight (per batch) is a matrix of `outer` rows by groups*inner columns, each
+// group a set of `inner` adjacent columns. Rows are streamed contiguously; per-column sums are
+// accumulated per block of rows (blocks sized by the shape alone, so sums do not depend on the
+// thread count), reduced over blocks in order, then turned into per-group parameters; a second
+// stream rewrites the rows. Two reads and one write per element: column tiles that keep the
+// rewrite in cache were measured slower on the CPUs we have (each tile row starts a new page,
+// and the prefetchers do not follow; bench/RESULTS.md).
 template <typename T, typename Step>
 void column_path(T* data, const GroupShape& s, const Step& step) {
   using L = Lanes<T>;
@@ -279,114 +287,132 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   constexpr int64_t P = L::kParts;
   constexpr int64_t W = L::kWidth;
   constexpr int64_t VS = V::size();
-  const int64_t row_stride = s.groups * s.inner;
+  constexpr bool kSq = Step::kWantSumSq, kAbs = Step::kWantAbs;
+  const int64_t cols = s.groups * s.inner;
+  const int64_t padded = (cols + W - 1) / W * W;
+  const int64_t block_rows =
+      std::max<int64_t>(kColumnBlockMinRows, (s.outer + kColumnBlocks - 1) / kColumnBlocks);
+  const int64_t blocks = (s.outer + block_rows - 1) / block_rows;
+  const int64_t row_grain = std::max<int64_t>(1, kParallelGrainElems / cols);
+  const int64_t group_grain = std::max<int64_t>(1, kParallelGrainElems / (s.inner * 16));
+  const V one(A(1)), zero(A(0));
 
-  // Tile: as many whole groups as fit the byte budget over all rows, at least one vector wide,
-  // and at least ~8 tiles when the weight has enough groups (two cores must both get work).
-  int64_t cols = kColumnTileBytes / (s.outer * static_cast<int64_t>(sizeof(T)));
-  cols = std::max<int64_t>(W, cols / W * W);
-  int64_t tile_groups = std::max<int64_t>(1, cols / s.inner);
-  tile_groups = std::min(tile_groups, std::max<int64_t>(1, (s.groups + 7) / 8));
-  const int64_t tiles_per_batch = (s.groups + tile_groups - 1) / tile_groups;
-  const int64_t padded_cols = (tile_groups * s.inner + W - 1) / W * W;
-  const int64_t grain = std::max<int64_t>(
-      1, kParallelGrainElems / std::max<int64_t>(s.outer * tile_groups * s.inner, 1));
+  // Statistics: 0 sum of squares, 1 sum of magnitudes, 2 nonzero count (Newton passes: 1 sum
+  // and 2 count of the magnitudes above tau). part[k] is [block][column], col[k] [column].
+  const bool used[3] = {kSq, kAbs, kAbs};
+  std::vector<A> part[3], col[3];
+  for (int k = 0; k < 3; ++k) {
+    if (used[k]) part[k].assign(blocks * padded, A(0)), col[k].assign(padded, A(0));
+  }
+  std::vector<A> col_scale(padded, A(1)), col_tau(padded, A(0));
+  std::vector<GroupParams<A>> params(s.groups);
 
-  at::parallel_for(0, s.batch * tiles_per_batch, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> col_sq(padded_cols), col_abs(padded_cols), col_nz(padded_cols);
-    std::vector<A> col_scale(padded_cols), col_tau(padded_cols);
-    std::vector<GroupParams<A>> params(tile_groups);
-    const V one(A(1)), zero(A(0));
-
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / tiles_per_batch;
-      const int64_t g0 = (unit % tiles_per_batch) * tile_groups;
-      const int64_t ng = std::min(tile_groups, s.groups - g0);
-      const int64_t width = ng * s.inner;
-      T* tile = data + b * s.outer * row_stride + g0 * s.inner;
-
-      // Calls f(pointer, count, column) for each vector load of the tile, row by row.
-      auto for_each_load_in_tile = [&](auto&& f) {
-        for (int64_t o = 0; o < s.outer; ++o) {
-          T* row = tile + o * row_stride;
-          for (int64_t j = 0; j < width; j += W) f(row + j, std::min(W, width - j), j);
-        }
-      };
-      // Sums of the tile's columns into per-group values.
-      auto group_sum = [&](const std::vector<A>& col, int64_t g) {
-        A acc = 0;
-        for (int64_t i = 0; i < s.inner; ++i) acc += col[g * s.inner + i];
-        return acc;
-      };
-      auto spread = [&](std::vector<A>& col, auto&& value_of_group) {
-        for (int64_t g = 0; g < ng; ++g) {
-          std::fill_n(col.begin() + g * s.inner, s.inner, value_of_group(g));
-        }
-      };
-
-      std::fill(col_sq.begin(), col_sq.end(), A(0));
-      std::fill(col_abs.begin(), col_abs.end(), A(0));
-      std::fill(col_nz.begin(), col_nz.end(), A(0));
-      for_each_load_in_tile([&](const T* p, int64_t count, int64_t j) {
-        V x[P];
-        L::load(p, count, x);
-        for (int64_t k = 0; k < P; ++k) {
-          const int64_t c = j + k * VS;
-          const V y = step.pre(x[k]);
-          if constexpr (Step::kWantSumSq) {
-            at::vec::fmadd(y, y, V::loadu(&col_sq[c])).store(&col_sq[c]);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    T* matrix = data + b * s.outer * cols;
+    // Streams the rows of each block; f(x, sums, c) adds vector x's contribution to the block's
+    // per-column sums at column c.
+    auto stream_blocks = [&](auto&& f) {
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk) {
+          A* sums[3];
+          for (int k = 0; k < 3; ++k) {
+            sums[k] = used[k] ? &part[k][blk * padded] : nullptr;
+            if (used[k]) std::fill_n(sums[k], padded, A(0));
           }
-          if constexpr (Step::kWantAbs) {
-            const V a = y.abs();
-            (V::loadu(&col_abs[c]) + a).store(&col_abs[c]);
-            (V::loadu(&col_nz[c]) + ((a > zero) & one)).store(&col_nz[c]);
+          const int64_t o_end = std::min(s.outer, (blk + 1) * block_rows);
+          for (int64_t o = blk * block_rows; o < o_end; ++o) {
+            const T* row = matrix + o * cols;
+            for (int64_t j = 0; j < cols; j += W) {
+              V x[P];
+              L::load(row + j, std::min(W, cols - j), x);
+              for (int64_t k = 0; k < P; ++k) f(x[k], sums, j + k * VS);
+            }
           }
         }
       });
-      bool iterate = false;
-      for (int64_t g = 0; g < ng; ++g) {
-        params[g] = step.finish(b * s.groups + g0 + g, group_sum(col_sq, g),
-                                group_sum(col_abs, g), group_sum(col_nz, g));
-        iterate = iterate || params[g].iterate;
+    };
+    // Sums the blocks in block order, then each group's `inner` columns: per_group(g, sums).
+    auto reduce = [&](auto&& per_group) {
+      at::parallel_for(0, padded / VS, std::max<int64_t>(1, 4096 / VS), [&](int64_t lo, int64_t hi) {
+        for (int k = 0; k < 3; ++k) {
+          if (!used[k]) continue;
+          for (int64_t v = lo * VS; v < hi * VS; v += VS) {
+            V acc = zero;
+            for (int64_t blk = 0; blk < blocks; ++blk) acc = acc + V::loadu(&part[k][blk * padded + v]);
+            acc.store(&col[k][v]);
+          }
+        }
+      });
+      at::parallel_for(0, s.groups, group_grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t g = lo; g < hi; ++g) {
+          A sums[3] = {0, 0, 0};
+          for (int k = 0; k < 3; ++k) {
+            if (!used[k]) continue;
+            for (int64_t i = 0; i < s.inner; ++i) sums[k] += col[k][g * s.inner + i];
+          }
+          per_group(g, sums);
+        }
+      });
+    };
+    auto spread = [&](std::vector<A>& out, auto&& value_of_group) {
+      for (int64_t g = 0; g < s.groups; ++g) {
+        std::fill_n(out.begin() + g * s.inner, s.inner, value_of_group(g));
       }
-      if constexpr (!Step::kRewrite) continue;
+    };
+    auto add = [](A* sums, int64_t c, const V& v) { (V::loadu(sums + c) + v).store(sums + c); };
 
-      spread(col_scale, [&](int64_t g) { return params[g].scale; });
-      while (iterate) {  // exact exclusive threshold, all groups of the tile at once
-        spread(col_tau, [&](int64_t g) { return params[g].tau; });
-        std::fill(col_abs.begin(), col_abs.end(), A(0));
-        std::fill(col_nz.begin(), col_nz.end(), A(0));
-        for_each_load_in_tile([&](const T* p, int64_t count, int64_t j) {
+    // Pass 1.
+    stream_blocks([&](const V& x, A* const* sums, int64_t c) {
+      const V y = step.pre(x);
+      if constexpr (kSq) at::vec::fmadd(y, y, V::loadu(sums[0] + c)).store(sums[0] + c);
+      if constexpr (kAbs) {
+        const V a = y.abs();
+        add(sums[1], c, a);
+        add(sums[2], c, (a > zero) & one);
+      }
+    });
+    reduce([&](int64_t g, const A* sums) {
+      params[g] = step.finish(b * s.groups + g, sums[0], sums[1], sums[2]);
+    });
+    if constexpr (!Step::kRewrite) continue;
+    bool iterate = false;
+    for (const auto& p : params) iterate = iterate || p.iterate;
+    spread(col_scale, [&](int64_t g) { return params[g].scale; });
+
+    // Exact exclusive threshold: Newton passes, each a stream over the rows.
+    while (iterate) {
+      spread(col_tau, [&](int64_t g) { return params[g].tau; });
+      stream_blocks([&](const V& x, A* const* sums, int64_t c) {
+        const V y = step.pre(x).abs() * V::loadu(&col_scale[c]);
+        const V mask = y > V::loadu(&col_tau[c]);
+        add(sums[1], c, mask & y);
+        add(sums[2], c, mask & one);
+      });
+      reduce([&](int64_t g, const A* sums) {
+        if (params[g].iterate) step.newton(params[g], sums[1], sums[2]);
+      });
+      iterate = false;
+      for (const auto& p : params) iterate = iterate || p.iterate;
+    }
+    spread(col_tau, [&](int64_t g) { return params[g].tau; });
+
+    // Pass 2: the rewrite, streaming the rows again.
+    at::parallel_for(0, s.outer, row_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        T* row = matrix + o * cols;
+        for (int64_t j = 0; j < cols; j += W) {
+          const int64_t count = std::min(W, cols - j);
           V x[P];
-          L::load(p, count, x);
+          L::load(row + j, count, x);
           for (int64_t k = 0; k < P; ++k) {
             const int64_t c = j + k * VS;
-            const V y = step.pre(x[k]).abs() * V::loadu(&col_scale[c]);
-            const V mask = y > V::loadu(&col_tau[c]);
-            (V::loadu(&col_abs[c]) + (mask & y)).store(&col_abs[c]);
-            (V::loadu(&col_nz[c]) + (mask & one)).store(&col_nz[c]);
+            x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
           }
-        });
-        iterate = false;
-        for (int64_t g = 0; g < ng; ++g) {
-          if (!params[g].iterate) continue;
-          step.newton(params[g], group_sum(col_abs, g), group_sum(col_nz, g));
-          iterate = iterate || params[g].iterate;
+          L::store(row + j, count, x);
         }
       }
-      spread(col_tau, [&](int64_t g) { return params[g].tau; });
-
-      for_each_load_in_tile([&](T* p, int64_t count, int64_t j) {
-        V x[P];
-        L::load(p, count, x);
-        for (int64_t k = 0; k < P; ++k) {
-          const int64_t c = j + k * VS;
-          x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
-        }
-        L::store(p, count, x);
-      });
-    }
-  });
+    });
+  }
 }
 
 }  // namespace detail
