@@ -101,6 +101,7 @@ struct ProxStep {
   static constexpr bool kWantSumSq = kGroup;
   static constexpr bool kWantAbs = kExcl;
   static constexpr bool kRewrite = true;
+  static constexpr bool kScales = kGroup;  // the rewrite multiplies by a per-group scale
 
   A l1 = 0;       // soft threshold applied first (sparse group lasso)
   A t = 0;        // group threshold lam * c
@@ -180,6 +181,7 @@ struct NormStep {
   static constexpr bool kWantSumSq = true;
   static constexpr bool kWantAbs = false;
   static constexpr bool kRewrite = false;
+  static constexpr bool kScales = false;
   T* out;
 
   V pre(const V& x) const { return x; }
@@ -199,7 +201,7 @@ inline A reduce_sum(const at::vec::Vectorized<A>& v) {
       [](const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) { return a + b; }, v);
 }
 
-// Calls f(pointer, count) over the runs of group `g`, in memory order, count <= kWidth.
+// Calls f(pointer, count) over the runs of a group, in memory order, count <= kWidth.
 template <typename T, typename F>
 inline void for_each_load(T* group, const GroupShape& s, F&& f) {
   constexpr int64_t W = Lanes<T>::kWidth;
@@ -208,6 +210,43 @@ inline void for_each_load(T* group, const GroupShape& s, F&& f) {
     T* run = group + o * row_stride;
     for (int64_t j = 0; j < s.inner; j += W) f(run + j, std::min(W, s.inner - j));
   }
+}
+
+// Sums over a group kept in vector registers.
+template <typename A>
+struct Sums {
+  using V = at::vec::Vectorized<A>;
+  V a = V(A(0)), b = V(A(0)), c = V(A(0));
+  Sums operator+(const Sums& o) const { return {a + o.a, b + o.b, c + o.c}; }
+};
+
+// Folds add(sums, y) over the group's elements (as vectors of A), with four independent sets of
+// sums so that the adds are not one long dependency chain (the passes over a cached group are
+// bound by add latency otherwise). The sets are combined in a fixed order: deterministic.
+template <typename T, typename F>
+inline Sums<at::opmath_type<T>> fold_group(const T* group, const GroupShape& s, F&& add) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr int64_t W = L::kWidth, P = L::kParts, U = 4;
+  Sums<typename L::A> sums[U];
+  const int64_t row_stride = s.groups * s.inner;
+  for (int64_t o = 0; o < s.outer; ++o) {
+    const T* run = group + o * row_stride;
+    int64_t j = 0;
+    for (; j + U * W <= s.inner; j += U * W) {
+      for (int64_t u = 0; u < U; ++u) {
+        V x[P];
+        L::load(run + j + u * W, W, x);
+        for (int64_t k = 0; k < P; ++k) add(sums[u], x[k]);
+      }
+    }
+    for (; j < s.inner; j += W) {
+      V x[P];
+      L::load(run + j, std::min(W, s.inner - j), x);
+      for (int64_t k = 0; k < P; ++k) add(sums[0], x[k]);
+    }
+  }
+  return (sums[0] + sums[1]) + (sums[2] + sums[3]);
 }
 
 // Chunk path: one task per group.
@@ -226,39 +265,31 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
       const int64_t b = gi / s.groups, g = gi % s.groups;
       T* group = data + b * s.outer * s.groups * s.inner + g * s.inner;
 
-      V sum_sq = zero, sum_abs = zero, nonzero = zero;
-      for_each_load(group, s, [&](const T* p, int64_t count) {
-        V x[P];
-        L::load(p, count, x);
-        for (int64_t k = 0; k < P; ++k) {
-          const V y = step.pre(x[k]);
-          if constexpr (Step::kWantSumSq) sum_sq = at::vec::fmadd(y, y, sum_sq);
-          if constexpr (Step::kWantAbs) {
-            const V a = y.abs();
-            sum_abs = sum_abs + a;
-            nonzero = nonzero + ((a > zero) & one);
-          }
+      // Pass 1: a = sum of squares, b = sum of magnitudes, c = nonzero count.
+      const Sums<A> first = fold_group(group, s, [&](Sums<A>& acc, const V& x) {
+        const V y = step.pre(x);
+        if constexpr (Step::kWantSumSq) acc.a = at::vec::fmadd(y, y, acc.a);
+        if constexpr (Step::kWantAbs) {
+          const V m = y.abs();
+          acc.b = acc.b + m;
+          acc.c = acc.c + ((m > zero) & one);
         }
       });
       GroupParams<A> p =
-          step.finish(gi, reduce_sum(sum_sq), reduce_sum(sum_abs), reduce_sum(nonzero));
+          step.finish(gi, reduce_sum(first.a), reduce_sum(first.b), reduce_sum(first.c));
       if constexpr (!Step::kRewrite) continue;
 
       const V scale(p.scale);
       while (p.iterate) {  // exact exclusive threshold: passes over the cached group
         const V tau(p.tau);
-        V above = zero, count = zero;
-        for_each_load(group, s, [&](const T* ptr, int64_t cnt) {
-          V x[P];
-          L::load(ptr, cnt, x);
-          for (int64_t k = 0; k < P; ++k) {
-            const V y = step.pre(x[k]).abs() * scale;
-            const V mask = y > tau;
-            above = above + (mask & y);
-            count = count + (mask & one);
-          }
+        const Sums<A> above = fold_group(group, s, [&](Sums<A>& acc, const V& x) {
+          V m = step.pre(x).abs();
+          if constexpr (Step::kScales) m = m * scale;
+          const V mask = m > tau;
+          acc.b = acc.b + (mask & m);
+          acc.c = acc.c + (mask & one);
         });
-        step.newton(p, reduce_sum(above), reduce_sum(count));
+        step.newton(p, reduce_sum(above.b), reduce_sum(above.c));
       }
 
       const V tau(p.tau);
