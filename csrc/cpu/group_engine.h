@@ -65,6 +65,29 @@ struct Lanes {
       out[1] = std::get<1>(halves);
     }
   }
+  // Loads for sums, where the order of the values does not matter: bfloat16 is widened by a shift
+  // (even elements) and a mask (odd elements) instead of cross-lane zero-extensions, which bound
+  // the cached passes on AVX-512/AVX2. Same values as load(), in another lane order.
+  static void load_unordered(const T* p, int64_t count, V* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m512i v = count == kWidth ? _mm512_loadu_si512(p) : __m512i(TV::loadu(p, count));
+      out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      out[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000))));
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256i v = count == kWidth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                        : __m256i(TV::loadu(p, count));
+      out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      out[1] = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000))));
+      return;
+    }
+#endif
+    load(p, count, out);
+  }
+
   static void store(T* p, int64_t count, const V* v) {
     if constexpr (kParts == 1) {
       count == kWidth ? v[0].store(p) : v[0].store(p, count);
@@ -82,6 +105,47 @@ inline V shrink_magnitude(const V& y, const V& tau) {
   using A = typename V::value_type;
   const V mag = at::vec::maximum(y.abs() - tau, V(A(0)));
   return mag | (y & V(A(-0.0)));
+}
+
+// The Newton pass's inner step: adds the magnitudes m above tau to `sum` and counts them. With
+// AVX-512 a compare into a k-mask and two masked adds (3 instructions) replace at::vec's
+// compare -> vector mask -> and -> add -> and -> add: these passes run from cache and are bound
+// by instruction throughput.
+template <typename V>
+inline void add_above(V& sum, V& count, const V& m, const V& tau, const V& one) {
+  using A = typename V::value_type;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __mmask16 k = _mm512_cmp_ps_mask(m, tau, _CMP_GT_OQ);
+    sum = _mm512_mask_add_ps(sum, k, sum, m);
+    count = _mm512_mask_add_ps(count, k, count, one);
+    return;
+  } else if constexpr (std::is_same_v<A, double>) {
+    const __mmask8 k = _mm512_cmp_pd_mask(m, tau, _CMP_GT_OQ);
+    sum = _mm512_mask_add_pd(sum, k, sum, m);
+    count = _mm512_mask_add_pd(count, k, count, one);
+    return;
+  }
+#endif
+  const V mask = m > tau;
+  sum = sum + (mask & m);
+  count = count + (mask & one);
+}
+
+// count += (m > tau), with the same k-mask trick as add_above.
+template <typename V>
+inline void count_above(V& count, const V& m, const V& tau, const V& one) {
+  using A = typename V::value_type;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    count = _mm512_mask_add_ps(count, _mm512_cmp_ps_mask(m, tau, _CMP_GT_OQ), count, one);
+    return;
+  } else if constexpr (std::is_same_v<A, double>) {
+    count = _mm512_mask_add_pd(count, _mm512_cmp_pd_mask(m, tau, _CMP_GT_OQ), count, one);
+    return;
+  }
+#endif
+  count = count + ((m > tau) & one);
 }
 
 // Per-group parameters of the rewrite  y = pre(x) * scale,  then  y = shrink_magnitude(y, tau).
@@ -236,13 +300,13 @@ inline Sums<at::opmath_type<T>> fold_group(const T* group, const GroupShape& s, 
     for (; j + U * W <= s.inner; j += U * W) {
       for (int64_t u = 0; u < U; ++u) {
         V x[P];
-        L::load(run + j + u * W, W, x);
+        L::load_unordered(run + j + u * W, W, x);
         for (int64_t k = 0; k < P; ++k) add(sums[u], x[k]);
       }
     }
     for (; j < s.inner; j += W) {
       V x[P];
-      L::load(run + j, std::min(W, s.inner - j), x);
+      L::load_unordered(run + j, std::min(W, s.inner - j), x);
       for (int64_t k = 0; k < P; ++k) add(sums[0], x[k]);
     }
   }
@@ -272,7 +336,7 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
         if constexpr (Step::kWantAbs) {
           const V m = y.abs();
           acc.b = acc.b + m;
-          acc.c = acc.c + ((m > zero) & one);
+          count_above(acc.c, m, zero, one);
         }
       });
       GroupParams<A> p =
@@ -285,9 +349,7 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
         const Sums<A> above = fold_group(group, s, [&](Sums<A>& acc, const V& x) {
           V m = step.pre(x).abs();
           if constexpr (Step::kScales) m = m * scale;
-          const V mask = m > tau;
-          acc.b = acc.b + (mask & m);
-          acc.c = acc.c + (mask & one);
+          add_above(acc.b, acc.c, m, tau, one);
         });
         step.newton(p, reduce_sum(above.b), reduce_sum(above.c));
       }
@@ -324,7 +386,6 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   const int64_t block_rows =
       std::max<int64_t>(kColumnBlockMinRows, (s.outer + kColumnBlocks - 1) / kColumnBlocks);
   const int64_t blocks = (s.outer + block_rows - 1) / block_rows;
-  const int64_t row_grain = std::max<int64_t>(1, kParallelGrainElems / cols);
   const int64_t group_grain = std::max<int64_t>(1, kParallelGrainElems / (s.inner * 16));
   const V one(A(1)), zero(A(0));
 
@@ -341,10 +402,17 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   for (int64_t b = 0; b < s.batch; ++b) {
     T* matrix = data + b * s.outer * cols;
     // Streams the rows of each block; f(x, sums, c) adds vector x's contribution to the block's
-    // per-column sums at column c.
+    // per-column sums at column c. Successive passes alternate the order in which each thread
+    // walks its blocks, so that a pass starts on what the last one left in cache (the L3 holds
+    // a quarter of a 128 MiB weight); sums within a block keep their order: same bits.
+    bool reverse = false;
+    auto next_block = [&](int64_t begin, int64_t end, int64_t i) {
+      return reverse ? end - 1 - i : begin + i;
+    };
     auto stream_blocks = [&](auto&& f) {
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t blk = begin; blk < end; ++blk) {
+        for (int64_t i = 0; i < end - begin; ++i) {
+          const int64_t blk = next_block(begin, end, i);
           A* sums[3];
           for (int k = 0; k < 3; ++k) {
             sums[k] = used[k] ? &part[k][blk * padded] : nullptr;
@@ -361,6 +429,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
           }
         }
       });
+      reverse = !reverse;
     };
     // Sums the blocks in block order, then each group's `inner` columns: per_group(g, sums).
     auto reduce = [&](auto&& per_group) {
@@ -399,7 +468,9 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
       if constexpr (kAbs) {
         const V a = y.abs();
         add(sums[1], c, a);
-        add(sums[2], c, (a > zero) & one);
+        V count = V::loadu(sums[2] + c);
+        count_above(count, a, zero, one);
+        count.store(sums[2] + c);
       }
     });
     reduce([&](int64_t g, const A* sums) {
@@ -415,9 +486,10 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
       spread(col_tau, [&](int64_t g) { return params[g].tau; });
       stream_blocks([&](const V& x, A* const* sums, int64_t c) {
         const V y = step.pre(x).abs() * V::loadu(&col_scale[c]);
-        const V mask = y > V::loadu(&col_tau[c]);
-        add(sums[1], c, mask & y);
-        add(sums[2], c, mask & one);
+        V above = V::loadu(sums[1] + c), count = V::loadu(sums[2] + c);
+        add_above(above, count, y, V::loadu(&col_tau[c]), one);
+        above.store(sums[1] + c);
+        count.store(sums[2] + c);
       });
       reduce([&](int64_t g, const A* sums) {
         if (params[g].iterate) step.newton(params[g], sums[1], sums[2]);
@@ -427,9 +499,14 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     }
     spread(col_tau, [&](int64_t g) { return params[g].tau; });
 
-    // Pass 2: the rewrite, streaming the rows again.
-    at::parallel_for(0, s.outer, row_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
+    // Pass 2: the rewrite, streaming the rows again, block by block in the order that starts on
+    // the cached end of the last pass.
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = 0; i < end - begin; ++i) {
+        const int64_t blk = next_block(begin, end, i);
+        const int64_t o_begin = blk * block_rows, o_end = std::min(s.outer, o_begin + block_rows);
+        for (int64_t o = reverse ? o_end - 1 : o_begin; reverse ? o >= o_begin : o < o_end;
+             o += reverse ? -1 : 1) {
         T* row = matrix + o * cols;
         for (int64_t j = 0; j < cols; j += W) {
           const int64_t count = std::min(W, cols - j);
@@ -440,6 +517,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
             x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
           }
           L::store(row + j, count, x);
+        }
         }
       }
     });
