@@ -43,6 +43,7 @@ namespace fastprox::cpu {
 constexpr int64_t kParallelGrainElems = 1 << 15;     // below this, a task is not worth a thread
 constexpr int64_t kColumnBlocks = 64;               // column path: row blocks of partial sums
 constexpr int64_t kColumnBlockMinRows = 16;          // ... of at least this many rows
+constexpr int64_t kRowsTogether = 4;                 // column path: rows per partial-sum update
 constexpr int64_t kChunkPathMinInner = 128;          // inner runs this long use the chunk path
 
 // Loads and stores of storage type T as vectors of its accumulation type.
@@ -386,6 +387,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   const int64_t block_rows =
       std::max<int64_t>(kColumnBlockMinRows, (s.outer + kColumnBlocks - 1) / kColumnBlocks);
   const int64_t blocks = (s.outer + block_rows - 1) / block_rows;
+  const int64_t row_grain = std::max<int64_t>(1, kParallelGrainElems / cols);
   const int64_t group_grain = std::max<int64_t>(1, kParallelGrainElems / (s.inner * 16));
   const V one(A(1)), zero(A(0));
 
@@ -401,35 +403,46 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
 
   for (int64_t b = 0; b < s.batch; ++b) {
     T* matrix = data + b * s.outer * cols;
-    // Streams the rows of each block; f(x, sums, c) adds vector x's contribution to the block's
-    // per-column sums at column c. Successive passes alternate the order in which each thread
-    // walks its blocks, so that a pass starts on what the last one left in cache (the L3 holds
-    // a quarter of a 128 MiB weight); sums within a block keep their order: same bits.
-    bool reverse = false;
-    auto next_block = [&](int64_t begin, int64_t end, int64_t i) {
-      return reverse ? end - 1 - i : begin + i;
-    };
-    auto stream_blocks = [&](auto&& f) {
+    // Streams the rows of each block; add(acc, x, c) adds vector x's contribution to the
+    // accumulators `acc` of column c. Four rows are read together so that a column's partial
+    // sums are loaded and stored once per four rows (stores, not loads, bound this loop); the
+    // additions keep row order, so the sums are the same as row by row.
+    auto stream_blocks = [&](auto&& add) {
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = 0; i < end - begin; ++i) {
-          const int64_t blk = next_block(begin, end, i);
+        for (int64_t blk = begin; blk < end; ++blk) {
           A* sums[3];
           for (int k = 0; k < 3; ++k) {
             sums[k] = used[k] ? &part[k][blk * padded] : nullptr;
             if (used[k]) std::fill_n(sums[k], padded, A(0));
           }
           const int64_t o_end = std::min(s.outer, (blk + 1) * block_rows);
-          for (int64_t o = blk * block_rows; o < o_end; ++o) {
+          for (int64_t o = blk * block_rows; o < o_end; o += kRowsTogether) {
+            const int64_t rows = std::min(kRowsTogether, o_end - o);
             const T* row = matrix + o * cols;
             for (int64_t j = 0; j < cols; j += W) {
-              V x[P];
-              L::load(row + j, std::min(W, cols - j), x);
-              for (int64_t k = 0; k < P; ++k) f(x[k], sums, j + k * VS);
+              const int64_t count = std::min(W, cols - j);
+              Sums<A> acc[P];
+              for (int64_t k = 0; k < P; ++k) {
+                const int64_t c = j + k * VS;
+                if (used[0]) acc[k].a = V::loadu(sums[0] + c);
+                if (used[1]) acc[k].b = V::loadu(sums[1] + c);
+                if (used[2]) acc[k].c = V::loadu(sums[2] + c);
+              }
+              for (int64_t r = 0; r < rows; ++r) {
+                V x[P];
+                L::load(row + r * cols + j, count, x);
+                for (int64_t k = 0; k < P; ++k) add(acc[k], x[k], j + k * VS);
+              }
+              for (int64_t k = 0; k < P; ++k) {
+                const int64_t c = j + k * VS;
+                if (used[0]) acc[k].a.store(sums[0] + c);
+                if (used[1]) acc[k].b.store(sums[1] + c);
+                if (used[2]) acc[k].c.store(sums[2] + c);
+              }
             }
           }
         }
       });
-      reverse = !reverse;
     };
     // Sums the blocks in block order, then each group's `inner` columns: per_group(g, sums).
     auto reduce = [&](auto&& per_group) {
@@ -459,18 +472,15 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
         std::fill_n(out.begin() + g * s.inner, s.inner, value_of_group(g));
       }
     };
-    auto add = [](A* sums, int64_t c, const V& v) { (V::loadu(sums + c) + v).store(sums + c); };
 
     // Pass 1.
-    stream_blocks([&](const V& x, A* const* sums, int64_t c) {
+    stream_blocks([&](Sums<A>& acc, const V& x, int64_t) {
       const V y = step.pre(x);
-      if constexpr (kSq) at::vec::fmadd(y, y, V::loadu(sums[0] + c)).store(sums[0] + c);
+      if constexpr (kSq) acc.a = at::vec::fmadd(y, y, acc.a);
       if constexpr (kAbs) {
-        const V a = y.abs();
-        add(sums[1], c, a);
-        V count = V::loadu(sums[2] + c);
-        count_above(count, a, zero, one);
-        count.store(sums[2] + c);
+        const V m = y.abs();
+        acc.b = acc.b + m;
+        count_above(acc.c, m, zero, one);
       }
     });
     reduce([&](int64_t g, const A* sums) {
@@ -484,12 +494,9 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     // Exact exclusive threshold: Newton passes, each a stream over the rows.
     while (iterate) {
       spread(col_tau, [&](int64_t g) { return params[g].tau; });
-      stream_blocks([&](const V& x, A* const* sums, int64_t c) {
-        const V y = step.pre(x).abs() * V::loadu(&col_scale[c]);
-        V above = V::loadu(sums[1] + c), count = V::loadu(sums[2] + c);
-        add_above(above, count, y, V::loadu(&col_tau[c]), one);
-        above.store(sums[1] + c);
-        count.store(sums[2] + c);
+      stream_blocks([&](Sums<A>& acc, const V& x, int64_t c) {
+        const V m = step.pre(x).abs() * V::loadu(&col_scale[c]);
+        add_above(acc.b, acc.c, m, V::loadu(&col_tau[c]), one);
       });
       reduce([&](int64_t g, const A* sums) {
         if (params[g].iterate) step.newton(params[g], sums[1], sums[2]);
@@ -499,14 +506,9 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     }
     spread(col_tau, [&](int64_t g) { return params[g].tau; });
 
-    // Pass 2: the rewrite, streaming the rows again, block by block in the order that starts on
-    // the cached end of the last pass.
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = 0; i < end - begin; ++i) {
-        const int64_t blk = next_block(begin, end, i);
-        const int64_t o_begin = blk * block_rows, o_end = std::min(s.outer, o_begin + block_rows);
-        for (int64_t o = reverse ? o_end - 1 : o_begin; reverse ? o >= o_begin : o < o_end;
-             o += reverse ? -1 : 1) {
+    // Pass 2: the rewrite, streaming the rows again.
+    at::parallel_for(0, s.outer, row_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
         T* row = matrix + o * cols;
         for (int64_t j = 0; j < cols; j += W) {
           const int64_t count = std::min(W, cols - j);
@@ -517,7 +519,6 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
             x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
           }
           L::store(row + j, count, x);
-        }
         }
       }
     });
