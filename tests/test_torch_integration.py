@@ -53,19 +53,29 @@ def test_compile_inductor_in_a_training_step():
     model = torch.nn.Linear(16, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True)  # inductor: every op in one graph, no break
     def prox(weight, lam):
         with torch.no_grad():
             fastprox.group_shrink_(weight, lam, dim=0)
-            fastprox.group_norms(weight, dim=0)
+            fastprox.soft_threshold_(weight, lam / 100)
+            fastprox.sparse_group_shrink_(weight, lam / 100, lam / 10, dim=1)
+            fastprox.exclusive_shrink_(weight, lam / 10, dim=0)
+            fastprox.cges_shrink_(weight, lam / 10, lam / 100, dim=0, size_weighted=False)
+            return fastprox.group_norms(weight, dim=0)
 
     x = torch.randn(32, 16)
     model(x).pow(2).mean().backward()
     opt.step()
     want = model.weight.detach().clone()
-    fastprox.group_shrink_(want, 0.05, dim=0)
-    prox(model.weight, torch.tensor(0.05, dtype=torch.float64))
+    lam = torch.tensor(0.05, dtype=torch.float64)
+    fastprox.group_shrink_(want, lam, dim=0)
+    fastprox.soft_threshold_(want, lam / 100)
+    fastprox.sparse_group_shrink_(want, lam / 100, lam / 10, dim=1)
+    fastprox.exclusive_shrink_(want, lam / 10, dim=0)
+    fastprox.cges_shrink_(want, lam / 10, lam / 100, dim=0, size_weighted=False)
+    norms = prox(model.weight, lam)
     assert torch.equal(model.weight.detach(), want)
+    assert torch.equal(norms, fastprox.group_norms(want, dim=0))
 
 
 @pytest.mark.parametrize("kind", ["python float", "0-d tensor"])
@@ -99,3 +109,15 @@ def test_group_norms_gradient():
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda t: fastprox.group_norms(t, dim=(0, 2)), (x,))
     torch.autograd.gradcheck(lambda t: fastprox.group_norms(t, dim=1), (x,))
+
+
+def test_missing_extension_fails_loudly():
+    # No silent fallback to the reference: without its C++ library, import says what to do.
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['fastprox._C'] = None; import fastprox"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "fastprox._C failed to load" in proc.stderr
+    assert "--no-build-isolation" in proc.stderr
