@@ -43,12 +43,12 @@ def _check_flag(value, name: str, fn: str) -> bool:
     return value
 
 
-def _prepare(fn: str, weight, dim, *thresholds):
+def _prepare(fn: str, weight, dim, *thresholds, grouped: bool = True, in_place: bool = True):
     """Checks weight and dim, converts thresholds ((name, value) pairs) to 0-d tensors."""
     _checks.check_weight(weight, fn)
-    if fn != "group_norms":
+    if in_place:
         _checks.check_grad(weight, fn)
-    dims = None if dim is False else _checks.normalize_dim(dim, weight, fn)
+    dims = _checks.normalize_dim(dim, weight, fn) if grouped else None
     lams = [_checks.as_threshold(value, name, weight, fn) for name, value in thresholds]
     return dims, lams
 
@@ -69,7 +69,7 @@ def _prepare(fn: str, weight, dim, *thresholds):
         torch.Size([64])
 """)
 def group_norms(weight: torch.Tensor, dim=None) -> torch.Tensor:
-    dims, _ = _prepare("group_norms", weight, dim)
+    dims, _ = _prepare("group_norms", weight, dim, in_place=False)
     return ops.group_norms(weight, dims)
 
 
@@ -104,7 +104,7 @@ def group_shrink_(weight: torch.Tensor, lam, dim=None, *, size_weighted: bool = 
     Returns ``weight``. Example: ``fastprox.soft_threshold_(w, 1e-3)``.
 """)
 def soft_threshold_(weight: torch.Tensor, lam):
-    dims, (lam_t,) = _prepare("soft_threshold_", weight, False, ("lam", lam))
+    _, (lam_t,) = _prepare("soft_threshold_", weight, None, ("lam", lam), grouped=False)
     ops.soft_threshold_(weight, lam_t)
     return weight
 
