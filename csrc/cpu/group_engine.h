@@ -340,8 +340,10 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
           count_above(acc.c, m, zero, one);
         }
       });
-      GroupParams<A> p =
-          step.finish(gi, reduce_sum(first.a), reduce_sum(first.b), reduce_sum(first.c));
+      // (horizontal sums only of what the step uses: they are a per-group cost)
+      GroupParams<A> p = step.finish(gi, Step::kWantSumSq ? reduce_sum(first.a) : A(0),
+                                     Step::kWantAbs ? reduce_sum(first.b) : A(0),
+                                     Step::kWantAbs ? reduce_sum(first.c) : A(0));
       if constexpr (!Step::kRewrite) continue;
 
       const V scale(p.scale);
