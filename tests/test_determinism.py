@@ -17,7 +17,8 @@ def threads():
 @pytest.mark.parametrize("op", OPS, ids=str)
 def test_bitwise_identical_across_runs_and_threads(op, dtype, threads):
     # Sizes large enough to be split over threads (and over column tiles).
-    layouts = [((512, 384), None), ((512, 384), 0), ((64, 48, 3, 3), (0, 2, 3)), ((2, 70000), None)]
+    layouts = [((512, 384), None), ((512, 384), 0), ((64, 48, 3, 3), (0, 2, 3)), ((2, 70000), None),
+               ((24, 9001), 0)]
     for shape, dim in layouts:
         if not op.grouped and dim is not None:
             continue

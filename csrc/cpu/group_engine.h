@@ -44,6 +44,9 @@ constexpr int64_t kParallelGrainElems = 1 << 15;     // below this, a task is no
 constexpr int64_t kColumnBlocks = 64;               // column path: row blocks of partial sums
 constexpr int64_t kColumnBlockMinRows = 16;          // ... of at least this many rows
 constexpr int64_t kRowsTogether = 4;                 // column path: rows per partial-sum update
+constexpr int64_t kColumnChunk = 1 << 12;            // column path: columns per task (a multiple
+                                                     // of every vector width)
+constexpr int64_t kColumnPartialElems = 1 << 22;     // column path: partial sums per statistic
 constexpr int64_t kChunkPathMinInner = 128;          // inner runs this long use the chunk path
 
 // Loads and stores of storage type T as vectors of its accumulation type.
@@ -386,9 +389,16 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   constexpr bool kSq = Step::kWantSumSq, kAbs = Step::kWantAbs;
   const int64_t cols = s.groups * s.inner;
   const int64_t padded = (cols + W - 1) / W * W;
+  // Row blocks: at most kColumnBlocks, and few enough that the partial sums stay within
+  // kColumnPartialElems per statistic (a very wide weight gets fewer, taller blocks). Each block's
+  // columns are split in chunks of kColumnChunk, so a wide weight still spreads over threads.
+  // Both are set by the shape alone: the sums do not depend on the thread count.
+  const int64_t max_blocks =
+      std::clamp<int64_t>(kColumnPartialElems / padded, 1, kColumnBlocks);
   const int64_t block_rows =
-      std::max<int64_t>(kColumnBlockMinRows, (s.outer + kColumnBlocks - 1) / kColumnBlocks);
+      std::max<int64_t>(kColumnBlockMinRows, (s.outer + max_blocks - 1) / max_blocks);
   const int64_t blocks = (s.outer + block_rows - 1) / block_rows;
+  const int64_t chunks = (padded + kColumnChunk - 1) / kColumnChunk;
   const int64_t row_grain = std::max<int64_t>(1, kParallelGrainElems / cols);
   const int64_t group_grain = std::max<int64_t>(1, kParallelGrainElems / (s.inner * 16));
   const V one(A(1)), zero(A(0));
@@ -410,19 +420,22 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     // sums are loaded and stored once per four rows (stores, not loads, bound this loop); the
     // additions keep row order, so the sums are the same as row by row.
     auto stream_blocks = [&](auto&& add) {
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t blk = begin; blk < end; ++blk) {
+      at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t unit = begin; unit < end; ++unit) {
+          const int64_t blk = unit / chunks;
+          const int64_t j_begin = (unit % chunks) * kColumnChunk;
+          const int64_t j_end = std::min(cols, j_begin + kColumnChunk);
           A* sums[3];
           for (int k = 0; k < 3; ++k) {
             sums[k] = used[k] ? &part[k][blk * padded] : nullptr;
-            if (used[k]) std::fill_n(sums[k], padded, A(0));
+            if (used[k]) std::fill(sums[k] + j_begin, sums[k] + std::min(padded, j_begin + kColumnChunk), A(0));
           }
           const int64_t o_end = std::min(s.outer, (blk + 1) * block_rows);
           for (int64_t o = blk * block_rows; o < o_end; o += kRowsTogether) {
             const int64_t rows = std::min(kRowsTogether, o_end - o);
             const T* row = matrix + o * cols;
-            for (int64_t j = 0; j < cols; j += W) {
-              const int64_t count = std::min(W, cols - j);
+            for (int64_t j = j_begin; j < j_end; j += W) {
+              const int64_t count = std::min(W, j_end - j);
               Sums<A> acc[P];
               for (int64_t k = 0; k < P; ++k) {
                 const int64_t c = j + k * VS;
