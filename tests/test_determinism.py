@@ -16,7 +16,7 @@ def threads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS, ids=str)
 def test_bitwise_identical_across_runs_and_threads(op, dtype, threads):
-    # Sizes large enough to be split over threads (and over column tiles).
+    # Sizes large enough to be split over threads (and over column blocks and chunks).
     layouts = [((512, 384), None), ((512, 384), 0), ((64, 48, 3, 3), (0, 2, 3)), ((2, 70000), None),
                ((24, 9001), 0)]
     for shape, dim in layouts:
@@ -29,7 +29,6 @@ def test_bitwise_identical_across_runs_and_threads(op, dtype, threads):
             x = w.clone()
             run(op, x, dim=dim)
             results.append(x)
-        assert results[0].view(torch.int16 if dtype.itemsize == 2 else torch.int32).equal(
-            results[1].view(torch.int16 if dtype.itemsize == 2 else torch.int32))
-        assert results[0].view(torch.int16 if dtype.itemsize == 2 else torch.int32).equal(
-            results[2].view(torch.int16 if dtype.itemsize == 2 else torch.int32))
+        bits = [r.view(torch.int16 if dtype.itemsize == 2 else torch.int32) for r in results]
+        assert bits[0].equal(bits[1]), "two runs differ"
+        assert bits[0].equal(bits[2]), "1 and 2 threads differ"

@@ -288,6 +288,31 @@ struct Sums {
   Sums operator+(const Sums& o) const { return {a + o.a, b + o.b, c + o.c}; }
 };
 
+// Pass 1, per vector x: a += pre(x)^2 (group step), b += |pre(x)| and c += (|pre(x)| > 0)
+// (exclusive step). Shared by both traversals.
+template <typename Step, typename V>
+inline void add_first_pass(const Step& step, Sums<typename V::value_type>& acc, const V& x) {
+  using A = typename V::value_type;
+  const V y = step.pre(x);
+  if constexpr (Step::kWantSumSq) acc.a = at::vec::fmadd(y, y, acc.a);
+  if constexpr (Step::kWantAbs) {
+    const V m = y.abs();
+    acc.b = acc.b + m;
+    count_above(acc.c, m, V(A(0)), V(A(1)));
+  }
+}
+
+// A Newton pass, per vector x: b and c += sum and count of the magnitudes |pre(x)| * scale
+// above tau.
+template <typename Step, typename V>
+inline void add_newton_pass(const Step& step, Sums<typename V::value_type>& acc, const V& x,
+                            const V& scale, const V& tau) {
+  using A = typename V::value_type;
+  V m = step.pre(x).abs();
+  if constexpr (Step::kScales) m = m * scale;
+  add_above(acc.b, acc.c, m, tau, V(A(1)));
+}
+
 // Folds add(sums, y) over the group's elements (as vectors of A), with four independent sets of
 // sums so that the adds are not one long dependency chain (the passes over a cached group are
 // bound by add latency otherwise). The sets are combined in a fixed order: deterministic.
@@ -326,7 +351,6 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
   constexpr int64_t P = L::kParts;
   const int64_t n = s.group_size();
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(n, 1));
-  const V one(A(1)), zero(A(0));
 
   at::parallel_for(0, s.num_groups(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t gi = begin; gi < end; ++gi) {
@@ -334,15 +358,8 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
       T* group = data + b * s.outer * s.groups * s.inner + g * s.inner;
 
       // Pass 1: a = sum of squares, b = sum of magnitudes, c = nonzero count.
-      const Sums<A> first = fold_group(group, s, [&](Sums<A>& acc, const V& x) {
-        const V y = step.pre(x);
-        if constexpr (Step::kWantSumSq) acc.a = at::vec::fmadd(y, y, acc.a);
-        if constexpr (Step::kWantAbs) {
-          const V m = y.abs();
-          acc.b = acc.b + m;
-          count_above(acc.c, m, zero, one);
-        }
-      });
+      const Sums<A> first = fold_group(
+          group, s, [&](Sums<A>& acc, const V& x) { add_first_pass(step, acc, x); });
       // (horizontal sums only of what the step uses: they are a per-group cost)
       GroupParams<A> p = step.finish(gi, Step::kWantSumSq ? reduce_sum(first.a) : A(0),
                                      Step::kWantAbs ? reduce_sum(first.b) : A(0),
@@ -353,9 +370,7 @@ void chunk_path(T* data, const GroupShape& s, const Step& step) {
       while (p.iterate) {  // exact exclusive threshold: passes over the cached group
         const V tau(p.tau);
         const Sums<A> above = fold_group(group, s, [&](Sums<A>& acc, const V& x) {
-          V m = step.pre(x).abs();
-          if constexpr (Step::kScales) m = m * scale;
-          add_above(acc.b, acc.c, m, tau, one);
+          add_newton_pass(step, acc, x, scale, tau);
         });
         step.newton(p, reduce_sum(above.b), reduce_sum(above.c));
       }
@@ -401,7 +416,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   const int64_t chunks = (padded + kColumnChunk - 1) / kColumnChunk;
   const int64_t row_grain = std::max<int64_t>(1, kParallelGrainElems / cols);
   const int64_t group_grain = std::max<int64_t>(1, kParallelGrainElems / (s.inner * 16));
-  const V one(A(1)), zero(A(0));
+  const V zero(A(0));
 
   // Statistics: 0 sum of squares, 1 sum of magnitudes, 2 nonzero count (Newton passes: 1 sum
   // and 2 count of the magnitudes above tau). part[k] is [block][column], col[k] [column].
@@ -428,7 +443,9 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
           A* sums[3];
           for (int k = 0; k < 3; ++k) {
             sums[k] = used[k] ? &part[k][blk * padded] : nullptr;
-            if (used[k]) std::fill(sums[k] + j_begin, sums[k] + std::min(padded, j_begin + kColumnChunk), A(0));
+            if (used[k]) {
+              std::fill(sums[k] + j_begin, sums[k] + std::min(padded, j_begin + kColumnChunk), A(0));
+            }
           }
           const int64_t o_end = std::min(s.outer, (blk + 1) * block_rows);
           for (int64_t o = blk * block_rows; o < o_end; o += kRowsTogether) {
@@ -489,15 +506,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     };
 
     // Pass 1.
-    stream_blocks([&](Sums<A>& acc, const V& x, int64_t) {
-      const V y = step.pre(x);
-      if constexpr (kSq) acc.a = at::vec::fmadd(y, y, acc.a);
-      if constexpr (kAbs) {
-        const V m = y.abs();
-        acc.b = acc.b + m;
-        count_above(acc.c, m, zero, one);
-      }
-    });
+    stream_blocks([&](Sums<A>& acc, const V& x, int64_t) { add_first_pass(step, acc, x); });
     reduce([&](int64_t g, const A* sums) {
       params[g] = step.finish(b * s.groups + g, sums[0], sums[1], sums[2]);
     });
@@ -510,8 +519,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     while (iterate) {
       spread(col_tau, [&](int64_t g) { return params[g].tau; });
       stream_blocks([&](Sums<A>& acc, const V& x, int64_t c) {
-        const V m = step.pre(x).abs() * V::loadu(&col_scale[c]);
-        add_above(acc.b, acc.c, m, V::loadu(&col_tau[c]), one);
+        add_newton_pass(step, acc, x, V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
       });
       reduce([&](int64_t g, const A* sums) {
         if (params[g].iterate) step.newton(params[g], sums[1], sums[2]);
