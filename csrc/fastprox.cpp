@@ -23,6 +23,11 @@ TORCH_LIBRARY(fastprox, m) {
   m.def(
       "cges_shrink_(Tensor(a!) weight, Tensor lam_group, Tensor lam_exclusive, int[] dim, "
       "bool size_weighted, bool exact) -> ()");
+  // One step per tensor of a list (per tensor: lams[i] = (lam_l1, lam_group, lam_exclusive);
+  // its reduced dims are the next dim_counts[i] entries of dims). csrc/cpu/foreach_prox.cpp.
+  m.def(
+      "foreach_prox_(Tensor(a!)[] weights, Tensor lams, int[] dims, int[] dim_counts, "
+      "bool[] size_weighted, bool[] exact) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight
@@ -36,7 +41,11 @@ static void bump_mutated_versions(const c10::OperatorHandle& op, c10::DispatchKe
   for (size_t i = 0; i < arguments.size(); ++i) {
     const auto* alias = arguments[i].alias_info();
     const auto& value = (*stack)[stack->size() - arguments.size() + i];
-    if (alias != nullptr && alias->isWrite() && value.isTensor()) mutated.push_back(value.toTensor());
+    if (alias == nullptr || !alias->isWrite()) continue;
+    if (value.isTensor()) mutated.push_back(value.toTensor());
+    if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorVector()) mutated.push_back(t);
+    }
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -47,7 +56,7 @@ static void bump_mutated_versions(const c10::OperatorHandle& op, c10::DispatchKe
 
 TORCH_LIBRARY_IMPL(fastprox, ADInplaceOrView, m) {
   for (const char* op : {"group_shrink_", "soft_threshold_", "sparse_group_shrink_",
-                         "exclusive_shrink_", "cges_shrink_"}) {
+                         "exclusive_shrink_", "cges_shrink_", "foreach_prox_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
   }
 }

@@ -4,14 +4,17 @@
     >>> fastprox.group_shrink_(layer.weight, lr * lam, dim=0)   # after optimizer.step()
 
 Operators (in place, return the weight): group_shrink_, soft_threshold_, sparse_group_shrink_,
-exclusive_shrink_, cges_shrink_; and group_norms. fastprox.reference holds the pure-PyTorch
+exclusive_shrink_, cges_shrink_; foreach_prox_ (any of them on a list of tensors, in one
+call); and group_norms. fastprox.reference holds the pure-PyTorch
 oracle of each.
 """
 
 from . import reference
+from .regularizer import CGESSchedule, Regularizer, Target
 from .ops import (
     cges_shrink_,
     exclusive_shrink_,
+    foreach_prox_,
     group_norms,
     group_shrink_,
     soft_threshold_,
@@ -27,5 +30,9 @@ __all__ = [
     "sparse_group_shrink_",
     "exclusive_shrink_",
     "cges_shrink_",
+    "foreach_prox_",
     "reference",
+    "Regularizer",
+    "Target",
+    "CGESSchedule",
 ]

@@ -16,17 +16,17 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_weight(weight, fn: str) -> None:
+def check_weight(weight, fn: str, name: str = "weight") -> None:
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{fn}: weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.layout != torch.strided:
-        raise TypeError(f"{fn}: weight must be a dense (strided) tensor, got layout {weight.layout}")
+        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout {weight.layout}")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{fn}: weight must be float32, float64, float16 or bfloat16, got {weight.dtype}"
+            f"{fn}: {name} must be float32, float64, float16 or bfloat16, got {weight.dtype}"
         )
     if weight.dim() == 0:
-        raise ValueError(f"{fn}: weight must have at least one dimension, got a 0-d tensor")
+        raise ValueError(f"{fn}: {name} must have at least one dimension, got a 0-d tensor")
 
 
 def normalize_dim(dim, weight: torch.Tensor, fn: str) -> list[int]:
@@ -71,17 +71,17 @@ def as_threshold(value, name: str, weight: torch.Tensor, fn: str) -> torch.Tenso
     return torch.tensor(value, dtype=torch.float64)
 
 
-def check_grad(weight: torch.Tensor, fn: str) -> None:
+def check_grad(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
     """In-place on a tensor that requires grad, in grad mode: a leaf raises torch's own error for
     in-place ops; a non-leaf raises too, since the proximal steps have no derivative and would
     leave a stale grad_fn behind. (Version counters are bumped by the op, csrc/fastprox.cpp.)"""
     if weight.requires_grad and torch.is_grad_enabled():
         if weight.is_leaf:
             raise RuntimeError(
-                f"{fn}: a leaf Variable that requires grad is being used in an in-place "
+                f"{fn}: {name} is a leaf Variable that requires grad and is used in an in-place "
                 "operation. Apply it under torch.no_grad() (as after optimizer.step())"
             )
         raise RuntimeError(
-            f"{fn}: weight requires grad and has a grad_fn, but the proximal step has no "
+            f"{fn}: {name} requires grad and has a grad_fn, but the proximal step has no "
             "derivative; apply it under torch.no_grad() (as after optimizer.step())"
         )

@@ -51,7 +51,7 @@ def _no_output(*args):
 
 
 for _name in ("group_shrink_", "soft_threshold_", "sparse_group_shrink_", "exclusive_shrink_",
-              "cges_shrink_"):
+              "cges_shrink_", "foreach_prox_"):
     torch.library.register_fake(f"fastprox::{_name}")(_no_output)
 
 

@@ -6,6 +6,8 @@ The mathematical contract is ../shared/SPEC.md; these docstrings restate it per 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _checks
@@ -181,3 +183,95 @@ def cges_shrink_(weight: torch.Tensor, lam_group, lam_exclusive, dim=None, *,
     ops.cges_shrink_(weight, lg, le, dims, _check_flag(size_weighted, "size_weighted", fn),
                      _check_flag(exact, "exact", fn))
     return weight
+
+
+def _per_tensor(value, name: str, count: int, fn: str, is_item) -> list:
+    """One value per tensor: a single item is repeated; a list/tuple (or 1-D tensor) is taken
+    as given and must have one entry per tensor."""
+    if is_item(value):
+        return [value] * count
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = list(value.unbind())
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{fn}: {name} must be a single value or a list with one per weight, got "
+                        f"{type(value).__name__}")
+    if len(value) != count:
+        raise ValueError(f"{fn}: {name} has {len(value)} entries for {count} weights")
+    for i, item in enumerate(value):
+        if not is_item(item):
+            raise TypeError(f"{fn}: {name}[{i}] has the wrong type: {type(item).__name__}")
+    return list(value)
+
+
+def _is_threshold(value) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dim() == 0) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool))
+
+
+def _is_dim_spec(value) -> bool:
+    return value is None or isinstance(value, (numbers.Integral, tuple, torch.Size))
+
+
+def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=None,
+                  size_weighted=True, exact: bool | list = True):
+    """One proximal step on every tensor of a list, in one call (one parallel region on the CPU).
+
+    Per tensor ``W`` (with its own thresholds, ``dim``, ``size_weighted`` and ``exact``)::
+
+        W <- soft_threshold(W, lam_l1)                        (skipped when lam_l1 = 0)
+        W <- group shrink by lam_group * c over dim's groups  (skipped when lam_group = 0)
+        W <- exclusive shrink by lam_exclusive                (skipped when lam_exclusive = 0)
+
+    so one call does what ``soft_threshold_``, ``group_shrink_``, ``sparse_group_shrink_``,
+    ``exclusive_shrink_`` and ``cges_shrink_`` do on each tensor, with bitwise the same result.
+    This is the step for a whole model: a call per small tensor costs more than its work.
+
+    Args:
+        weights: a list of tensors on one device, no two sharing memory (views of one storage
+            whose address ranges interleave, like ``w[:, :3]`` and ``w[:, 3:]``, are refused).
+        lam_l1, lam_group, lam_exclusive: a number or 0-d tensor for every tensor, or a list (or
+            1-D tensor) with one per tensor; finite and >= 0.
+        dim: one ``dim`` for every tensor (None, an int or a tuple), or a **list** with one per
+            tensor; as in ``group_shrink_`` (reduced dimensions; None: all but the first).
+        size_weighted: ``c = sqrt(n)`` (True) or 1; a bool or a list of bools.
+        exact: the exact exclusive threshold (True) or CGES's bound; a bool or a list of bools.
+
+{edges}
+
+    Returns ``weights``. Example::
+
+        fastprox.foreach_prox_([l.weight for l in linears], lam_group=lr * lam, dim=0)
+    """
+    fn = "foreach_prox_"
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{fn}: weights must be a list or tuple of tensors, got "
+                        f"{type(weights).__name__}")
+    count = len(weights)
+    for i, w in enumerate(weights):
+        _checks.check_weight(w, fn, f"weights[{i}]")
+        _checks.check_grad(w, fn, f"weights[{i}]")
+        if w.device != weights[0].device:
+            raise ValueError(f"{fn}: weights[{i}] is on {w.device} but weights[0] is on "
+                             f"{weights[0].device}; call once per device")
+    dims = _per_tensor(dim, "dim", count, fn, _is_dim_spec)
+    dims = [_checks.normalize_dim(d, w, f"{fn}: weights[{i}]") for i, (d, w) in
+            enumerate(zip(dims, weights))]
+    columns = []
+    for name, value in (("lam_l1", lam_l1), ("lam_group", lam_group),
+                        ("lam_exclusive", lam_exclusive)):
+        items = _per_tensor(value, name, count, fn, _is_threshold)
+        columns.append([_checks.as_threshold(v, f"{name}[{i}]", w, fn)
+                        for i, (v, w) in enumerate(zip(items, weights))])
+    flags = [[_check_flag(v, f"{name}[{i}]", fn) for i, v in enumerate(
+        _per_tensor(value, name, count, fn, lambda v: isinstance(v, bool)))]
+        for name, value in (("size_weighted", size_weighted), ("exact", exact))]
+    if count == 0:
+        return weights
+    lams = torch.stack([torch.stack([c[i].to("cpu", torch.float64) for c in columns])
+                        for i in range(count)])
+    ops.foreach_prox_(list(weights), lams, [d for ds in dims for d in ds],
+                      [len(ds) for ds in dims], flags[0], flags[1])
+    return weights
+
+
+foreach_prox_.__doc__ = foreach_prox_.__doc__.format(edges=_EDGES)

@@ -117,3 +117,22 @@ def cges_shrink_(weight, lam_group, lam_exclusive, dim=None, *, size_weighted=Tr
     """Group shrink by lam_group, then exclusive shrink of the result by lam_exclusive."""
     group_shrink_(weight, lam_group, dim, size_weighted=size_weighted)
     return exclusive_shrink_(weight, lam_exclusive, dim, exact=exact)
+
+
+def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=None,
+                  size_weighted=True, exact=True):
+    """Per tensor: soft threshold by lam_l1, group shrink by lam_group, exclusive shrink by
+    lam_exclusive (each skipped when its lam is 0). Per-tensor values come as lists."""
+    def each(value, i):
+        return value[i] if isinstance(value, list) else value
+
+    for i, w in enumerate(weights):
+        l1, lg, le = (_value(each(v, i)) for v in (lam_l1, lam_group, lam_exclusive))
+        d, sw, ex = each(dim, i), each(size_weighted, i), each(exact, i)
+        if l1 > 0:
+            soft_threshold_(w, l1)
+        if lg > 0:
+            group_shrink_(w, lg, d, size_weighted=sw)
+        if le > 0:
+            exclusive_shrink_(w, le, d, exact=ex)
+    return weights

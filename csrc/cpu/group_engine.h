@@ -342,48 +342,68 @@ inline Sums<at::opmath_type<T>> fold_group(const T* group, const GroupShape& s, 
   return (sums[0] + sums[1]) + (sums[2] + sums[3]);
 }
 
-// Chunk path: one task per group.
+// Chunk path, one group: gi indexes the groups of all batches.
 template <typename T, typename Step>
-void chunk_path(T* data, const GroupShape& s, const Step& step) {
+void chunk_group(T* data, const GroupShape& s, const Step& step, int64_t gi) {
   using L = Lanes<T>;
   using A = typename L::A;
   using V = typename L::V;
   constexpr int64_t P = L::kParts;
-  const int64_t n = s.group_size();
-  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(n, 1));
+  const int64_t b = gi / s.groups, g = gi % s.groups;
+  T* group = data + b * s.outer * s.groups * s.inner + g * s.inner;
 
-  at::parallel_for(0, s.num_groups(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t b = gi / s.groups, g = gi % s.groups;
-      T* group = data + b * s.outer * s.groups * s.inner + g * s.inner;
+  // Pass 1: a = sum of squares, b = sum of magnitudes, c = nonzero count.
+  const Sums<A> first =
+      fold_group(group, s, [&](Sums<A>& acc, const V& x) { add_first_pass(step, acc, x); });
+  // (horizontal sums only of what the step uses: they are a per-group cost)
+  GroupParams<A> p = step.finish(gi, Step::kWantSumSq ? reduce_sum(first.a) : A(0),
+                                 Step::kWantAbs ? reduce_sum(first.b) : A(0),
+                                 Step::kWantAbs ? reduce_sum(first.c) : A(0));
+  if constexpr (!Step::kRewrite) return;
 
-      // Pass 1: a = sum of squares, b = sum of magnitudes, c = nonzero count.
-      const Sums<A> first = fold_group(
-          group, s, [&](Sums<A>& acc, const V& x) { add_first_pass(step, acc, x); });
-      // (horizontal sums only of what the step uses: they are a per-group cost)
-      GroupParams<A> p = step.finish(gi, Step::kWantSumSq ? reduce_sum(first.a) : A(0),
-                                     Step::kWantAbs ? reduce_sum(first.b) : A(0),
-                                     Step::kWantAbs ? reduce_sum(first.c) : A(0));
-      if constexpr (!Step::kRewrite) continue;
+  const V scale(p.scale);
+  while (p.iterate) {  // exact exclusive threshold: passes over the cached group
+    const V tau(p.tau);
+    const Sums<A> above = fold_group(group, s, [&](Sums<A>& acc, const V& x) {
+      add_newton_pass(step, acc, x, scale, tau);
+    });
+    step.newton(p, reduce_sum(above.b), reduce_sum(above.c));
+  }
 
-      const V scale(p.scale);
-      while (p.iterate) {  // exact exclusive threshold: passes over the cached group
-        const V tau(p.tau);
-        const Sums<A> above = fold_group(group, s, [&](Sums<A>& acc, const V& x) {
-          add_newton_pass(step, acc, x, scale, tau);
-        });
-        step.newton(p, reduce_sum(above.b), reduce_sum(above.c));
-      }
-
-      const V tau(p.tau);
-      for_each_load(group, s, [&](T* ptr, int64_t count) {
-        V x[P];
-        L::load(ptr, count, x);
-        for (int64_t k = 0; k < P; ++k) x[k] = step.rewrite(x[k], scale, tau);
-        L::store(ptr, count, x);
-      });
-    }
+  const V tau(p.tau);
+  for_each_load(group, s, [&](T* ptr, int64_t count) {
+    V x[P];
+    L::load(ptr, count, x);
+    for (int64_t k = 0; k < P; ++k) x[k] = step.rewrite(x[k], scale, tau);
+    L::store(ptr, count, x);
   });
+}
+
+// Groups per task on the chunk path: enough elements to be worth a thread.
+inline int64_t chunk_grain(const GroupShape& s) {
+  return std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(s.group_size(), 1));
+}
+
+// Chunk path: one task per group (or per few small groups).
+template <typename T, typename Step>
+void chunk_path(T* data, const GroupShape& s, const Step& step) {
+  at::parallel_for(0, s.num_groups(), chunk_grain(s), [&](int64_t begin, int64_t end) {
+    for (int64_t gi = begin; gi < end; ++gi) chunk_group(data, s, step, gi);
+  });
+}
+
+// Row blocks of the column path, set by the shape alone (so that sums do not depend on the
+// thread count): at most kColumnBlocks, and few enough that the partial sums stay within
+// kColumnPartialElems per statistic (a very wide weight gets fewer, taller blocks).
+struct ColumnBlocks {
+  int64_t rows_per_block, count;
+};
+inline ColumnBlocks column_blocks(const GroupShape& s, int64_t padded_cols) {
+  const int64_t max_blocks =
+      std::clamp<int64_t>(kColumnPartialElems / padded_cols, 1, kColumnBlocks);
+  const int64_t rows =
+      std::max<int64_t>(kColumnBlockMinRows, (s.outer + max_blocks - 1) / max_blocks);
+  return {rows, (s.outer + rows - 1) / rows};
 }
 
 // Column path: the weight (per batch) is a matrix of `outer` rows by groups*inner columns, each
@@ -404,15 +424,10 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   constexpr bool kSq = Step::kWantSumSq, kAbs = Step::kWantAbs;
   const int64_t cols = s.groups * s.inner;
   const int64_t padded = (cols + W - 1) / W * W;
-  // Row blocks: at most kColumnBlocks, and few enough that the partial sums stay within
-  // kColumnPartialElems per statistic (a very wide weight gets fewer, taller blocks). Each block's
-  // columns are split in chunks of kColumnChunk, so a wide weight still spreads over threads.
-  // Both are set by the shape alone: the sums do not depend on the thread count.
-  const int64_t max_blocks =
-      std::clamp<int64_t>(kColumnPartialElems / padded, 1, kColumnBlocks);
-  const int64_t block_rows =
-      std::max<int64_t>(kColumnBlockMinRows, (s.outer + max_blocks - 1) / max_blocks);
-  const int64_t blocks = (s.outer + block_rows - 1) / block_rows;
+  // Row blocks (column_blocks); each block's columns are split in chunks of kColumnChunk, so a
+  // wide weight still spreads over threads.
+  const ColumnBlocks cb = column_blocks(s, padded);
+  const int64_t block_rows = cb.rows_per_block, blocks = cb.count;
   const int64_t chunks = (padded + kColumnChunk - 1) / kColumnChunk;
   const int64_t row_grain = std::max<int64_t>(1, kParallelGrainElems / cols);
   const int64_t group_grain = std::max<int64_t>(1, kParallelGrainElems / (s.inner * 16));
@@ -548,13 +563,133 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
   }
 }
 
+// Column path for the groups [g_begin, g_end) of batch b, on the calling thread (the multi-tensor
+// entry runs many such tiles in one parallel region). The sums are those of column_path, taken in
+// the same order (per column within the same row blocks, then over blocks in order), so the
+// result is bitwise the same; the Newton passes and the rewrite read the tile again, from cache
+// when it is small.
+template <typename T, typename Step>
+void column_tile(T* data, const GroupShape& s, const Step& step, int64_t b, int64_t g_begin,
+                 int64_t g_end) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  constexpr int64_t P = L::kParts;
+  constexpr int64_t W = L::kWidth;
+  constexpr int64_t VS = V::size();
+  constexpr bool kSq = Step::kWantSumSq, kAbs = Step::kWantAbs;
+  const int64_t cols = s.groups * s.inner;
+  const ColumnBlocks cb = column_blocks(s, (cols + W - 1) / W * W);
+  const int64_t width = (g_end - g_begin) * s.inner;
+  const int64_t padded = (width + W - 1) / W * W;
+  T* tile = data + b * s.outer * cols + g_begin * s.inner;
+
+  const bool used[3] = {kSq, kAbs, kAbs};
+  std::vector<A> part[3], col[3];
+  for (int k = 0; k < 3; ++k) {
+    if (used[k]) part[k].assign(padded, A(0)), col[k].assign(padded, A(0));
+  }
+  std::vector<A> col_scale(padded, A(1)), col_tau(padded, A(0));
+  std::vector<GroupParams<A>> params(g_end - g_begin);
+
+  // Per block: partial sums over its rows in row order, then added to the column totals.
+  auto stream = [&](auto&& add) {
+    for (int k = 0; k < 3; ++k) {
+      if (used[k]) std::fill(col[k].begin(), col[k].end(), A(0));
+    }
+    for (int64_t blk = 0; blk < cb.count; ++blk) {
+      for (int k = 0; k < 3; ++k) {
+        if (used[k]) std::fill(part[k].begin(), part[k].end(), A(0));
+      }
+      const int64_t o_end = std::min(s.outer, (blk + 1) * cb.rows_per_block);
+      for (int64_t o = blk * cb.rows_per_block; o < o_end; ++o) {
+        const T* row = tile + o * cols;
+        for (int64_t j = 0; j < width; j += W) {
+          V x[P];
+          L::load(row + j, std::min(W, width - j), x);
+          for (int64_t k = 0; k < P; ++k) {
+            const int64_t c = j + k * VS;
+            Sums<A> acc;
+            if (used[0]) acc.a = V::loadu(&part[0][c]);
+            if (used[1]) acc.b = V::loadu(&part[1][c]);
+            if (used[2]) acc.c = V::loadu(&part[2][c]);
+            add(acc, x[k], c);
+            if (used[0]) acc.a.store(&part[0][c]);
+            if (used[1]) acc.b.store(&part[1][c]);
+            if (used[2]) acc.c.store(&part[2][c]);
+          }
+        }
+      }
+      for (int k = 0; k < 3; ++k) {
+        if (!used[k]) continue;
+        for (int64_t v = 0; v < padded; v += VS) {
+          (V::loadu(&col[k][v]) + V::loadu(&part[k][v])).store(&col[k][v]);
+        }
+      }
+    }
+  };
+  auto for_each_group = [&](auto&& per_group) {
+    for (int64_t g = 0; g < g_end - g_begin; ++g) {
+      A sums[3] = {0, 0, 0};
+      for (int k = 0; k < 3; ++k) {
+        if (!used[k]) continue;
+        for (int64_t i = 0; i < s.inner; ++i) sums[k] += col[k][g * s.inner + i];
+      }
+      per_group(g, sums);
+    }
+  };
+  auto spread = [&](std::vector<A>& out, auto&& value_of_group) {
+    for (int64_t g = 0; g < g_end - g_begin; ++g) {
+      std::fill_n(out.begin() + g * s.inner, s.inner, value_of_group(g));
+    }
+  };
+
+  stream([&](Sums<A>& acc, const V& x, int64_t) { add_first_pass(step, acc, x); });
+  for_each_group([&](int64_t g, const A* sums) {
+    params[g] = step.finish(b * s.groups + g_begin + g, sums[0], sums[1], sums[2]);
+  });
+  if constexpr (!Step::kRewrite) return;
+  auto any_iterate = [&] {
+    return std::any_of(params.begin(), params.end(), [](const auto& p) { return p.iterate; });
+  };
+  spread(col_scale, [&](int64_t g) { return params[g].scale; });
+  while (any_iterate()) {
+    spread(col_tau, [&](int64_t g) { return params[g].tau; });
+    stream([&](Sums<A>& acc, const V& x, int64_t c) {
+      add_newton_pass(step, acc, x, V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
+    });
+    for_each_group([&](int64_t g, const A* sums) {
+      if (params[g].iterate) step.newton(params[g], sums[1], sums[2]);
+    });
+  }
+  spread(col_tau, [&](int64_t g) { return params[g].tau; });
+  for (int64_t o = 0; o < s.outer; ++o) {
+    T* row = tile + o * cols;
+    for (int64_t j = 0; j < width; j += W) {
+      const int64_t count = std::min(W, width - j);
+      V x[P];
+      L::load(row + j, count, x);
+      for (int64_t k = 0; k < P; ++k) {
+        const int64_t c = j + k * VS;
+        x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
+      }
+      L::store(row + j, count, x);
+    }
+  }
+}
+
 }  // namespace detail
+
+// Which traversal a layout takes.
+inline bool uses_chunk_path(const GroupShape& s) {
+  return s.outer == 1 || s.inner >= kChunkPathMinInner;
+}
 
 // Runs `step` over every group of `work` (contiguous in the layout `s`).
 template <typename T, typename Step>
 void run_groups(T* data, const GroupShape& s, const Step& step) {
   if (s.num_groups() == 0 || s.group_size() == 0) return;
-  if (s.outer == 1 || s.inner >= kChunkPathMinInner) {
+  if (uses_chunk_path(s)) {
     detail::chunk_path(data, s, step);
   } else {
     detail::column_path(data, s, step);

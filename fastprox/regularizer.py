@@ -1,0 +1,342 @@
+"""Structured-sparsity regularizers on a model: which tensors, which groups, which lam.
+
+A ``Regularizer`` holds one ``Target`` per regularized tensor. Each target's penalty is
+
+    Omega(W) = lam_l1 * ||W||_1 + lam_group * sum_g c ||W_g||_2 + (lam_exclusive / 2) * sum_g ||W_g||_1^2
+
+(``c = sqrt(n)`` when ``size_weighted``, else 1; groups as ``dim`` in fastprox.ops), used two ways:
+
+* proximal: ``reg.attach(optimizer)`` applies, after every ``optimizer.step()``, the proximal
+  step with thresholds ``lr * lam`` (``lr`` of the parameter's group at that step, so LR schedulers
+  are followed), for all targets in one ``fastprox.foreach_prox_`` call per device;
+* penalty: ``loss = loss + reg.penalty()``, differentiable, with a finite (zero) gradient at a
+  zero group.
+
+Presets follow the seed methods (../shared/SPEC.md): ``group_lasso`` / ``sparse_group_lasso``
+(Scardapane et al. 2017), ``lasso``, ``exclusive``, ``cges`` (Yoon & Hwang 2017).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from . import ops, reference
+
+PRESETS = ("group_lasso", "sparse_group_lasso", "lasso", "exclusive", "cges")
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclasses.dataclass
+class Target:
+    """One regularized tensor: its thresholds, groups and options (see the module docstring)."""
+
+    name: str
+    param: torch.Tensor
+    kind: str
+    lam_l1: float = 0.0
+    lam_group: float = 0.0
+    lam_exclusive: float = 0.0
+    dim: int | tuple | None = None
+    size_weighted: bool = True
+    exact: bool = True
+
+    def config(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("name", "param")}
+
+
+@dataclasses.dataclass(frozen=True)
+class CGESSchedule:
+    """CGES's per-layer mix of group and exclusive sparsity (Yoon & Hwang 2017).
+
+    For the l-th regularized layer (0-based, in model order)::
+
+        lam_group     = lam * clamp(mu - step * l, 0, 1)       * group_scales[l]
+        lam_exclusive = lam * clamp(1 - mu + step * l, 0, 1)   * exclusive_scales[l]
+
+    Lower layers get more group sparsity (remove inputs), upper ones more exclusive sparsity
+    (competition within a group). The defaults are the published ones, whose scales were set
+    for the paper's conv5x5x32 - conv5x5x64 - fc1024 - fc10 network; layers past the end of a
+    scale list get scale 1. The clamp only matters past 4 layers (published: l = 0..3).
+    """
+
+    mu: float = 0.8
+    step: float = 0.2
+    group_scales: tuple = (1.0, 1.0, 1 / 15, 1 / 144)
+    exclusive_scales: tuple = (1.0, 0.5, 15.0, 144.0)
+
+    def weights(self, layer: int) -> tuple[float, float]:
+        def scale(values, i):
+            return values[i] if i < len(values) else 1.0
+
+        group = min(max(self.mu - self.step * layer, 0.0), 1.0)
+        exclusive = min(max(1.0 - self.mu + self.step * layer, 0.0), 1.0)
+        return (group * scale(self.group_scales, layer),
+                exclusive * scale(self.exclusive_scales, layer))
+
+
+def _preset_dim(kind: str, weight: torch.Tensor, module: nn.Module | None):
+    """The groups a preset regularizes: the outgoing weights of each input unit.
+
+    Linear (out, in): columns, dim=0. Conv (O, I, k...): group lasso takes input channels
+    (0, 2, 3...); exclusive and CGES take each input position across filters, dim=0 (CGES)."""
+    is_conv = isinstance(module, _CONV) if module is not None else weight.dim() > 2
+    if kind == "lasso":
+        return None
+    if is_conv and kind in ("group_lasso", "sparse_group_lasso"):
+        return (0, *range(2, weight.dim()))
+    return 0
+
+
+def _check_lam(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Regularizer: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Regularizer: {name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+class Regularizer:
+    """Structured-sparsity regularizer of a model's Linear and conv weights.
+
+    Args:
+        model: an ``nn.Module`` (its Linear and Conv1d/2d/3d weights are regularized), or an
+            iterable of ``(name, parameter)`` pairs (2-D tensors are treated as Linear weights,
+            3-D and more as conv weights; 1-D ones are left out).
+        preset: ``"group_lasso"``, ``"sparse_group_lasso"``, ``"lasso"``, ``"exclusive"`` or
+            ``"cges"``; or None to start empty and ``add`` targets by hand.
+        lam: the preset's strength. ``group_lasso``: lam_group = lam (size-weighted, Scardapane);
+            ``sparse_group_lasso``: lam_group = lam and lam_l1 = ``lam_l1`` (default: lam);
+            ``lasso``: lam_l1 = lam; ``exclusive``: lam_exclusive = lam (exact prox);
+            ``cges``: per layer from ``schedule`` (not size-weighted, CGES's threshold bound,
+            as published; ``exact=True`` in ``overrides`` gives the exact prox).
+        exclude: module or parameter names to leave out (e.g. the last layer).
+        overrides: ``{module or parameter name: {field: value}}`` with fields of ``Target``
+            (``kind``, ``lam_l1``, ``lam_group``, ``lam_exclusive``, ``dim``, ``size_weighted``,
+            ``exact``); a module name applies to all its regularized parameters.
+        bias_l1: lam of an L1 penalty on the biases of the regularized layers (default: biases
+            are left out, as in the seeds' code).
+        schedule: ``CGESSchedule`` for the ``cges`` preset.
+
+    Example::
+
+        reg = fastprox.Regularizer(model, "group_lasso", lam=1e-3)
+        reg.attach(optimizer)            # proximal step after every optimizer.step()
+        # or: loss = loss + reg.penalty()
+    """
+
+    def __init__(self, model, preset: str | None = "group_lasso", lam: float = 1e-3, *,
+                 lam_l1: float | None = None, exclude: Iterable[str] = (),
+                 overrides: Mapping[str, Mapping] | None = None, bias_l1: float | None = None,
+                 schedule: CGESSchedule | None = None):
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"Regularizer: preset must be one of {PRESETS} or None, got "
+                             f"{preset!r}")
+        lam = _check_lam(lam, "lam")
+        lam_l1 = lam if lam_l1 is None else _check_lam(lam_l1, "lam_l1")
+        self.targets: dict[str, Target] = {}
+        self.steps = 0
+        self._hooks = []
+        if preset is None:
+            return
+        exclude = set(exclude)
+        schedule = schedule or CGESSchedule()
+        overrides = dict(overrides or {})
+        used = set()
+
+        def matches(name: str, keys) -> str | None:
+            for key in keys:
+                if name == key or name.startswith(key + "."):
+                    return key
+            return None
+
+        layer = 0
+        for module_name, module, pname, param in _weights(model):
+            if matches(pname, exclude):
+                continue
+            target = Target(pname, param, preset, dim=_preset_dim(preset, param, module))
+            if preset == "group_lasso":
+                target.lam_group = lam
+            elif preset == "sparse_group_lasso":
+                target.lam_group, target.lam_l1 = lam, lam_l1
+            elif preset == "lasso":
+                target.lam_l1 = lam
+            elif preset == "exclusive":
+                target.lam_exclusive = lam
+            else:  # cges
+                wg, we = schedule.weights(layer)
+                target.lam_group, target.lam_exclusive = lam * wg, lam * we
+                target.size_weighted, target.exact = False, False
+            layer += 1
+            for key in sorted(k for k in overrides if matches(pname, [k])):
+                used.add(key)
+                _apply_override(target, overrides[key])
+            self.targets[pname] = target
+            if bias_l1 is not None and module is not None and getattr(module, "bias", None) \
+                    is not None and not matches(f"{module_name}.bias", exclude):
+                bname = f"{module_name}.bias" if module_name else "bias"
+                self.targets[bname] = Target(bname, module.bias, "lasso",
+                                             lam_l1=_check_lam(bias_l1, "bias_l1"))
+        unknown = set(overrides) - used
+        if unknown:
+            raise ValueError(f"Regularizer: overrides name no regularized parameter: "
+                             f"{sorted(unknown)}")
+
+    # -- building ------------------------------------------------------------------------------
+    def add(self, name: str, param: torch.Tensor, *, kind: str = "custom", lam_l1: float = 0.0,
+            lam_group: float = 0.0, lam_exclusive: float = 0.0, dim=None,
+            size_weighted: bool = True, exact: bool = True) -> Target:
+        """Adds (or replaces) the target of one tensor, with explicit thresholds and groups."""
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"Regularizer.add: param must be a tensor, got {type(param).__name__}")
+        target = Target(name, param, kind, _check_lam(lam_l1, "lam_l1"),
+                        _check_lam(lam_group, "lam_group"),
+                        _check_lam(lam_exclusive, "lam_exclusive"), dim, size_weighted, exact)
+        self.targets[name] = target
+        return target
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __repr__(self) -> str:
+        lines = [f"  {t.name}: {t.kind} lam_l1={t.lam_l1:g} lam_group={t.lam_group:g} "
+                 f"lam_exclusive={t.lam_exclusive:g} dim={t.dim}" for t in self.targets.values()]
+        return "Regularizer(\n" + "\n".join(lines) + "\n)"
+
+    # -- proximal ------------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Applies ``prox_step(optimizer)`` after every ``optimizer.step()`` (a step post-hook).
+
+        Returns the hook's handle; ``handle.remove()`` detaches. Every target must be a
+        parameter of the optimizer."""
+        self._lr_of(optimizer)  # fails now, not at the first step, if a target is missing
+        handle = optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: self.prox_step(opt))
+        self._hooks.append(handle)
+        return handle
+
+    def _lr_of(self, optimizer) -> dict[int, object]:
+        lrs = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                lrs[id(p)] = group["lr"]
+        missing = [t.name for t in self.targets.values() if id(t.param) not in lrs]
+        if missing:
+            raise ValueError(f"Regularizer: {missing} are not parameters of the optimizer")
+        return lrs
+
+    @torch.no_grad()
+    def prox_step(self, optimizer: torch.optim.Optimizer | None = None, *, lr=None) -> None:
+        """The proximal step of every target, thresholds ``lr * lam``.
+
+        ``lr`` is the parameter group's current lr of ``optimizer``, or the ``lr`` given (a
+        number). All targets on one device go through one ``foreach_prox_`` call (on a device
+        without fastprox kernels, the reference operators, tensor by tensor)."""
+        if (optimizer is None) == (lr is None):
+            raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
+        lrs = self._lr_of(optimizer) if optimizer is not None else None
+        by_device: dict[torch.device, list[Target]] = {}
+        for t in self.targets.values():
+            by_device.setdefault(t.param.device, []).append(t)
+        for device, targets in by_device.items():
+            rates = [lrs[id(t.param)] if lrs is not None else lr for t in targets]
+            args = dict(
+                lam_l1=[r * t.lam_l1 for r, t in zip(rates, targets)],
+                lam_group=[r * t.lam_group for r, t in zip(rates, targets)],
+                lam_exclusive=[r * t.lam_exclusive for r, t in zip(rates, targets)],
+                dim=[t.dim for t in targets],
+                size_weighted=[t.size_weighted for t in targets],
+                exact=[t.exact for t in targets])
+            weights = [t.param for t in targets]
+            if has_kernels(device):
+                ops.foreach_prox_(weights, **args)
+            else:
+                reference.foreach_prox_(weights, **args)
+        self.steps += 1
+
+    # -- penalty -------------------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        """The sum of every target's Omega(W), differentiable (group norms by the fused kernel;
+        the gradient at a zero group is 0, never NaN)."""
+        total = None
+        for t in self.targets.values():
+            term = _penalty(t)
+            if term is not None:
+                total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return total
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Thresholds and groups of every target (by name) and the count of proximal steps."""
+        return {"steps": self.steps,
+                "targets": {name: t.config() for name, t in self.targets.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restores what ``state_dict`` saved; the target names must match."""
+        names = set(state["targets"])
+        if names != set(self.targets):
+            raise ValueError(
+                "Regularizer.load_state_dict: targets differ; missing "
+                f"{sorted(set(self.targets) - names)}, unexpected {sorted(names - set(self.targets))}")
+        for name, config in state["targets"].items():
+            _apply_override(self.targets[name], config)
+        self.steps = int(state["steps"])
+
+
+def _apply_override(target: Target, values: Mapping) -> None:
+    fields = {f.name for f in dataclasses.fields(Target)} - {"name", "param"}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"Regularizer: unknown setting {key!r} for {target.name} "
+                             f"(expected one of {sorted(fields)})")
+        if key.startswith("lam"):
+            value = _check_lam(value, f"{target.name}.{key}")
+        setattr(target, key, value)
+
+
+def _weights(model):
+    """(module name, module, parameter name, weight) of every regularizable weight."""
+    if isinstance(model, nn.Module):
+        for mname, module in model.named_modules():
+            if isinstance(module, (nn.Linear, *_CONV)):
+                yield mname, module, (f"{mname}.weight" if mname else "weight"), module.weight
+        return
+    for pname, param in model:
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"Regularizer: {pname} is not a tensor")
+        if param.dim() >= 2:
+            yield pname.rsplit(".", 1)[0] if "." in pname else "", None, pname, param
+
+
+def has_kernels(device: torch.device) -> bool:
+    """Whether fastprox's fused kernels serve tensors on ``device``."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastprox::foreach_prox_", key)
+
+
+def _penalty(t: Target) -> torch.Tensor | None:
+    w = t.param
+    terms = []
+    if t.lam_l1 > 0:
+        terms.append(t.lam_l1 * w.abs().sum())
+    if t.lam_group > 0:
+        norm_fn = ops.group_norms if has_kernels(w.device) else reference.group_norms
+        norms = norm_fn(w, t.dim)
+        c = math.sqrt(w.numel() / max(norms.numel(), 1)) if t.size_weighted else 1.0
+        terms.append(t.lam_group * c * norms.sum())
+    if t.lam_exclusive > 0:
+        dims = list(range(1, w.dim())) if t.dim is None else t.dim
+        l1 = w.abs().sum(dim=dims) if dims != () else w.abs()
+        terms.append(0.5 * t.lam_exclusive * (l1 * l1).sum())
+    if not terms:
+        return None
+    return sum(terms[1:], terms[0])
