@@ -9,7 +9,8 @@ call); and group_norms. fastprox.reference holds the pure-PyTorch
 oracle of each.
 """
 
-from . import reference
+from . import l0, reference
+from .compact import Compacted, compact
 from .regularizer import CGESSchedule, Regularizer, Target
 from .ops import (
     cges_shrink_,
@@ -35,4 +36,7 @@ __all__ = [
     "Regularizer",
     "Target",
     "CGESSchedule",
+    "compact",
+    "Compacted",
+    "l0",
 ]
