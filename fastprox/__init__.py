@@ -10,7 +10,8 @@ oracle of each.
 """
 
 from . import l0, reference
-from .compact import Compacted, compact
+from .compaction import Compacted, compact
+from .stats import SparsityHistory, SparsityStats, sparsity_stats
 from .regularizer import CGESSchedule, Regularizer, Target
 from .ops import (
     cges_shrink_,
@@ -39,4 +40,7 @@ __all__ = [
     "compact",
     "Compacted",
     "l0",
+    "sparsity_stats",
+    "SparsityStats",
+    "SparsityHistory",
 ]

@@ -107,7 +107,7 @@ def add_l0_gates(model: nn.Sequential, droprate_init: float = 0.5,
     their inputs, conv layers their output channels). The first layer's gates, on the model's
     inputs, start at ``input_droprate_init`` (0.2 for an MLP's input layer in the paper).
     The layers themselves are shared with ``model``, not copied."""
-    from .compact import _flatten  # one definition of the flattening
+    from .compaction import _flatten  # one definition of the flattening
 
     if not isinstance(model, nn.Sequential):
         raise TypeError("add_l0_gates: model must be an nn.Sequential")

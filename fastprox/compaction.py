@@ -114,7 +114,7 @@ def plan(model: nn.Sequential):
     weight layer, the indices of its output units that stay alive."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"compact: model must be an nn.Sequential, got {type(model).__name__} "
-                        "(see the supported set in fastprox.compact)")
+                        "(see the supported set in fastprox.compaction)")
     layers = list(_flatten(model))
     _check_supported(layers)
     weight_at = [i for i, (_, m) in enumerate(layers) if isinstance(m, (nn.Linear, *_CONV))]
