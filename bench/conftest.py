@@ -25,9 +25,12 @@ def pytest_terminal_summary(terminalreporter, config):
     if session is None or not session.benchmarks:
         return
     groups: dict[str, dict[str, object]] = {}
+    models: dict[str, dict[str, object]] = {}
     for bench in session.benchmarks:
         info = bench.extra_info
-        if "impl" in info:
+        if "model" in info:
+            models.setdefault(bench.group, {})[info["impl"]] = bench
+        elif "impl" in info:
             groups.setdefault(bench.group, {})[info["impl"]] = bench
     lines = [f"Machine: {_machine()}", "",
              "| operator | weight | dtype | fastprox ms | GB/s | x floor | floor GB/s | "
@@ -47,6 +50,20 @@ def pytest_terminal_summary(terminalreporter, config):
             f"{info['bytes'] / t / 1e9:.1f} | {t / floor:.2f} | {floor_bytes / floor / 1e9:.1f} | "
             f"{median('reference') * 1e3:.1f} | {median('compiled') * 1e3:.1f} | "
             f"{median('reference') / t:.1f}x | {median('compiled') / t:.1f}x |")
+    if models:
+        lines += ["", "Whole-model step (group lasso on every weight):", "",
+                  "| model | dtype | tensors | foreach ms | GB/s | x floor | loop ms | loop / foreach "
+                  "| reference ms | reference / foreach |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for impls in models.values():
+            if "foreach" not in impls:
+                continue
+            info = impls["foreach"].extra_info
+            t = impls["foreach"].stats.median
+            med = lambda impl: impls[impl].stats.median if impl in impls else float("nan")  # noqa
+            lines.append(
+                f"| {info['model']} | {info['dtype']} | {info['tensors']} | {t * 1e3:.2f} | "
+                f"{info['bytes'] / t / 1e9:.1f} | {t / med('floor'):.2f} | {med('loop') * 1e3:.2f} | "
+                f"{med('loop') / t:.2f}x | {med('reference') * 1e3:.1f} | {med('reference') / t:.1f}x |")
     text = "\n".join(lines) + "\n"
     terminalreporter.write_sep("=", "fastprox CPU summary")
     terminalreporter.write(text)

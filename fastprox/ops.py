@@ -256,19 +256,27 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     dims = _per_tensor(dim, "dim", count, fn, _is_dim_spec)
     dims = [_checks.normalize_dim(d, w, f"{fn}: weights[{i}]") for i, (d, w) in
             enumerate(zip(dims, weights))]
-    columns = []
-    for name, value in (("lam_l1", lam_l1), ("lam_group", lam_group),
-                        ("lam_exclusive", lam_exclusive)):
-        items = _per_tensor(value, name, count, fn, _is_threshold)
-        columns.append([_checks.as_threshold(v, f"{name}[{i}]", w, fn)
-                        for i, (v, w) in enumerate(zip(items, weights))])
-    flags = [[_check_flag(v, f"{name}[{i}]", fn) for i, v in enumerate(
-        _per_tensor(value, name, count, fn, lambda v: isinstance(v, bool)))]
-        for name, value in (("size_weighted", size_weighted), ("exact", exact))]
+    columns = [_per_tensor(value, name, count, fn, _is_threshold) for name, value in
+               (("lam_l1", lam_l1), ("lam_group", lam_group), ("lam_exclusive", lam_exclusive))]
+    flags = [_per_tensor(value, name, count, fn, lambda v: isinstance(v, bool))
+             for name, value in (("size_weighted", size_weighted), ("exact", exact))]
     if count == 0:
         return weights
-    lams = torch.stack([torch.stack([c[i].to("cpu", torch.float64) for c in columns])
-                        for i in range(count)])
+    if any(isinstance(v, torch.Tensor) for c in columns for v in c):
+        for c in columns:
+            for i, v in enumerate(c):
+                if isinstance(v, torch.Tensor) and v.device.type != "cpu" \
+                        and v.device != weights[0].device:
+                    raise ValueError(f"{fn}: a threshold is on {v.device} but the weights are "
+                                     f"on {weights[0].device}")
+        def as_f64(v):  # a Python float must not pass through float32
+            return v.to("cpu", torch.float64) if isinstance(v, torch.Tensor) else torch.tensor(
+                float(v), dtype=torch.float64)
+
+        lams = torch.stack([torch.stack([as_f64(c[i]) for c in columns]) for i in range(count)])
+    else:  # plain numbers: one small tensor, no per-tensor overhead (values checked in C++)
+        lams = torch.tensor([[float(c[i]) for c in columns] for i in range(count)],
+                            dtype=torch.float64)
     ops.foreach_prox_(list(weights), lams, [d for ds in dims for d in ds],
                       [len(ds) for ds in dims], flags[0], flags[1])
     return weights

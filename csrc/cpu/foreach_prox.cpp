@@ -8,9 +8,11 @@
 // dims[sum(dim_counts[:i]) : sum(dim_counts[:i+1])].
 //
 // Why one region: a model is mostly small tensors, and a call per tensor pays a fixed cost and
-// a thread fork/join per tensor. Work units (a few groups, or a tile of columns) of all tensors
-// are handed out to the threads dynamically. Column-layout tensors too large for a tile to stay
-// in cache take the single-tensor column path, before the shared region.
+// a thread fork/join per tensor. Work units of all tensors (a few groups of a row-layout tensor,
+// a small column-layout tensor whole) are handed out to the threads dynamically. Column-layout
+// tensors of kOwnColumnPathElems or more take the single-tensor column path (its own parallel
+// regions) before the shared region: splitting them into column tiles, one per unit, measured
+// 2-3x slower than streaming whole rows (bench/RESULTS.md).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -23,8 +25,8 @@
 namespace fastprox::cpu {
 namespace {
 
-constexpr int64_t kUnitElems = 1 << 16;         // elements per work unit of the shared region
-constexpr int64_t kOwnColumnPathElems = 1 << 22;  // column-layout tensors this large run alone
+constexpr int64_t kUnitElems = 1 << 18;         // elements per work unit of the shared region
+constexpr int64_t kOwnColumnPathElems = 1 << 16;  // column-layout tensors this large run alone
 
 // [first byte, last byte + 1) of a tensor's elements (empty for an empty tensor).
 std::pair<uintptr_t, uintptr_t> address_range(const at::Tensor& t) {
