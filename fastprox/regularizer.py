@@ -117,9 +117,11 @@ class Regularizer:
             ``cges``: per layer from ``schedule`` (not size-weighted, CGES's threshold bound,
             as published; ``exact=True`` in ``overrides`` gives the exact prox).
         exclude: module or parameter names to leave out (e.g. the last layer).
-        overrides: ``{module or parameter name: {field: value}}`` with fields of ``Target``
-            (``kind``, ``lam_l1``, ``lam_group``, ``lam_exclusive``, ``dim``, ``size_weighted``,
-            ``exact``); a module name applies to all its regularized parameters.
+        overrides: ``{module or parameter name: {setting: value}}``; a module name applies to
+            all its regularized parameters. ``kind`` (a preset name) and ``lam`` rebuild the
+            target as that preset with that strength; then any field of ``Target``
+            (``lam_l1``, ``lam_group``, ``lam_exclusive``, ``dim``, ``size_weighted``,
+            ``exact``) is set as given.
         bias_l1: lam of an L1 penalty on the biases of the regularized layers (default: biases
             are left out, as in the seeds' code).
         schedule: ``CGESSchedule`` for the ``cges`` preset.
@@ -160,23 +162,20 @@ class Regularizer:
         for module_name, module, pname, param in _weights(model):
             if matches(pname, exclude):
                 continue
-            target = Target(pname, param, preset, dim=_preset_dim(preset, param, module))
-            if preset == "group_lasso":
-                target.lam_group = lam
-            elif preset == "sparse_group_lasso":
-                target.lam_group, target.lam_l1 = lam, lam_l1
-            elif preset == "lasso":
-                target.lam_l1 = lam
-            elif preset == "exclusive":
-                target.lam_exclusive = lam
-            else:  # cges
-                wg, we = schedule.weights(layer)
-                target.lam_group, target.lam_exclusive = lam * wg, lam * we
-                target.size_weighted, target.exact = False, False
-            layer += 1
-            for key in sorted(k for k in overrides if matches(pname, [k])):
+            keys = sorted(k for k in overrides if matches(pname, [k]))
+            settings = {}
+            for key in keys:  # a module's settings first, then a parameter's own
                 used.add(key)
-                _apply_override(target, overrides[key])
+                settings.update(overrides[key])
+            kind = settings.pop("kind", preset)
+            if kind not in PRESETS:
+                raise ValueError(f"Regularizer: {pname}: kind must be one of {PRESETS}, got "
+                                 f"{kind!r}")
+            strength = _check_lam(settings.pop("lam", lam), f"{pname}.lam")
+            target = _preset_target(kind, pname, param, module, strength, lam_l1, layer,
+                                    schedule)
+            layer += 1
+            _apply_override(target, settings)
             self.targets[pname] = target
             if bias_l1 is not None and module is not None and getattr(module, "bias", None) \
                     is not None and not matches(f"{module_name}.bias", exclude):
@@ -289,6 +288,25 @@ class Regularizer:
         for name, config in state["targets"].items():
             _apply_override(self.targets[name], config)
         self.steps = int(state["steps"])
+
+
+def _preset_target(kind: str, name: str, param, module, lam: float, lam_l1: float, layer: int,
+                   schedule: CGESSchedule) -> Target:
+    """The target a preset makes of one weight (``layer``: its index among the regularized)."""
+    target = Target(name, param, kind, dim=_preset_dim(kind, param, module))
+    if kind == "group_lasso":
+        target.lam_group = lam
+    elif kind == "sparse_group_lasso":
+        target.lam_group, target.lam_l1 = lam, lam_l1
+    elif kind == "lasso":
+        target.lam_l1 = lam
+    elif kind == "exclusive":
+        target.lam_exclusive = lam
+    else:  # cges
+        wg, we = schedule.weights(layer)
+        target.lam_group, target.lam_exclusive = lam * wg, lam * we
+        target.size_weighted, target.exact = False, False
+    return target
 
 
 def _apply_override(target: Target, values: Mapping) -> None:

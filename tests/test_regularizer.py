@@ -147,8 +147,28 @@ def test_presets_groups_exclusion_overrides_and_bias_l1():
     assert list(reg.targets) == ["0.weight", "2.weight", "5.weight"]
     with pytest.raises(ValueError, match="overrides name no regularized parameter"):
         Regularizer(model, "group_lasso", overrides={"7": {"lam_group": 1.0}})
-    with pytest.raises(ValueError, match="unknown setting 'lam'"):
-        Regularizer(model, "group_lasso", overrides={"0": {"lam": 1.0}})
+    with pytest.raises(ValueError, match="unknown setting 'lamb'"):
+        Regularizer(model, "group_lasso", overrides={"0": {"lamb": 1.0}})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Regularizer(model, "group_lasso", overrides={"0": {"kind": "ridge"}})
+
+
+def test_overrides_of_kind_lam_and_dim():
+    model = cnn()
+    reg = Regularizer(model, "group_lasso", lam=0.1, overrides={
+        "0": {"kind": "exclusive", "lam": 0.4},           # a module: another preset
+        "2.weight": {"lam": 0.2, "dim": (1, 2, 3)},       # a parameter: strength and groups
+        "5": {"kind": "lasso"}})
+    t0, t2, t5 = reg.targets.values()
+    assert (t0.kind, t0.lam_exclusive, t0.lam_group, t0.dim) == ("exclusive", 0.4, 0.0, 0)
+    assert (t2.kind, t2.lam_group, t2.dim) == ("group_lasso", 0.2, (1, 2, 3))
+    assert (t5.kind, t5.lam_l1, t5.lam_group, t5.dim) == ("lasso", 0.1, 0.0, None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    reg.attach(opt)
+    before = model[2].weight.detach().clone()
+    opt.step()  # no grads: the step is the prox alone
+    want = fastprox.group_shrink_(before, 0.5 * 0.2, (1, 2, 3))
+    assert torch.equal(model[2].weight.detach(), want)
     with pytest.raises(ValueError, match="lam must be a finite number"):
         Regularizer(model, "group_lasso", lam=-1.0)
     with pytest.raises(ValueError, match="preset must be one of"):
