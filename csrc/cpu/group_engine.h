@@ -406,6 +406,25 @@ inline ColumnBlocks column_blocks(const GroupShape& s, int64_t padded_cols) {
   return {rows, (s.outer + rows - 1) / rows};
 }
 
+// The rewrite of one row's `width` columns, each with its group's scale and tau (arrays padded
+// to a multiple of the load width). Shared by column_path and column_tile.
+template <typename T, typename Step>
+inline void rewrite_columns(T* row, int64_t width, const Step& step,
+                            const at::opmath_type<T>* col_scale, const at::opmath_type<T>* col_tau) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  for (int64_t j = 0; j < width; j += L::kWidth) {
+    const int64_t count = std::min(L::kWidth, width - j);
+    V x[L::kParts];
+    L::load(row + j, count, x);
+    for (int64_t k = 0; k < L::kParts; ++k) {
+      const int64_t c = j + k * V::size();
+      x[k] = step.rewrite(x[k], V::loadu(col_scale + c), V::loadu(col_tau + c));
+    }
+    L::store(row + j, count, x);
+  }
+}
+
 // Column path: the weight (per batch) is a matrix of `outer` rows by groups*inner columns, each
 // group a set of `inner` adjacent columns. Rows are streamed contiguously; per-column sums are
 // accumulated per block of rows (blocks sized by the shape alone, so sums do not depend on the
@@ -547,17 +566,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     // Pass 2: the rewrite, streaming the rows again.
     at::parallel_for(0, s.outer, row_grain, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o) {
-        T* row = matrix + o * cols;
-        for (int64_t j = 0; j < cols; j += W) {
-          const int64_t count = std::min(W, cols - j);
-          V x[P];
-          L::load(row + j, count, x);
-          for (int64_t k = 0; k < P; ++k) {
-            const int64_t c = j + k * VS;
-            x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
-          }
-          L::store(row + j, count, x);
-        }
+        rewrite_columns(matrix + o * cols, cols, step, col_scale.data(), col_tau.data());
       }
     });
   }
@@ -664,17 +673,7 @@ void column_tile(T* data, const GroupShape& s, const Step& step, int64_t b, int6
   }
   spread(col_tau, [&](int64_t g) { return params[g].tau; });
   for (int64_t o = 0; o < s.outer; ++o) {
-    T* row = tile + o * cols;
-    for (int64_t j = 0; j < width; j += W) {
-      const int64_t count = std::min(W, width - j);
-      V x[P];
-      L::load(row + j, count, x);
-      for (int64_t k = 0; k < P; ++k) {
-        const int64_t c = j + k * VS;
-        x[k] = step.rewrite(x[k], V::loadu(&col_scale[c]), V::loadu(&col_tau[c]));
-      }
-      L::store(row + j, count, x);
-    }
+    rewrite_columns(tile + o * cols, width, step, col_scale.data(), col_tau.data());
   }
 }
 
