@@ -150,7 +150,7 @@ def compact(model: nn.Sequential) -> Compacted:
     spatial = 1             # features per channel once flattened
     channels = None         # units made by the last weight layer (None: the model's input)
     out_modules = []
-    for name, m in layers:
+    for position, (name, m) in enumerate(layers):
         if isinstance(m, (nn.Linear, *_CONV)):
             keep_in = incoming
             if spatial > 1:  # a Linear after Flatten reads every position of a kept channel
@@ -159,8 +159,7 @@ def compact(model: nn.Sequential) -> Compacted:
             incoming, spatial = kept_units[name], 1
             channels = m.weight.shape[0]
         elif isinstance(m, nn.Flatten):
-            nxt = next(l for n, l in layers[[n for n, _ in layers].index(name):]
-                       if isinstance(l, (nn.Linear, *_CONV)))
+            nxt = next(l for _, l in layers[position:] if isinstance(l, (nn.Linear, *_CONV)))
             # (before the first weight layer, kept_inputs index the flattened input)
             spatial = 1 if channels is None else nxt.weight.shape[1] // channels
             out_modules.append(copy.deepcopy(m))

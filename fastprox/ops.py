@@ -213,7 +213,7 @@ def _is_dim_spec(value) -> bool:
 
 
 def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=None,
-                  size_weighted=True, exact: bool | list = True):
+                  size_weighted=True, exact=True):
     """One proximal step on every tensor of a list, in one call (one parallel region on the CPU).
 
     Per tensor ``W`` (with its own thresholds, ``dim``, ``size_weighted`` and ``exact``)::
@@ -256,24 +256,17 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     dims = _per_tensor(dim, "dim", count, fn, _is_dim_spec)
     dims = [_checks.normalize_dim(d, w, f"{fn}: weights[{i}]") for i, (d, w) in
             enumerate(zip(dims, weights))]
+    names = ("lam_l1", "lam_group", "lam_exclusive")
     columns = [_per_tensor(value, name, count, fn, _is_threshold) for name, value in
-               (("lam_l1", lam_l1), ("lam_group", lam_group), ("lam_exclusive", lam_exclusive))]
+               zip(names, (lam_l1, lam_group, lam_exclusive))]
     flags = [_per_tensor(value, name, count, fn, lambda v: isinstance(v, bool))
              for name, value in (("size_weighted", size_weighted), ("exact", exact))]
     if count == 0:
         return weights
     if any(isinstance(v, torch.Tensor) for c in columns for v in c):
-        for c in columns:
-            for i, v in enumerate(c):
-                if isinstance(v, torch.Tensor) and v.device.type != "cpu" \
-                        and v.device != weights[0].device:
-                    raise ValueError(f"{fn}: a threshold is on {v.device} but the weights are "
-                                     f"on {weights[0].device}")
-        def as_f64(v):  # a Python float must not pass through float32
-            return v.to("cpu", torch.float64) if isinstance(v, torch.Tensor) else torch.tensor(
-                float(v), dtype=torch.float64)
-
-        lams = torch.stack([torch.stack([as_f64(c[i]) for c in columns]) for i in range(count)])
+        lams = torch.stack([torch.stack([
+            _checks.as_threshold(c[i], f"{name}[{i}]", weights[0], fn).to("cpu", torch.float64)
+            for name, c in zip(names, columns)]) for i in range(count)])
     else:  # plain numbers: one small tensor, no per-tensor overhead (values checked in C++)
         lams = torch.tensor([[float(c[i]) for c in columns] for i in range(count)],
                             dtype=torch.float64)

@@ -144,7 +144,6 @@ class Regularizer:
         lam_l1 = lam if lam_l1 is None else _check_lam(lam_l1, "lam_l1")
         self.targets: dict[str, Target] = {}
         self.steps = 0
-        self._hooks = []
         if preset is None:
             return
         exclude = set(exclude)
@@ -215,10 +214,7 @@ class Regularizer:
         Returns the hook's handle; ``handle.remove()`` detaches. Every target must be a
         parameter of the optimizer."""
         self._lr_of(optimizer)  # fails now, not at the first step, if a target is missing
-        handle = optimizer.register_step_post_hook(
-            lambda opt, args, kwargs: self.prox_step(opt))
-        self._hooks.append(handle)
-        return handle
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.prox_step(opt))
 
     def _lr_of(self, optimizer) -> dict[int, object]:
         lrs = {}

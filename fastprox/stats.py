@@ -114,13 +114,13 @@ def _output_positions(model: nn.Module, example_input) -> dict[nn.Module, int]:
     hooks = [m.register_forward_hook(
         lambda mod, args, out: positions.__setitem__(mod, math.prod(out.shape[2:])))
         for m in model.modules() if isinstance(m, _LAYERS[1:])]
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         with torch.no_grad():
             model(example_input)
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return positions

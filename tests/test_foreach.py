@@ -150,6 +150,8 @@ BAD = [
     (lambda ws: dict(weights=ws, lam_group=[0.1, -1.0]), ValueError, r"lam_group\[1\] must be a finite"),
     (lambda ws: dict(weights=ws, lam_l1=float("nan")), ValueError, r"lam_l1\[0\] must be a finite"),
     (lambda ws: dict(weights=ws, lam_exclusive="big"), TypeError, "lam_exclusive must be"),
+    (lambda ws: dict(weights=ws, lam_group=[0.1, torch.tensor(1j)]), TypeError,
+     r"lam_group\[1\] must be a real number"),
     (lambda ws: dict(weights=ws, lam_group=0.1, dim=[0, 5]), ValueError, r"weights\[1\]: dim 5"),
     (lambda ws: dict(weights=ws, lam_group=0.1, dim=[0]), ValueError, "dim has 1 entries"),
     (lambda ws: dict(weights=ws, lam_group=0.1, exact=[True, 1]), TypeError, r"exact\[1\]"),

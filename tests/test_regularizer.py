@@ -113,9 +113,10 @@ def test_param_groups_use_their_own_lr_and_tensor_lr():
     with torch.no_grad():
         model_after_step.load_state_dict(model.state_dict())
     reg.prox_step(opt)
-    for layer, lr in ((0, 0.02), (2, 0.001), (4, 0.001)):
+    # each group's own lr, as given: a float32 tensor for layer 0, a Python float for the others
+    for layer, lr in ((0, torch.tensor(0.02)), (2, 0.001), (4, 0.001)):
         want = model_after_step[layer].weight.detach().clone()
-        fastprox.group_shrink_(want, torch.tensor(lr) * 1.0, 0)
+        fastprox.group_shrink_(want, lr * 1.0, 0)
         assert torch.equal(model[layer].weight.detach(), want)
 
 

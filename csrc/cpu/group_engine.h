@@ -406,6 +406,24 @@ inline ColumnBlocks column_blocks(const GroupShape& s, int64_t padded_cols) {
   return {rows, (s.outer + rows - 1) / rows};
 }
 
+// Per-column totals -> per-group sums: group g's statistic k is the sum of its `inner`
+// adjacent columns, in column order. Shared by column_path and column_tile.
+template <typename A>
+inline void sum_group_columns(const std::vector<A> (&col)[3], const bool (&used)[3], int64_t g,
+                              int64_t inner, A (&sums)[3]) {
+  for (int k = 0; k < 3; ++k) {
+    sums[k] = 0;
+    if (!used[k]) continue;
+    for (int64_t i = 0; i < inner; ++i) sums[k] += col[k][g * inner + i];
+  }
+}
+
+// Writes each of `groups` per-group values over the group's `inner` columns.
+template <typename A, typename F>
+inline void spread_over_columns(std::vector<A>& out, int64_t groups, int64_t inner, F&& value_of) {
+  for (int64_t g = 0; g < groups; ++g) std::fill_n(out.begin() + g * inner, inner, value_of(g));
+}
+
 // The rewrite of one row's `width` columns, each with its group's scale and tau (arrays padded
 // to a multiple of the load width). Shared by column_path and column_tile.
 template <typename T, typename Step>
@@ -524,19 +542,14 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
       });
       at::parallel_for(0, s.groups, group_grain, [&](int64_t lo, int64_t hi) {
         for (int64_t g = lo; g < hi; ++g) {
-          A sums[3] = {0, 0, 0};
-          for (int k = 0; k < 3; ++k) {
-            if (!used[k]) continue;
-            for (int64_t i = 0; i < s.inner; ++i) sums[k] += col[k][g * s.inner + i];
-          }
+          A sums[3];
+          sum_group_columns(col, used, g, s.inner, sums);
           per_group(g, sums);
         }
       });
     };
     auto spread = [&](std::vector<A>& out, auto&& value_of_group) {
-      for (int64_t g = 0; g < s.groups; ++g) {
-        std::fill_n(out.begin() + g * s.inner, s.inner, value_of_group(g));
-      }
+      spread_over_columns(out, s.groups, s.inner, value_of_group);
     };
 
     // Pass 1.
@@ -639,18 +652,13 @@ void column_tile(T* data, const GroupShape& s, const Step& step, int64_t b, int6
   };
   auto for_each_group = [&](auto&& per_group) {
     for (int64_t g = 0; g < g_end - g_begin; ++g) {
-      A sums[3] = {0, 0, 0};
-      for (int k = 0; k < 3; ++k) {
-        if (!used[k]) continue;
-        for (int64_t i = 0; i < s.inner; ++i) sums[k] += col[k][g * s.inner + i];
-      }
+      A sums[3];
+      sum_group_columns(col, used, g, s.inner, sums);
       per_group(g, sums);
     }
   };
   auto spread = [&](std::vector<A>& out, auto&& value_of_group) {
-    for (int64_t g = 0; g < g_end - g_begin; ++g) {
-      std::fill_n(out.begin() + g * s.inner, s.inner, value_of_group(g));
-    }
+    spread_over_columns(out, g_end - g_begin, s.inner, value_of_group);
   };
 
   stream([&](Sums<A>& acc, const V& x, int64_t) { add_first_pass(step, acc, x); });
