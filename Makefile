@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: build test demo bench clean
+.PHONY: build test demo timing bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,13 @@ test: build
 	$(PY) -m pytest tests
 
 demo: build
-	$(PY) -m fastprox
+	$(PY) -m fastprox $(ARGS)
+
+timing: build
+	$(PY) -m fastprox.timing
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastprox/*.so
+	rm -rf $(VENV) build *.egg-info fastprox/*.so demo-out

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -129,8 +131,18 @@ def plan(model: nn.Sequential):
             alive = _alive_between(layers, i, weight_at[k + 1], layer.weight.shape[0])
         else:  # the model's outputs all stay
             alive = torch.ones(layer.weight.shape[0], dtype=torch.bool)
-        kept_units[name] = alive.nonzero().flatten()
+        kept_units[name] = _at_least_one_channel(layer, alive).nonzero().flatten()
+    kept_inputs = _at_least_one_channel(first, kept_inputs)
     return layers, kept_inputs.nonzero().flatten(), kept_units
+
+
+def _at_least_one_channel(layer: nn.Module, alive: torch.Tensor) -> torch.Tensor:
+    """PyTorch's convs cannot have zero channels: a conv whose channels all died keeps its first
+    one. Its outgoing weights are zero (or its gate is closed), so outputs do not change."""
+    if isinstance(layer, _CONV) and not alive.any() and alive.numel():
+        alive = alive.clone()
+        alive[0] = True
+    return alive
 
 
 @torch.no_grad()
@@ -184,11 +196,16 @@ def _index(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
 def _slice_layer(m: nn.Module, keep_in: torch.Tensor, keep_out: torch.Tensor) -> nn.Module:
     w = _index(_index(m.weight, keep_out, 0), keep_in, 1)
     kw = dict(bias=m.bias is not None, device=w.device, dtype=w.dtype)
-    if isinstance(m, nn.Linear):
-        new = nn.Linear(w.shape[1], w.shape[0], **kw)
-    else:
-        new = type(m)(w.shape[1], w.shape[0], m.kernel_size, stride=m.stride, padding=m.padding,
-                      dilation=m.dilation, padding_mode=m.padding_mode, **kw)
+    # skip_init: the weights are copied in below; a Linear left with zero units warns that its
+    # (skipped) initialisation is a no-op
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        if isinstance(m, nn.Linear):
+            new = skip_init(nn.Linear, w.shape[1], w.shape[0], **kw)
+        else:
+            new = skip_init(type(m), w.shape[1], w.shape[0], m.kernel_size, stride=m.stride,
+                            padding=m.padding, dilation=m.dilation,
+                            padding_mode=m.padding_mode, **kw)
     new.weight.copy_(w)
     if m.bias is not None:
         new.bias.copy_(_index(m.bias, keep_out, 0))

@@ -79,6 +79,24 @@ def test_conv1d_and_a_layer_with_nothing_left():
     assert_same_outputs(model, small, torch.randn(5, 2, 9))
 
 
+def test_convs_whose_channels_all_died_keep_one():
+    # torch's convs cannot have zero channels: the compact model keeps one dead channel, whose
+    # outgoing weights are zero, so it still runs and computes the same
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2))
+    kill(model, 0, in_channels=[0, 1])     # no input channel is read
+    kill(model, 2, in_channels=[0, 1, 2, 3])  # no channel of conv 0 is read
+    kill(model, 5, columns=range(12))      # no channel of conv 2 is read
+    model.eval()
+    small = fastprox.compact(model)
+    assert small.kept_inputs.tolist() == [0]
+    assert small.kept_units["0"].tolist() == [0]
+    assert small.kept_units["2"].tolist() == [0]
+    assert small.model[0].weight.shape == (1, 1, 3, 3)
+    assert small.model[5].weight.shape == (2, 4)
+    assert_same_outputs(model, small, torch.randn(3, 2, 4, 4))
+
+
 def test_l0_gates_closed_at_test_time_are_removed():
     torch.manual_seed(0)
     model = add_l0_gates(nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Flatten(),
