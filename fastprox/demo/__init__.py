@@ -24,6 +24,12 @@ from .experiments import METHOD_NAMES, METHODS, SCHEDULES, TASKS, Result, run_al
 
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads"
 
 

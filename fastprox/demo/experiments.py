@@ -113,7 +113,9 @@ class Schedule:
 SCHEDULES = {
     "quick": Schedule(digits_epochs=15, diabetes_epochs=60, cnn_epochs=3, record_every=5),
     "default": Schedule(digits_epochs=300, diabetes_epochs=1500, cnn_epochs=100, record_every=10),
-    "full": Schedule(digits_epochs=1500, diabetes_epochs=1500, cnn_epochs=300, record_every=25),
+    # the CNN has no published schedule; its strengths were chosen for 100 epochs, and at 300 the
+    # same strengths prune on (group lasso 88 %, CGES 80 % measured), so --full keeps 100
+    "full": Schedule(digits_epochs=1500, diabetes_epochs=1500, cnn_epochs=100, record_every=25),
 }
 BATCH = {"digits": 300, "diabetes": None, "cnn": 100}  # None: full batch
 
