@@ -34,6 +34,7 @@ def test_quick_mode_runs_every_method_and_writes_its_files(quick_run):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert (out / "digits-pixels.png").stat().st_size > 0
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
 
 
 def test_table_structure(quick_run):

@@ -251,7 +251,7 @@ def run(method: Method, split: data.Split, epochs: int, *, record_every: int = 1
     """Trains one model with ``method`` and measures it (see ``Result``)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = MODELS[method.task]().to(device)
+    model = MODELS[method.task]()
     task = method.task
     gates = None
     if method.update == "l0":
