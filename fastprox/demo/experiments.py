@@ -2,18 +2,20 @@
 
 Three tasks (``../shared/SPEC.md`` has the published set-ups):
 
-- ``digits``: Scardapane et al.'s MLP 64-40-20-10 (leaky ReLU, Glorot-normal init, Adam,
-  batch 300) on sklearn DIGITS; every method of the paper (none, L2, L1, group lasso, sparse group
-  lasso) as the published penalty in the loss and, for the sparse ones, as fastprox's proximal
-  step; exclusive lasso (exact prox), CGES (its per-layer schedule) and L0 gates.
-- ``diabetes``: the TF demo's regression MLP 10-20-15-1 (full-batch Adam), group lasso vs none.
-- ``cnn``: a small CNN on the 8x8 DIGITS images, CGES with conv input-channel groups vs none.
+- ``digits``: Scardapane et al.'s MLP 64-40-20-10 (leaky ReLU, Glorot-normal init, batch 300)
+  on sklearn DIGITS; every method of the paper (none, L2, L1, group lasso, sparse group lasso)
+  as the published penalty in the loss (Adam) and, for the sparse ones, as fastprox's proximal
+  step (SGD, see below); exclusive lasso (exact prox), CGES (its per-layer schedule), L0 gates.
+- ``diabetes``: the TF demo's regression MLP 10-20-15-1 (1500 full-batch steps), group lasso
+  vs none.
+- ``cnn``: a small CNN on the 8x8 DIGITS images: group lasso on conv input channels and CGES
+  (its own per-position groups) vs none.
 
 A unit (input feature, hidden unit, channel) is alive when its outgoing weights are not all
 zero, or for L0 when its gate is open at test time. Proximal steps and L0 gates give exact zeros.
 A penalty in the loss does not: its weights are pruned after training with the seeds' own
 criterion (Scardapane's code: a group is dead when all its weights round to 0 at 3 decimals;
-the TF demo: when its sum of magnitudes is below 1e-3), and that pruned model is the one
+the TF demo: when its sum of magnitudes is at most 1e-3), and that pruned model is the one
 evaluated and compacted.
 """
 
@@ -99,7 +101,8 @@ TASKS = ("digits", "diabetes", "cnn")
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """Epochs and batch size of each task (``full``: the published 1500 epochs)."""
+    """Epochs of each task and how often units alive are recorded (``full``: the published 1500
+    epochs on DIGITS)."""
 
     digits_epochs: int
     diabetes_epochs: int
