@@ -9,11 +9,19 @@ break (and, on a GPU, a synchronisation).
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def is_dtensor(value) -> bool:
+    """Whether ``value`` is a DTensor, without importing torch.distributed.tensor (slow to
+    import): a program that made one has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def check_weight(weight, fn: str, name: str = "weight") -> None:

@@ -45,6 +45,20 @@ def _check_flag(value, name: str, fn: str) -> bool:
     return value
 
 
+def has_kernels(device) -> bool:
+    """Whether fastprox's fused kernels serve tensors on ``device``."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastprox::foreach_prox_", key)
+
+
+def _sharded():
+    """fastprox.distributed, the path of DTensor weights (imported when one is seen)."""
+    from . import distributed
+
+    return distributed
+
+
 def _prepare(fn: str, weight, dim, *thresholds, grouped: bool = True, in_place: bool = True):
     """Checks weight and dim, converts thresholds ((name, value) pairs) to 0-d tensors."""
     _checks.check_weight(weight, fn)
@@ -71,6 +85,8 @@ def _prepare(fn: str, weight, dim, *thresholds, grouped: bool = True, in_place: 
         torch.Size([64])
 """)
 def group_norms(weight: torch.Tensor, dim=None) -> torch.Tensor:
+    if _checks.is_dtensor(weight):
+        return _sharded().group_norms(weight, dim)
     dims, _ = _prepare("group_norms", weight, dim, in_place=False)
     return ops.group_norms(weight, dims)
 
@@ -90,6 +106,8 @@ def group_norms(weight: torch.Tensor, dim=None) -> torch.Tensor:
     after ``optimizer.step()`` removes whole input features.
 """)
 def group_shrink_(weight: torch.Tensor, lam, dim=None, *, size_weighted: bool = True):
+    if _checks.is_dtensor(weight):
+        return _sharded().prox_(weight, lam_group=lam, dim=dim, size_weighted=size_weighted)
     fn = "group_shrink_"
     dims, (lam_t,) = _prepare(fn, weight, dim, ("lam", lam))
     ops.group_shrink_(weight, lam_t, dims, _check_flag(size_weighted, "size_weighted", fn))
@@ -106,6 +124,8 @@ def group_shrink_(weight: torch.Tensor, lam, dim=None, *, size_weighted: bool = 
     Returns ``weight``. Example: ``fastprox.soft_threshold_(w, 1e-3)``.
 """)
 def soft_threshold_(weight: torch.Tensor, lam):
+    if _checks.is_dtensor(weight):
+        return _sharded().prox_(weight, lam_l1=lam)
     _, (lam_t,) = _prepare("soft_threshold_", weight, None, ("lam", lam), grouped=False)
     ops.soft_threshold_(weight, lam_t)
     return weight
@@ -129,6 +149,9 @@ def soft_threshold_(weight: torch.Tensor, lam):
 """)
 def sparse_group_shrink_(weight: torch.Tensor, lam_l1, lam_group, dim=None, *,
                          size_weighted: bool = True):
+    if _checks.is_dtensor(weight):
+        return _sharded().prox_(weight, lam_l1=lam_l1, lam_group=lam_group, dim=dim,
+                                size_weighted=size_weighted)
     fn = "sparse_group_shrink_"
     dims, (l1, lg) = _prepare(fn, weight, dim, ("lam_l1", lam_l1), ("lam_group", lam_group))
     ops.sparse_group_shrink_(weight, l1, lg, dims, _check_flag(size_weighted, "size_weighted", fn))
@@ -154,6 +177,8 @@ def sparse_group_shrink_(weight: torch.Tensor, lam_l1, lam_group, dim=None, *,
     Returns ``weight``. Example: ``fastprox.exclusive_shrink_(w, 1e-2, dim=0)``.
 """)
 def exclusive_shrink_(weight: torch.Tensor, lam, dim=None, *, exact: bool = True):
+    if _checks.is_dtensor(weight):
+        return _sharded().prox_(weight, lam_exclusive=lam, dim=dim, exact=exact)
     fn = "exclusive_shrink_"
     dims, (lam_t,) = _prepare(fn, weight, dim, ("lam", lam))
     ops.exclusive_shrink_(weight, lam_t, dims, _check_flag(exact, "exact", fn))
@@ -177,6 +202,9 @@ def exclusive_shrink_(weight: torch.Tensor, lam, dim=None, *, exact: bool = True
 """)
 def cges_shrink_(weight: torch.Tensor, lam_group, lam_exclusive, dim=None, *,
                  size_weighted: bool = True, exact: bool = True):
+    if _checks.is_dtensor(weight):
+        return _sharded().prox_(weight, lam_group=lam_group, lam_exclusive=lam_exclusive,
+                                dim=dim, size_weighted=size_weighted, exact=exact)
     fn = "cges_shrink_"
     dims, (lg, le) = _prepare(fn, weight, dim, ("lam_group", lam_group),
                               ("lam_exclusive", lam_exclusive))
@@ -246,6 +274,10 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
         raise TypeError(f"{fn}: weights must be a list or tuple of tensors, got "
                         f"{type(weights).__name__}")
+    if any(_checks.is_dtensor(w) for w in weights):
+        return _sharded().foreach_prox_(weights, lam_l1=lam_l1, lam_group=lam_group,
+                                        lam_exclusive=lam_exclusive, dim=dim,
+                                        size_weighted=size_weighted, exact=exact)
     count = len(weights)
     for i, w in enumerate(weights):
         _checks.check_weight(w, fn, f"weights[{i}]")

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from . import ops, reference
+from ._checks import is_dtensor
+from .ops import has_kernels
 
 PRESETS = ("group_lasso", "sparse_group_lasso", "lasso", "exclusive", "cges")
 
@@ -232,13 +234,16 @@ class Regularizer:
 
         ``lr`` is the parameter group's current lr of ``optimizer``, or the ``lr`` given (a
         number). All targets on one device go through one ``foreach_prox_`` call (on a device
-        without fastprox kernels, the reference operators, tensor by tensor)."""
+        without fastprox kernels, the reference operators, tensor by tensor). Sharded targets
+        (DTensor parameters, as under FSDP2's ``fully_shard``) go through one
+        ``fastprox.distributed.foreach_prox_`` call: every rank must take the step."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
         lrs = self._lr_of(optimizer) if optimizer is not None else None
-        by_device: dict[torch.device, list[Target]] = {}
+        by_device: dict[object, list[Target]] = {}
         for t in self.targets.values():
-            by_device.setdefault(t.param.device, []).append(t)
+            by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
+                                 []).append(t)
         for device, targets in by_device.items():
             rates = [lrs[id(t.param)] if lrs is not None else lr for t in targets]
             args = dict(
@@ -249,7 +254,9 @@ class Regularizer:
                 size_weighted=[t.size_weighted for t in targets],
                 exact=[t.exact for t in targets])
             weights = [t.param for t in targets]
-            if has_kernels(device):
+            if device == "sharded":
+                ops._sharded().foreach_prox_(weights, **args)
+            elif has_kernels(device):
                 ops.foreach_prox_(weights, **args)
             else:
                 reference.foreach_prox_(weights, **args)
@@ -258,7 +265,8 @@ class Regularizer:
     # -- penalty -------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
         """The sum of every target's Omega(W), differentiable (group norms by the fused kernel;
-        the gradient at a zero group is 0, never NaN)."""
+        the gradient at a zero group is 0, never NaN). With DTensor parameters it is computed
+        with DTensor's own operations (collective: every rank must call it)."""
         total = None
         for t in self.targets.values():
             term = _penalty(t)
@@ -330,20 +338,14 @@ def _weights(model):
             yield pname.rsplit(".", 1)[0] if "." in pname else "", None, pname, param
 
 
-def has_kernels(device: torch.device) -> bool:
-    """Whether fastprox's fused kernels serve tensors on ``device``."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastprox::foreach_prox_", key)
-
-
 def _penalty(t: Target) -> torch.Tensor | None:
     w = t.param
     terms = []
     if t.lam_l1 > 0:
         terms.append(t.lam_l1 * w.abs().sum())
     if t.lam_group > 0:
-        norm_fn = ops.group_norms if has_kernels(w.device) else reference.group_norms
+        norm_fn = ops.group_norms if has_kernels(w.device) or is_dtensor(w) \
+            else reference.group_norms
         norms = norm_fn(w, t.dim)
         c = math.sqrt(w.numel() / max(norms.numel(), 1)) if t.size_weighted else 1.0
         terms.append(t.lam_group * c * norms.sum())
@@ -353,4 +355,5 @@ def _penalty(t: Target) -> torch.Tensor | None:
         terms.append(0.5 * t.lam_exclusive * (l1 * l1).sum())
     if not terms:
         return None
-    return sum(terms[1:], terms[0])
+    total = sum(terms[1:], terms[0])
+    return total.full_tensor() if is_dtensor(total) else total
