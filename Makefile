@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: build test demo timing bench clean
+.PHONY: build test demo timing bench bench-comm clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ timing: build
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+
+# communication of one proximal step on a sharded GPT-2-small-shaped model (2 gloo ranks)
+bench-comm: build
+	$(PY) bench/comm_distributed.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastprox/*.so demo-out

@@ -103,6 +103,7 @@ class _SpanningStep:
         self.want_sq = self.t > 0
         self.want_abs = self.lam_e > 0
         self.want_count = self.want_abs and exact
+        self.y = self.m = None  # pre(x) and its magnitudes, while the step runs
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum(dim=self.dims, keepdim=True, dtype=self.acc)
@@ -110,7 +111,17 @@ class _SpanningStep:
     def first_sums(self) -> list[torch.Tensor]:
         """Per group of the local shard: sum of squares, of magnitudes, count of nonzeros (those
         the step needs) of pre(x), the soft-thresholded values."""
-        y = self.local.to(self.acc)
+        local = self.local
+        # group lasso alone on float32/64: the fused kernel's norms of the shard (one pass; the
+        # square of a norm is the sum of squares to an ulp), then one in-place multiply
+        self.fused = (self.l1 == 0 and not self.want_abs and local.dtype == self.acc
+                      and ops.has_kernels(local.device))
+        if self.fused:
+            keep = [1 if d in self.dims else s for d, s in enumerate(local.shape)]
+            sums = [ops.group_norms(local, self.dims).square().reshape(keep)]
+            self.shape = sums[0].shape
+            return sums
+        y = local.to(self.acc)
         if self.l1 > 0:
             y = _shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
         self.y = y
@@ -118,10 +129,10 @@ class _SpanningStep:
         if self.want_sq:
             sums.append(self._sum(y * y))
         if self.want_abs:
-            m = y.abs()
-            sums.append(self._sum(m))
+            self.m = y.abs()
+            sums.append(self._sum(self.m))
             if self.want_count:
-                sums.append(self._sum(m > 0))
+                sums.append(self._sum(self.m > 0))
         self.shape = sums[0].shape
         return sums
 
@@ -144,6 +155,8 @@ class _SpanningStep:
         if not self.exact:
             tau = torch.where(l1_norm > 0, self.lam_e * l1_norm, torch.zeros_like(l1_norm))
         else:
+            if self.want_sq:  # the magnitudes the Newton steps look at
+                self.m = self.m * self.scale
             self.active = sums.pop(0)
             tau = self._newton_tau(l1_norm, self.active)
             self.iterate = (self.active > 0) & ~keep & ~torch.isnan(l1_norm)
@@ -155,10 +168,11 @@ class _SpanningStep:
         return torch.where(count > 0, total / (1 / self.lam_e + count), torch.zeros_like(total))
 
     def newton_sums(self) -> list[torch.Tensor]:
-        """Per group: sum and count of the magnitudes |pre(x)| * scale above tau."""
-        m = self.y.abs() * self.scale
-        above = m > self.tau
-        return [self._sum(torch.where(above, m, 0)), self._sum(above)]
+        """Per group: sum and count of the magnitudes m = |pre(x)| * scale above tau, as
+        sum(max(m - tau, 0)) + tau * count (one temporary)."""
+        excess = (self.m - self.tau).clamp_(min=0)
+        count = self._sum(excess > 0)
+        return [self._sum(excess) + self.tau * count, count]
 
     def newton(self, sums: list[torch.Tensor]) -> None:
         total, count = sums
@@ -170,13 +184,16 @@ class _SpanningStep:
         self.iterate = go
 
     def write(self) -> None:
+        if self.fused:
+            self.local.mul_(self.scale)
+            return
         y = self.y
         if self.want_sq:
             y = y * self.scale
         if self.want_abs:
             y = _shrink_magnitude(y, self.tau)
         self.local.copy_(y)
-        del self.y
+        self.y = self.m = None
 
 
 def _all_reduce(steps: list, parts: list[list[torch.Tensor]], groups: tuple) -> list:
@@ -298,6 +315,10 @@ def group_norms(weight, dim=None):
     return norms.redistribute(norms.device_mesh, placements)
 
 
+# c10d operators that move no data between ranks
+_NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd")
+
+
 class CollectiveCounter:
     """Records the collectives this process issues while active, with the bytes of each one's
     result on this rank (an all_reduce's buffer, an all_gather's gathered tensor): a context
@@ -332,7 +353,8 @@ class CollectiveCounter:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = str(func)
                 out = func(*args, **(kwargs or {}))
-                if name.startswith(("c10d.", "_c10d_functional.")) and "wait" not in name:
+                if name.startswith(("c10d.", "_c10d_functional.")) \
+                        and not name.split(".")[1] in _NOT_COLLECTIVES:
                     # the collective's result on this rank: c10d's ops write into args[0],
                     # the functional ones return it (an all_gather's is the full tensor)
                     result = args[0] if name.startswith("c10d.") else out
