@@ -6,10 +6,11 @@
 Operators (in place, return the weight): group_shrink_, soft_threshold_, sparse_group_shrink_,
 exclusive_shrink_, cges_shrink_; foreach_prox_ (any of them on a list of tensors, in one
 call); and group_norms. fastprox.reference holds the pure-PyTorch
-oracle of each.
+oracle of each. DTensor weights (FSDP2, tensor parallelism) are accepted by every operator:
+fastprox.distributed.
 """
 
-from . import l0, reference
+from . import distributed, l0, reference
 from .compaction import Compacted, compact
 from .stats import SparsityHistory, SparsityStats, sparsity_stats
 from .regularizer import CGESSchedule, Regularizer, Target
@@ -34,6 +35,7 @@ __all__ = [
     "cges_shrink_",
     "foreach_prox_",
     "reference",
+    "distributed",
     "Regularizer",
     "Target",
     "CGESSchedule",
