@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import cpu_name
 
 # (name, (out, in)); dim=0 groups a column (an input feature), dim=1 a row (an output unit)
 D, VOCAB, CONTEXT = 768, 50257, 1024
@@ -146,13 +146,7 @@ def _worker(rank, world, store, dtype_name, tiny, repeats, out_path):
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, gloo"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo"
 
 
 def _mb(n: float) -> str:

@@ -4,19 +4,13 @@ median time, GB/s, ratio to the one-pass floor, and fastprox's speed-up over the
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
+from machine import cpu_name
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
