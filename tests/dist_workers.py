@@ -130,7 +130,7 @@ def ddp_train(state, x, y, steps, preset, lam, snapshot_at):
 
 def fsdp_train(state, x, y, steps, preset, lam, overrides):
     """FSDP2 (fully_shard per Linear and at the root): full parameters after training, the
-    penalty of the trained model, and the collectives of one proximal step."""
+    penalty of the trained model and its gradient, and the collectives of proximal steps."""
     from torch.distributed.fsdp import fully_shard
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -149,6 +149,9 @@ def fsdp_train(state, x, y, steps, preset, lam, overrides):
     idle = comm.records
     with CollectiveCounter() as comm:
         reg.prox_step(lr=1e-3)
-    penalty = reg.penalty().item()
+    model.zero_grad(set_to_none=True)
+    penalty = reg.penalty()
+    penalty.backward()  # the penalty's gradient reaches the sharded parameters
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
-    return params, penalty, idle, comm.records
+    return params, penalty.item(), grads, idle, comm.records

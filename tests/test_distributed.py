@@ -254,7 +254,7 @@ def test_fsdp2_trains_like_one_process(world, preset, lam, overrides):
     model = W.mlp()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _data()
-    params, penalty, idle, records = one_result(
+    params, penalty, grads, idle, records = one_result(
         pool(world).run(W.fsdp_train, state, x, y, 30, preset, lam, overrides))
     single = W.mlp()
     single.load_state_dict(state)
@@ -267,6 +267,12 @@ def test_fsdp2_trains_like_one_process(world, preset, lam, overrides):
         zeros += int((p == 0).sum())
     assert zeros > 0, "the proximal steps zeroed nothing"
     assert math.isclose(penalty, reg.penalty().item(), rel_tol=1e-5)
+    single.zero_grad(set_to_none=True)
+    reg.penalty().backward()
+    want = {n: p.grad for n, p in single.named_parameters() if p.grad is not None}
+    assert grads.keys() == want.keys() and len(want) == 3
+    for name, g in want.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"grad {name}")
     assert idle == []
     # the column groups of every weight span shards (layer 2's rows, when overridden, do not)
     groups = 10 + 13 + 7 if overrides is None else 10 + 7
