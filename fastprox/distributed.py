@@ -49,6 +49,8 @@ _FN = "fastprox.distributed.foreach_prox_"
 
 def _threshold(value, name: str) -> float:
     if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{_FN}: {name} must be a real number, got dtype {value.dtype}")
         value = value.item()
     value = float(value)
     if not math.isfinite(value) or value < 0:

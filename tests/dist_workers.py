@@ -75,6 +75,7 @@ def bad_inputs():
         "partial": lambda: fastprox.foreach_prox_([w, partial], lam_group=0.1, dim=0),
         "steps": lambda: fastprox.distributed.foreach_prox_([w], lam_exclusive=0.1,
                                                           max_newton_steps=0),
+        "complex": lambda: fastprox.group_shrink_(w, torch.tensor(1j), dim=0),
         "int": lambda: fastprox.group_shrink_(shard(torch.ones(4, 4, dtype=torch.int32),
                                                     ("S0",)), 0.1),
     }

@@ -214,6 +214,7 @@ def test_bad_input_raises_before_touching_the_weight():
         and "Partial" in out["partial"][1]
     assert out["steps"][0] == "ValueError" and "max_newton_steps" in out["steps"][1]
     assert out["int"][0] == "TypeError" and "int32" in out["int"][1]
+    assert out["complex"][0] == "TypeError" and "lam_group[0]" in out["complex"][1]
 
 
 # -- training ----------------------------------------------------------------------------------
