@@ -9,7 +9,9 @@ on one rank, and the wall time (median), for:
 * fastprox: ``fastprox.foreach_prox_`` on the DTensors (groups within shards: nothing; groups
   across shards: one all_reduce of per-group partial sums per step, plus one per Newton step
   of the exact exclusive threshold);
-* naive: every weight all-gathered (``full_tensor()``), the unsharded step, the own shard kept.
+* naive: every weight all-gathered (``full_tensor()``), the unsharded step, the own shard kept;
+* floor: one in-place ``mul_`` over every local shard, the one-pass floor of a step on the
+  CPU (one read and one write of the rank's weights, no communication).
 
 Also printed: the bytes each rank sends on the wire if the collective runs the ring algorithm
 (all_reduce 2(W-1)/W of the buffer; all_gather (W-1)/W of the gathered tensor), an estimate.
@@ -115,6 +117,11 @@ def _worker(rank, world, store, dtype_name, tiny, repeats, out_path):
     def restore():
         for w, s in zip(weights, saved):
             w.to_local().copy_(s)
+    def floor():
+        for w in weights:
+            w.to_local().mul_(0.999)
+
+    _, floor_s = _measure(floor, restore, repeats)
     rows = []
     for name, (kwargs, dim) in SETTINGS.items():
         for impl in ("fastprox", "naive all-gather"):
@@ -141,7 +148,7 @@ def _worker(rank, world, store, dtype_name, tiny, repeats, out_path):
         params = sum(s[0] * s[1] for _, s in shapes)
         with open(out_path, "w") as f:
             json.dump(dict(world=world, dtype=dtype_name, params=params,
-                           weights=len(shapes), rows=rows), f)
+                           weights=len(shapes), floor_ms=floor_s * 1e3, rows=rows), f)
     dist.destroy_process_group()
 
 
@@ -169,17 +176,19 @@ def main(argv=None) -> dict:
             result = json.load(f)
     result["machine"] = _machine()
     print(f"Machine: {result['machine']}; {args.world} ranks, {args.dtype}, "
-          f"{result['weights']} weights, {result['params'] / 1e6:.1f} M parameters, Shard(0)\n")
+          f"{result['weights']} weights, {result['params'] / 1e6:.1f} M parameters, Shard(0); "
+          f"floor (in-place mul_ of the shards): {result['floor_ms']:.1f} ms\n")
     print("| step | implementation | collectives | MB (results, one rank) | MB sent (ring) "
-          "| ms | naive / fastprox bytes | max abs. difference |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ms | x floor | naive / fastprox bytes | max abs. difference |")
+    print("|---|---|---|---|---|---|---|---|---|")
     by_key = {(r["setting"], r["impl"]): r for r in result["rows"]}
     for r in result["rows"]:
         naive = by_key[(r["setting"], "naive all-gather")]["result_bytes"]
         ratio = (f"{naive / r['result_bytes']:.0f}x" if r["impl"] == "fastprox"
                  and r["result_bytes"] else "")
         print(f"| {r['setting']} | {r['impl']} | {r['collectives']} | {_mb(r['result_bytes'])} "
-              f"| {_mb(r['ring_bytes_sent'])} | {r['ms']:.1f} | {ratio} "
+              f"| {_mb(r['ring_bytes_sent'])} | {r['ms']:.1f} | {r['ms'] / result['floor_ms']:.1f} "
+              f"| {ratio} "
               f"| {r['max_abs_difference']:.1e} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -47,12 +47,9 @@ from ._checks import is_dtensor
 _FN = "fastprox.distributed.foreach_prox_"
 
 
-def _threshold(value, name: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{_FN}: {name} must be a real number, got dtype {value.dtype}")
-        value = value.item()
-    value = float(value)
+def _threshold(value, name: str, weight) -> float:
+    """A threshold's value (read here: the spanning path computes with it in Python)."""
+    value = _checks.as_threshold(value, name, weight, _FN).item()
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{_FN}: {name} must be finite and >= 0, got {value}")
     return value
@@ -80,11 +77,6 @@ def _local(weight) -> torch.Tensor:
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _shrink_magnitude(y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    # copysign(max(|y| - tau, 0), y); NaN in y or tau stays NaN (clamp propagates NaN).
-    return torch.copysign(torch.clamp(y.abs() - tau, min=0), y)
 
 
 class _SpanningStep:
@@ -125,7 +117,7 @@ class _SpanningStep:
             return sums
         y = local.to(self.acc)
         if self.l1 > 0:
-            y = _shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
+            y = reference.shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
         self.y = y
         sums = []
         if self.want_sq:
@@ -158,7 +150,7 @@ class _SpanningStep:
             tau = torch.where(l1_norm > 0, self.lam_e * l1_norm, torch.zeros_like(l1_norm))
         else:
             if self.want_sq:  # the magnitudes the Newton steps look at
-                self.m = self.m * self.scale
+                self.m.mul_(self.scale)
             self.active = sums.pop(0)
             tau = self._newton_tau(l1_norm, self.active)
             self.iterate = (self.active > 0) & ~keep & ~torch.isnan(l1_norm)
@@ -186,25 +178,24 @@ class _SpanningStep:
         self.iterate = go
 
     def write(self) -> None:
+        """The rewrite, stored straight into the shard (rounded once to its dtype)."""
         if self.fused:
             self.local.mul_(self.scale)
-            return
-        y = self.y
-        if self.want_sq:
-            y = y * self.scale
-        if self.want_abs:
-            y = _shrink_magnitude(y, self.tau)
-        self.local.copy_(y)
+        elif not self.want_abs:
+            torch.mul(self.y, self.scale, out=self.local)
+        else:
+            y = self.y * self.scale if self.want_sq else self.y
+            reference.shrink_magnitude(y, self.tau, out=self.local)
         self.y = self.m = None
 
 
-def _all_reduce(steps: list, parts: list[list[torch.Tensor]], groups: tuple) -> list:
+def _all_reduce(parts: list[list[torch.Tensor]], groups: tuple, acc: torch.dtype) -> list:
     """Sums every tensor of ``parts`` over ``groups`` with one all_reduce per group (a flat
-    buffer of the whole bucket), and returns them reshaped as given."""
+    ``acc`` buffer of the whole bucket), and returns them reshaped as given."""
     import torch.distributed as dist
 
-    flat = [p.reshape(-1).to(steps[0].acc) for ps in parts for p in ps]
-    buffer = torch.cat(flat) if flat else torch.zeros(0)
+    flat = [p.reshape(-1).to(acc) for ps in parts for p in ps]
+    buffer = torch.cat(flat) if flat else torch.zeros(0, dtype=acc)
     if buffer.numel():
         for group in groups:
             dist.all_reduce(buffer, group=group)
@@ -218,15 +209,16 @@ def _all_reduce(steps: list, parts: list[list[torch.Tensor]], groups: tuple) -> 
     return out
 
 
-def _run_bucket(steps: list[_SpanningStep], groups: tuple, max_newton_steps: int) -> None:
+def _run_bucket(steps: list[_SpanningStep], groups: tuple, acc: torch.dtype,
+                max_newton_steps: int) -> None:
     parts = [s.first_sums() for s in steps]
-    for step, sums in zip(steps, _all_reduce(steps, parts, groups)):
+    for step, sums in zip(steps, _all_reduce(parts, groups, acc)):
         step.finish(sums)
     for _ in range(max_newton_steps):
         live = [s for s in steps if bool(s.iterate.any())]
         if not live:
             break
-        for step, sums in zip(live, _all_reduce(live, [s.newton_sums() for s in live], groups)):
+        for step, sums in zip(live, _all_reduce([s.newton_sums() for s in live], groups, acc)):
             step.newton(sums)
     else:
         if any(bool(s.iterate.any()) for s in steps):
@@ -264,7 +256,7 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     dims = [_checks.normalize_dim(d, w, f"{_FN}: weights[{i}]")
             for i, (d, w) in enumerate(zip(dims, weights))]
     names = ("lam_l1", "lam_group", "lam_exclusive")
-    lams = [[_threshold(v, f"{name}[{i}]") for i, v in
+    lams = [[_threshold(v, f"{name}[{i}]", weights[i]) for i, v in
              enumerate(ops._per_tensor(value, name, count, _FN, ops._is_threshold))]
             for name, value in zip(names, (lam_l1, lam_group, lam_exclusive))]
     sizes, exacts = (ops._per_tensor(value, name, count, _FN, lambda v: isinstance(v, bool))
@@ -290,8 +282,8 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
              **{name: [lams[k][i] for i in idx] for k, name in enumerate(names)},
              dim=[tuple(dims[i]) for i in idx], size_weighted=[sizes[i] for i in idx],
              exact=[exacts[i] for i in idx])
-    for (groups, _), steps in buckets.items():
-        _run_bucket(steps, groups, max_newton_steps)
+    for (groups, acc), steps in buckets.items():
+        _run_bucket(steps, groups, acc, max_newton_steps)
     return weights
 
 
@@ -309,6 +301,7 @@ def group_norms(weight, dim=None):
     own ``torch.linalg.vector_norm`` (one collective per tensor)."""
     from torch.distributed.tensor import Replicate
 
+    _checks.check_weight(weight, "group_norms")
     dims = _checks.normalize_dim(dim, weight, "group_norms")
     if not dims:
         return weight.abs()

@@ -64,13 +64,18 @@ def group_shrink_(weight, lam, dim=None, *, size_weighted=True):
     return weight.mul_(_group_scale(norms, lam * c))
 
 
+def shrink_magnitude(y: torch.Tensor, tau, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sign(y) max(|y| - tau, 0), into ``out`` if given. NaN in y or tau stays NaN (copysign,
+    not sign(): torch.sign(nan) is 0; clamp propagates NaN)."""
+    return torch.copysign(torch.clamp(y.abs() - tau, min=0), y, out=out)
+
+
 def soft_threshold_(weight, lam):
     """w <- sign(w) max(|w| - lam, 0)."""
     lam = _value(lam)
     if lam == 0:
         return weight
-    # copysign, not sign(): torch.sign(nan) is 0, and NaN must stay NaN.
-    return weight.copy_(torch.copysign(torch.clamp(weight.abs() - lam, min=0), weight))
+    return weight.copy_(shrink_magnitude(weight, lam))
 
 
 def sparse_group_shrink_(weight, lam_l1, lam_group, dim=None, *, size_weighted=True):
@@ -106,7 +111,7 @@ def exclusive_shrink_(weight, lam, dim=None, *, exact=True):
     l1 = a.sum(dim=1)
     finite = torch.isfinite(l1)
     tau = exclusive_threshold(torch.where(finite[:, None], a, 0), lam, exact)
-    shrunk = torch.copysign(torch.clamp(a - tau[:, None], min=0), rows)
+    shrunk = shrink_magnitude(rows, tau[:, None])
     # A NaN group becomes NaN; a group with an infinite value keeps its values.
     out = torch.where(l1.isnan()[:, None], torch.full_like(rows, math.nan),
                       torch.where(finite[:, None], shrunk, rows))

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import distributed, ops, reference
 from ._checks import is_dtensor
 from .ops import has_kernels
 
@@ -255,7 +255,7 @@ class Regularizer:
                 exact=[t.exact for t in targets])
             weights = [t.param for t in targets]
             if device == "sharded":
-                ops._sharded().foreach_prox_(weights, **args)
+                distributed.foreach_prox_(weights, **args)
             elif has_kernels(device):
                 ops.foreach_prox_(weights, **args)
             else:

@@ -66,7 +66,7 @@ def assert_close_to_unsharded(got: torch.Tensor, full: torch.Tensor, unsharded: 
                                equal_nan=True, msg=lambda m: f"{msg} vs unsharded: {m}")
 
 
-def reduces(placement: tuple, dims: list[int], ndim: int) -> bool:
+def reduces(placement: tuple, dims: list[int]) -> bool:
     return any(p.startswith("S") and int(p[1:]) in dims for p in placement)
 
 
@@ -102,7 +102,7 @@ def test_sharded_equals_unsharded(world, dtype, op_index):
         msg = f"{op} {shape} {spec} dim={dim} world={world}"
         assert_close_to_unsharded(got, full, unsharded, want, msg)
         dims = fastprox._checks.normalize_dim(dim, full, "test")
-        if not op.grouped or not reduces(spec, dims, full.dim()):
+        if not op.grouped or not reduces(spec, dims):
             assert records == [], f"{msg}: groups within shards need no communication"
         else:
             exact_newton = "exclusive" in op.name or "cges" in op.name
