@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: build test demo timing bench bench-comm clean
+.PHONY: build test demo timing bench bench-gpu bench-comm clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(CSRC)
 
 build: $(VENV)/.built
 
+# tests/: the CPU kernels and the Python API. tests_kernels/: the Triton kernels, on a CUDA
+# device when there is one, else under Triton's interpreter on CPU tensors (the variable must be
+# set before triton is imported: a pytest run of its own).
 test: build
 	$(PY) -m pytest tests
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) -m pytest tests_kernels; \
+	else \
+		TRITON_INTERPRET=1 $(PY) -m pytest tests_kernels; \
+	fi
 
 demo: build
 	$(PY) -m fastprox $(ARGS)
@@ -32,6 +40,10 @@ timing: build
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+
+# GPU kernels vs eager / compiled reference vs a device-to-device copy (needs CUDA)
+bench-gpu: build
+	$(PY) bench/gpu_kernels.py $(ARGS)
 
 # communication of one proximal step on a sharded GPT-2-small-shaped model (2 gloo ranks)
 bench-comm: build

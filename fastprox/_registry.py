@@ -1,6 +1,7 @@
 """Loads the operator library and registers what PyTorch needs beyond the kernels.
 
-Schemas: csrc/fastprox.cpp (defined once, in C++). CPU kernels: csrc/cpu/. Here: the fake
+Schemas: csrc/fastprox.cpp (defined once, in C++). CPU kernels: csrc/cpu/. CUDA kernels:
+kernels/ (Triton, installed as fastprox.kernels), registered here when CUDA is there. Here: the fake
 (meta) implementation of every op, used by torch.compile and opcheck, and the autograd formula
 of group_norms. The mutating ops have no derivative (see _checks.check_grad).
 """
@@ -33,6 +34,22 @@ def _check_cpu_capability() -> None:
 _check_cpu_capability()
 
 ops = torch.ops.fastprox
+
+
+def _register_gpu_kernels() -> None:
+    """The Triton kernels (fastprox.kernels) become the CUDA kernels of the ops when this torch
+    has CUDA and Triton is installed (CUDA wheels of torch ship it). CUDA only: CPU tensors,
+    opcheck and torch.compile on CPU never import Triton."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        from . import kernels
+    except ImportError:  # no Triton: CUDA weights fall back to the reference (see has_kernels)
+        return
+    kernels.register()
+
+
+_register_gpu_kernels()
 
 
 def kept_shape(weight: torch.Tensor, dim: list[int]) -> list[int]:

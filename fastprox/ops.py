@@ -231,6 +231,15 @@ def _per_tensor(value, name: str, count: int, fn: str, is_item) -> list:
     return list(value)
 
 
+def _device_threshold(value, name: str, weight: torch.Tensor, fn: str) -> torch.Tensor:
+    """A threshold as a float64 0-d tensor on the weight's (GPU) device, without a copy from
+    host memory (not allowed inside CUDA graph capture)."""
+    value = _checks.as_threshold(value, name, weight, fn)
+    if value.device == weight.device:
+        return value.to(torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=weight.device)
+
+
 def _is_threshold(value) -> bool:
     return (isinstance(value, torch.Tensor) and value.dim() == 0) or (
         isinstance(value, numbers.Real) and not isinstance(value, bool))
@@ -295,7 +304,15 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
              for name, value in (("size_weighted", size_weighted), ("exact", exact))]
     if count == 0:
         return weights
-    if any(isinstance(v, torch.Tensor) for c in columns for v in c):
+    device = weights[0].device
+    if any(isinstance(v, torch.Tensor) and v.device == device != torch.device("cpu")
+           for c in columns for v in c):
+        # Thresholds held on the GPU stay there (no synchronisation; a CUDA graph replays
+        # with their current values): numbers join them by a fill on the device.
+        lams = torch.stack([torch.stack([
+            _device_threshold(c[i], f"{name}[{i}]", weights[0], fn)
+            for name, c in zip(names, columns)]) for i in range(count)])
+    elif any(isinstance(v, torch.Tensor) for c in columns for v in c):
         lams = torch.stack([torch.stack([
             _checks.as_threshold(c[i], f"{name}[{i}]", weights[0], fn).to("cpu", torch.float64)
             for name, c in zip(names, columns)]) for i in range(count)])

@@ -1,0 +1,42 @@
+"""The GPU kernels' tests: on a CUDA machine they run the kernels through the public API on CUDA
+tensors; without one, under Triton's interpreter on small CPU tensors (TRITON_INTERPRET=1 must
+be set before triton is imported, hence a pytest invocation of its own: see the Makefile)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.exit("tests_kernels needs a CUDA device or TRITON_INTERPRET=1 (see the Makefile)",
+                returncode=2)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    yield seed
+
+
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None and "_fresh_seed" in item.fixturenames:
+        seed = item.funcargs.get("_fresh_seed")
+        if seed is not None:
+            item.add_report_section(call.when, "seed", f"torch.manual_seed({seed})")
+
+
+def pytest_configure(config):
+    # The interpreter evaluates both sides of tl.where in numpy: 1/0 in a branch not taken.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:divide by zero encountered:RuntimeWarning")
+    config.addinivalue_line("filterwarnings",
+                            "ignore:invalid value encountered:RuntimeWarning")

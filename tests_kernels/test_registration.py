@@ -1,0 +1,108 @@
+"""The CUDA registration: it serves CUDA tensors and leaves the CPU path, opcheck and
+torch.compile as they were; on a GPU, the ops under opcheck, torch.compile and CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastprox
+from fastprox import kernels
+from fastprox.ops import has_kernels
+from kernel_calls import INTERPRET
+
+needs_gpu = pytest.mark.skipif(INTERPRET, reason="needs a CUDA device")
+
+
+def _op_args(device):
+    w = torch.randn(8, 6, device=device)
+    lam = torch.tensor(0.2, dtype=torch.float64)
+    return [
+        (torch.ops.fastprox.group_norms.default, (w, [1])),
+        (torch.ops.fastprox.group_shrink_.default, (w.clone(), lam, [0], True)),
+        (torch.ops.fastprox.soft_threshold_.default, (w.clone(), lam)),
+        (torch.ops.fastprox.sparse_group_shrink_.default, (w.clone(), lam, lam, [1], True)),
+        (torch.ops.fastprox.exclusive_shrink_.default, (w.clone(), lam, [1], True)),
+        (torch.ops.fastprox.cges_shrink_.default, (w.clone(), lam, lam, [0], False, False)),
+        (torch.ops.fastprox.foreach_prox_.default,
+         ([w.clone(), w.clone().t()], torch.full((2, 3), 0.1, dtype=torch.float64), [1, 0],
+          [1, 1], [True, False], [True, True])),
+    ]
+
+
+def test_registered_for_cuda_only():
+    kernels.register()
+    assert has_kernels("cuda")
+    assert has_kernels("cpu")
+    for name in kernels.ENTRIES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprox::{name}", "CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_opcheck_after_registration(device):
+    kernels.register()
+    for op, args in _op_args(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_compile_fullgraph_after_registration(device):
+    kernels.register()
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(w, v, lam):
+        fastprox.group_shrink_(w, lam, dim=0)
+        fastprox.foreach_prox_([v], lam_group=lam, lam_exclusive=0.01, dim=1)
+        return fastprox.group_norms(w, dim=0)
+
+    w = torch.randn(16, 12, device=device)
+    v = torch.randn(5, 7, device=device)
+    w_ref, v_ref = w.clone(), v.clone()
+    norms = step(w, v, torch.tensor(0.1, device=device))
+    fastprox.group_shrink_(w_ref, 0.1, dim=0)
+    fastprox.foreach_prox_([v_ref], lam_group=0.1, lam_exclusive=0.01, dim=1)
+    torch.testing.assert_close(w, w_ref)
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(norms, torch.linalg.vector_norm(w_ref, dim=0))
+
+
+@needs_gpu
+def test_cuda_graph_capture_and_replay():
+    """foreach_prox_ captured after one eager step: replays apply the step again, and a CUDA
+    tensor threshold is read at replay time."""
+    weights = [torch.randn(64, 48, device="cuda"), torch.randn(32, 16, 3, 3, device="cuda")]
+    dims = [0, (0, 2, 3)]
+    lr = torch.tensor(0.05, device="cuda")
+
+    def step():
+        fastprox.foreach_prox_(weights, lam_group=lr, lam_exclusive=0.01, dim=dims)
+
+    expected = [w.clone() for w in weights]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # eager warm-up: compiles, tunes, uploads the tables
+    torch.cuda.current_stream().wait_stream(stream)
+    fastprox.foreach_prox_(expected, lam_group=0.05, lam_exclusive=0.01, dim=dims)
+    for w, e in zip(weights, expected):
+        torch.testing.assert_close(w, e)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for value in (0.05, 0.2):
+        lr.fill_(value)
+        graph.replay()
+        fastprox.foreach_prox_(expected, lam_group=value, lam_exclusive=0.01, dim=dims)
+        torch.cuda.synchronize()
+        for w, e in zip(weights, expected):
+            torch.testing.assert_close(w, e)
+
+
+@needs_gpu
+def test_cuda_tensor_threshold_checked():
+    w = torch.randn(8, 8, device="cuda")
+    before = w.clone()
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        fastprox.group_shrink_(w, torch.tensor(-1.0, device="cuda"))
+    assert torch.equal(w, before)
