@@ -1,0 +1,25 @@
+"""bench/gpu_kernels.py stays runnable: its --tiny mode, on whatever runs the kernels here."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+HERE = os.path.dirname(__file__)
+
+
+def test_bench_script_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "gpu_kernels", os.path.join(HERE, "..", "bench", "gpu_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--tiny", "--dtypes", "fp32", "--out", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").exists()
+    assert {r["op"] for r in result["ops"]} == set(module.OPS)
+    for r in result["ops"]:
+        assert math.isfinite(r["fastprox_ms"]) and r["fastprox_ms"] > 0
+        assert math.isfinite(r["reference_ms"])
+    assert [m["model"] for m in result["models"]] == ["resnet50", "gpt2-small"]
+    for m in result["models"]:
+        assert 1 <= m["launches"] <= 4
