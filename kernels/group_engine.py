@@ -148,118 +148,9 @@ def _newton(tau, active, iterate, s_above, c_above, le):
 
 
 @triton.jit
-def prox_kernel(base, meta, lams, blocks, norms, num_blocks,
-                BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
-                DO_L1: tl.constexpr, DO_GROUP: tl.constexpr,
-                DO_EXCL: tl.constexpr, NORMS_ONLY: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr):
-    """One proximal step (or, NORMS_ONLY, the group norms) of every block of a bucket."""
-    NEED_SUMS: tl.constexpr = DO_GROUP or DO_EXCL or NORMS_ONLY
-    o_idx = tl.arange(0, BLOCK_O)[:, None, None]
-    g_idx = tl.arange(0, BLOCK_G)
-    i_idx = tl.arange(0, BLOCK_I)[None, None, :]
-    for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-        t = tl.load(blocks + blk)
-        local = tl.load(blocks + num_blocks + blk)
-        row = meta + t * META_COLS
-        outer = tl.load(row + META_OUTER)
-        groups = tl.load(row + META_GROUPS)
-        inner = tl.load(row + META_INNER)
-        per_batch = tl.load(row + META_BLOCKS)
-        b = local // per_batch
-        gg = (local % per_batch) * BLOCK_G + g_idx
-        g = gg[None, :, None]
-        row_stride = groups * inner
-        p = base + tl.load(row + META_OFFSET) + b * (outer * row_stride)
-        valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
-        if valid:
-            if (outer <= BLOCK_O) & (inner <= BLOCK_I):  # the whole group in registers
-                mask = (o_idx < outer) & (g < groups) & (i_idx < inner)
-                ptrs = p + o_idx * row_stride + g * inner + i_idx
-                y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1, WIDE)
-                ss = tl.sum(tl.sum(y * y, 2), 0)
-                if NORMS_ONLY:
-                    out = norms + tl.load(row + META_OUT) + b * groups + gg
-                    tl.store(out, _sqrt(ss, WIDE).to(norms.dtype.element_ty), mask=gg < groups)
-                else:
-                    m = tl.abs(y)
-                    sa = tl.sum(tl.sum(m, 2), 0)
-                    nz = tl.sum(tl.sum((m > 0).to(ACC), 2), 0)
-                    scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact,
-                                                                DO_GROUP, DO_EXCL, WIDE)
-                    if DO_EXCL:
-                        ms = m * scale[None, :, None]
-                        while tl.max(iterate.to(tl.int32), 0) > 0:
-                            above = ms > tau[None, :, None]
-                            s_above = tl.sum(tl.sum(tl.where(above, ms, 0.0), 2), 0)
-                            c_above = tl.sum(tl.sum(above.to(ACC), 2), 0)
-                            tau, active, iterate = _newton(tau, active, iterate, s_above,
-                                                           c_above, le)
-                    if DO_GROUP:
-                        y = y * scale[None, :, None]
-                    if DO_EXCL:
-                        y = _shrink(y, tau[None, :, None], WIDE)
-                    tl.store(ptrs, y.to(base.dtype.element_ty), mask=mask)
-            else:
-                zero = tl.zeros((BLOCK_G,), ACC)
-                ss = zero
-                sa = zero
-                nz = zero
-                if NEED_SUMS:
-                    for o0 in range(0, outer, BLOCK_O):
-                        for i0 in range(0, inner, BLOCK_I):
-                            o = o0 + o_idx
-                            i = i0 + i_idx
-                            mask = (o < outer) & (g < groups) & (i < inner)
-                            x = tl.load(p + o * row_stride + g * inner + i, mask=mask, other=0.0)
-                            y = _pre(x.to(ACC), l1, DO_L1, WIDE)
-                            ss += tl.sum(tl.sum(y * y, 2), 0)
-                            if DO_EXCL:
-                                m = tl.abs(y)
-                                sa += tl.sum(tl.sum(m, 2), 0)
-                                nz += tl.sum(tl.sum((m > 0).to(ACC), 2), 0)
-                if NORMS_ONLY:
-                    out = norms + tl.load(row + META_OUT) + b * groups + gg
-                    tl.store(out, _sqrt(ss, WIDE).to(norms.dtype.element_ty), mask=gg < groups)
-                else:
-                    scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact,
-                                                                DO_GROUP, DO_EXCL, WIDE)
-                    if DO_EXCL:
-                        while tl.max(iterate.to(tl.int32), 0) > 0:
-                            s_above = zero
-                            c_above = zero
-                            for o0 in range(0, outer, BLOCK_O):
-                                for i0 in range(0, inner, BLOCK_I):
-                                    o = o0 + o_idx
-                                    i = i0 + i_idx
-                                    mask = (o < outer) & (g < groups) & (i < inner)
-                                    x = tl.load(p + o * row_stride + g * inner + i, mask=mask,
-                                                other=0.0)
-                                    ms = tl.abs(_pre(x.to(ACC), l1, DO_L1, WIDE))
-                                    ms = ms * scale[None, :, None]
-                                    above = ms > tau[None, :, None]
-                                    s_above += tl.sum(tl.sum(tl.where(above, ms, 0.0), 2), 0)
-                                    c_above += tl.sum(tl.sum(above.to(ACC), 2), 0)
-                            tau, active, iterate = _newton(tau, active, iterate, s_above,
-                                                           c_above, le)
-                    for o0 in range(0, outer, BLOCK_O):
-                        for i0 in range(0, inner, BLOCK_I):
-                            o = o0 + o_idx
-                            i = i0 + i_idx
-                            mask = (o < outer) & (g < groups) & (i < inner)
-                            ptrs = p + o * row_stride + g * inner + i
-                            y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1,
-                                     WIDE)
-                            if DO_GROUP:
-                                y = y * scale[None, :, None]
-                            if DO_EXCL:
-                                y = _shrink(y, tau[None, :, None], WIDE)
-                            tl.store(ptrs, y.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _split_tile(base, meta, blocks, num_blocks, blk, chunk, o_idx, g_idx, i_idx,
-                BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Pointers and mask of chunk `chunk` (BLOCK_O rows of the outer dimension) of block blk."""
+def _block(base, meta, blocks, num_blocks, blk, g_idx, BLOCK_G: tl.constexpr):
+    """Block blk of a bucket: its tensor t, the tensor's (outer, groups, inner), the batch entry
+    b, the indices gg of its groups, and the pointer p to element [b][0][0][0]."""
     t = tl.load(blocks + blk)
     local = tl.load(blocks + num_blocks + blk)
     row = meta + t * META_COLS
@@ -269,19 +160,134 @@ def _split_tile(base, meta, blocks, num_blocks, blk, chunk, o_idx, g_idx, i_idx,
     per_batch = tl.load(row + META_BLOCKS)
     b = local // per_batch
     gg = (local % per_batch) * BLOCK_G + g_idx
+    p = base + tl.load(row + META_OFFSET) + b * (outer * groups * inner)
+    return t, outer, groups, inner, b, gg, p
+
+
+@triton.jit
+def prox_kernel(base, meta, lams, blocks, norms, num_blocks, per_program,
+                BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
+                DO_L1: tl.constexpr, DO_GROUP: tl.constexpr,
+                DO_EXCL: tl.constexpr, NORMS_ONLY: tl.constexpr, WIDE: tl.constexpr,
+                ACC: tl.constexpr):
+    """One proximal step (or, NORMS_ONLY, the group norms) of every block of a bucket."""
+    NEED_SUMS: tl.constexpr = DO_GROUP or DO_EXCL or NORMS_ONLY
+    o_idx = tl.arange(0, BLOCK_O)[:, None, None]
+    g_idx = tl.arange(0, BLOCK_G)
+    i_idx = tl.arange(0, BLOCK_I)[None, None, :]
+    # Persistent: program p takes blocks p, p + grid, p + 2 grid, ...
+    for k in range(0, per_program):
+        blk = tl.program_id(0) + k * tl.num_programs(0)
+        if blk < num_blocks:
+            t, outer, groups, inner, b, gg, p = _block(base, meta, blocks, num_blocks, blk,
+                                                       g_idx, BLOCK_G)
+            row = meta + t * META_COLS
+            g = gg[None, :, None]
+            row_stride = groups * inner
+            valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
+            if valid:
+                if (outer <= BLOCK_O) & (inner <= BLOCK_I):  # the whole group in registers
+                    mask = (o_idx < outer) & (g < groups) & (i_idx < inner)
+                    ptrs = p + o_idx * row_stride + g * inner + i_idx
+                    y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1, WIDE)
+                    ss = tl.sum(tl.sum(y * y, 2), 0)
+                    if NORMS_ONLY:
+                        out = norms + tl.load(row + META_OUT) + b * groups + gg
+                        tl.store(out, _sqrt(ss, WIDE).to(norms.dtype.element_ty), mask=gg < groups)
+                    else:
+                        m = tl.abs(y)
+                        sa = tl.sum(tl.sum(m, 2), 0)
+                        nz = tl.sum(tl.sum((m > 0).to(ACC), 2), 0)
+                        scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact,
+                                                                    DO_GROUP, DO_EXCL, WIDE)
+                        if DO_EXCL:
+                            ms = m * scale[None, :, None]
+                            while tl.max(iterate.to(tl.int32), 0) > 0:
+                                above = ms > tau[None, :, None]
+                                s_above = tl.sum(tl.sum(tl.where(above, ms, 0.0), 2), 0)
+                                c_above = tl.sum(tl.sum(above.to(ACC), 2), 0)
+                                tau, active, iterate = _newton(tau, active, iterate, s_above,
+                                                               c_above, le)
+                        if DO_GROUP:
+                            y = y * scale[None, :, None]
+                        if DO_EXCL:
+                            y = _shrink(y, tau[None, :, None], WIDE)
+                        tl.store(ptrs, y.to(base.dtype.element_ty), mask=mask)
+                else:
+                    zero = tl.zeros((BLOCK_G,), ACC)
+                    ss = zero
+                    sa = zero
+                    nz = zero
+                    if NEED_SUMS:
+                        for o0 in range(0, outer, BLOCK_O):
+                            for i0 in range(0, inner, BLOCK_I):
+                                o = o0 + o_idx
+                                i = i0 + i_idx
+                                mask = (o < outer) & (g < groups) & (i < inner)
+                                x = tl.load(p + o * row_stride + g * inner + i, mask=mask,
+                                            other=0.0)
+                                y = _pre(x.to(ACC), l1, DO_L1, WIDE)
+                                ss += tl.sum(tl.sum(y * y, 2), 0)
+                                if DO_EXCL:
+                                    m = tl.abs(y)
+                                    sa += tl.sum(tl.sum(m, 2), 0)
+                                    nz += tl.sum(tl.sum((m > 0).to(ACC), 2), 0)
+                    if NORMS_ONLY:
+                        out = norms + tl.load(row + META_OUT) + b * groups + gg
+                        tl.store(out, _sqrt(ss, WIDE).to(norms.dtype.element_ty), mask=gg < groups)
+                    else:
+                        scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact,
+                                                                    DO_GROUP, DO_EXCL, WIDE)
+                        if DO_EXCL:
+                            while tl.max(iterate.to(tl.int32), 0) > 0:
+                                s_above = zero
+                                c_above = zero
+                                for o0 in range(0, outer, BLOCK_O):
+                                    for i0 in range(0, inner, BLOCK_I):
+                                        o = o0 + o_idx
+                                        i = i0 + i_idx
+                                        mask = (o < outer) & (g < groups) & (i < inner)
+                                        x = tl.load(p + o * row_stride + g * inner + i, mask=mask,
+                                                    other=0.0)
+                                        ms = tl.abs(_pre(x.to(ACC), l1, DO_L1, WIDE))
+                                        ms = ms * scale[None, :, None]
+                                        above = ms > tau[None, :, None]
+                                        s_above += tl.sum(tl.sum(tl.where(above, ms, 0.0), 2), 0)
+                                        c_above += tl.sum(tl.sum(above.to(ACC), 2), 0)
+                                tau, active, iterate = _newton(tau, active, iterate, s_above,
+                                                               c_above, le)
+                        for o0 in range(0, outer, BLOCK_O):
+                            for i0 in range(0, inner, BLOCK_I):
+                                o = o0 + o_idx
+                                i = i0 + i_idx
+                                mask = (o < outer) & (g < groups) & (i < inner)
+                                ptrs = p + o * row_stride + g * inner + i
+                                y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1,
+                                         WIDE)
+                                if DO_GROUP:
+                                    y = y * scale[None, :, None]
+                                if DO_EXCL:
+                                    y = _shrink(y, tau[None, :, None], WIDE)
+                                tl.store(ptrs, y.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_tile(base, meta, blocks, num_blocks, blk, chunk, o_idx, g_idx, i_idx,
+                BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Pointers and mask of chunk `chunk` (BLOCK_O rows of the outer dimension) of block blk."""
+    t, outer, groups, inner, b, gg, p = _block(base, meta, blocks, num_blocks, blk, g_idx,
+                                               BLOCK_G)
     g = gg[None, :, None]
-    row_stride = groups * inner
     o = chunk * BLOCK_O + o_idx
     mask = (o < outer) & (g < groups) & (i_idx < inner)
-    ptrs = base + tl.load(row + META_OFFSET) + b * (outer * row_stride) + o * row_stride \
-        + g * inner + i_idx
-    return t, ptrs, mask
+    return t, p + o * (groups * inner) + g * inner + i_idx, mask
 
 
 @triton.jit
 def split_stats_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks,
                        BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
-                       DO_L1: tl.constexpr, DO_EXCL: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr):
+                       DO_L1: tl.constexpr, DO_EXCL: tl.constexpr, WIDE: tl.constexpr,
+                       ACC: tl.constexpr):
     """Split path, first launch: partial sums (squares, |.|, nonzeros) of one chunk of BLOCK_O
     outer rows of a block, into partial[blk, chunk, 3, BLOCK_G]. Grid: (num_blocks, max_chunks)."""
     blk = tl.program_id(0)

@@ -361,6 +361,7 @@ def _launch_bucket(items: list[Item], lams: torch.Tensor, flags, norms=None) -> 
             work = its[0].layout.work
             engine.prox_kernel[(grid,)](
                 work, meta, lams, blocks, work if norms is None else norms, num_blocks,
+                triton.cdiv(num_blocks, grid),
                 BLOCK_O=bo, BLOCK_G=bg, BLOCK_I=bi, DO_L1=do_l1, DO_GROUP=do_group,
                 DO_EXCL=do_excl, NORMS_ONLY=norms is not None, WIDE=wide,
                 ACC=_acc(work.dtype), **config)
