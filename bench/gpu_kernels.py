@@ -99,9 +99,13 @@ def _timer(tiny: bool):
     return bench
 
 
-def _call(module, op: str, w, lams, kwargs, dim):
-    name = "exclusive_shrink_" if op == "exclusive_shrink_bound" else op
-    fn = getattr(module, name)
+def _name(op: str) -> str:
+    return "exclusive_shrink_" if op == "exclusive_shrink_bound" else op
+
+
+def _call(fn, op: str, w, lams, kwargs, dim):
+    """A no-argument call of fn, an implementation of operator op, on w."""
+    name = _name(op)
     if name == "soft_threshold_":
         return lambda: fn(w, *lams)
     if name == "group_norms":
@@ -115,10 +119,10 @@ def _fastprox_call(op, w, lams, kwargs, dim):
     import fastprox
 
     if w.is_cuda:
-        return _call(fastprox, op, w, lams, kwargs, dim)
+        return _call(getattr(fastprox, _name(op)), op, w, lams, kwargs, dim)
     from fastprox import _checks, kernels
 
-    name = "exclusive_shrink_" if op == "exclusive_shrink_bound" else op
+    name = _name(op)
     dims = _checks.normalize_dim(dim, w, name)
     lam_t = [torch.tensor(float(v), dtype=torch.float64) for v in lams]
     flags = {"group_shrink_": ["size_weighted"], "sparse_group_shrink_": ["size_weighted"],
@@ -152,18 +156,12 @@ def bench_ops(args, device, bench) -> list[dict]:
                 row = dict(op=op, shape=list(shape), dim=dim, dtype=dtype_name, bytes=nbytes,
                            copy_ms=copy_ms)
                 row["fastprox_ms"] = bench(_fastprox_call(op, w, lams, kwargs, dim))
+                ref = getattr(reference, _name(op))
                 if not args.no_reference:
-                    row["reference_ms"] = bench(_call(reference, op, w, lams, kwargs, dim))
+                    row["reference_ms"] = bench(_call(ref, op, w, lams, kwargs, dim))
                 if not args.tiny and not args.no_compile:
-                    name = "exclusive_shrink_" if op == "exclusive_shrink_bound" else op
-                    compiled = torch.compile(getattr(reference, name), mode=args.compile_mode,
-                                             dynamic=False)
-
-                    class _Compiled:
-                        pass
-
-                    setattr(_Compiled, name, staticmethod(compiled))
-                    fn = _call(_Compiled, op, w, lams, kwargs, dim)
+                    compiled = torch.compile(ref, mode=args.compile_mode, dynamic=False)
+                    fn = _call(compiled, op, w, lams, kwargs, dim)
                     fn()  # compile outside the timing
                     row["compiled_ms"] = bench(fn)
                 _derive(row)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from .. import _checks
 from . import launch
 
 
-def checked(weight, dim) -> list[int]:
-    launch.check_weight(weight)
-    dims = launch.check_dims(weight, dim)
+def checked(weight, dim, fn: str) -> list[int]:
+    _checks.check_weight(weight, fn)
+    dims = _checks.normalize_dim(list(dim), weight, fn)
     launch.check_writable(weight)
     return dims
 

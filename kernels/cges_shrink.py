@@ -10,6 +10,6 @@ from . import _op
 
 
 def cges_shrink_(weight, lam_group, lam_exclusive, dim, size_weighted, exact):
-    dims = _op.checked(weight, dim)
+    dims = _op.checked(weight, dim, "cges_shrink_")
     _op.step(weight, dims, 0.0, lam_group, lam_exclusive, size_weighted=size_weighted,
              exact=exact)

@@ -11,6 +11,6 @@ from . import _op
 
 
 def exclusive_shrink_(weight, lam, dim, exact):
-    dims = _op.checked(weight, dim)
+    dims = _op.checked(weight, dim, "exclusive_shrink_")
     _op.step(weight, dims, lam_exclusive=lam, exact=exact,
              names=("lam_l1", "lam_group", "lam"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from . import launch
 
 
@@ -28,8 +29,9 @@ def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact):
         count = dim_counts[i]
         if count < 0 or offset + count > len(dims):
             raise ValueError("foreach_prox_: dim_counts do not match dims")
-        launch.check_weight(w, f"weights[{i}]")
-        tensor_dims = launch.check_dims(w, dims[offset:offset + count])
+        _checks.check_weight(w, "foreach_prox_", f"weights[{i}]")
+        tensor_dims = _checks.normalize_dim(list(dims[offset:offset + count]), w,
+                                            f"foreach_prox_: weights[{i}]")
         launch.check_writable(w, f"weights[{i}]")
         offset += count
         if w.device != weights[0].device:

@@ -272,15 +272,19 @@ def prox_kernel(base, meta, lams, blocks, norms, num_blocks, per_program,
 
 
 @triton.jit
-def _split_tile(base, meta, blocks, num_blocks, blk, chunk, o_idx, g_idx, i_idx,
-                BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Pointers and mask of chunk `chunk` (BLOCK_O rows of the outer dimension) of block blk."""
+def _split_tile(base, meta, lams, blocks, num_blocks, blk, chunk, BLOCK_O: tl.constexpr,
+                BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr, ACC: tl.constexpr):
+    """Chunk `chunk` (BLOCK_O rows of the outer dimension) of block blk: its tensor t, pointers,
+    mask, and the tensor's thresholds (_tensor_params)."""
+    g_idx = tl.arange(0, BLOCK_G)
     t, outer, groups, inner, b, gg, p = _block(base, meta, blocks, num_blocks, blk, g_idx,
                                                BLOCK_G)
     g = gg[None, :, None]
-    o = chunk * BLOCK_O + o_idx
-    mask = (o < outer) & (g < groups) & (i_idx < inner)
-    return t, p + o * (groups * inner) + g * inner + i_idx, mask
+    o = chunk * BLOCK_O + tl.arange(0, BLOCK_O)[:, None, None]
+    i = tl.arange(0, BLOCK_I)[None, None, :]
+    mask = (o < outer) & (g < groups) & (i < inner)
+    valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
+    return t, p + o * (groups * inner) + g * inner + i, mask, valid, l1, thr, le
 
 
 @triton.jit
@@ -292,15 +296,11 @@ def split_stats_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks
     outer rows of a block, into partial[blk, chunk, 3, BLOCK_G]. Grid: (num_blocks, max_chunks)."""
     blk = tl.program_id(0)
     chunk = tl.program_id(1)
-    o_idx = tl.arange(0, BLOCK_O)[:, None, None]
-    g_idx = tl.arange(0, BLOCK_G)
-    i_idx = tl.arange(0, BLOCK_I)[None, None, :]
-    t, ptrs, mask = _split_tile(base, meta, blocks, num_blocks, blk, chunk, o_idx, g_idx, i_idx,
-                                BLOCK_O, BLOCK_G, BLOCK_I)
-    valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
+    t, ptrs, mask, valid, l1, thr, le = _split_tile(base, meta, lams, blocks, num_blocks, blk,
+                                                    chunk, BLOCK_O, BLOCK_G, BLOCK_I, ACC)
     y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1, WIDE)
     m = tl.abs(y)
-    slot = partial + ((blk * max_chunks + chunk) * 3) * BLOCK_G + g_idx
+    slot = partial + ((blk * max_chunks + chunk) * 3) * BLOCK_G + tl.arange(0, BLOCK_G)
     tl.store(slot, tl.sum(tl.sum(y * y, 2), 0))
     if DO_EXCL:
         tl.store(slot + BLOCK_G, tl.sum(tl.sum(m, 2), 0))
@@ -317,13 +317,10 @@ def split_apply_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks
     chunk. Grid: (num_blocks, max_chunks), run in reverse so the chunks read last come first."""
     blk = num_blocks - 1 - tl.program_id(0)
     chunk = max_chunks - 1 - tl.program_id(1)
-    o_idx = tl.arange(0, BLOCK_O)[:, None, None]
-    g_idx = tl.arange(0, BLOCK_G)
-    i_idx = tl.arange(0, BLOCK_I)[None, None, :]
-    t, ptrs, mask = _split_tile(base, meta, blocks, num_blocks, blk, chunk, o_idx, g_idx, i_idx,
-                                BLOCK_O, BLOCK_G, BLOCK_I)
+    t, ptrs, mask, valid, l1, thr, le = _split_tile(base, meta, lams, blocks, num_blocks, blk,
+                                                    chunk, BLOCK_O, BLOCK_G, BLOCK_I, ACC)
     chunks = tl.load(meta + t * META_COLS + META_CHUNKS)
-    valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
+    g_idx = tl.arange(0, BLOCK_G)
     if valid & (chunk < chunks):
         ss = tl.zeros((BLOCK_G,), ACC)
         sa = ss

@@ -7,9 +7,10 @@ csrc/cpu/group_norms.cpp. Kernel: prox_kernel with NORMS_ONLY (kernels/group_eng
 
 from __future__ import annotations
 
+from .. import _checks
 from . import launch
 
 
 def group_norms(weight, dim):
-    launch.check_weight(weight)
-    return launch.group_norms(weight, launch.check_dims(weight, dim))
+    _checks.check_weight(weight, "group_norms")
+    return launch.group_norms(weight, _checks.normalize_dim(list(dim), weight, "group_norms"))

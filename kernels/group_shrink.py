@@ -10,6 +10,6 @@ from . import _op
 
 
 def group_shrink_(weight, lam, dim, size_weighted):
-    dims = _op.checked(weight, dim)
+    dims = _op.checked(weight, dim, "group_shrink_")
     _op.step(weight, dims, lam_group=lam, size_weighted=size_weighted,
              names=("lam_l1", "lam", "lam_exclusive"))

@@ -25,7 +25,6 @@ from .layout import GroupLayout, analyze, finish, is_dense, to_kept_shape
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 LAM_NAMES = ("lam_l1", "lam_group", "lam_exclusive")
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 TILE_ELEMS = 4096         # elements of a row-like tile (several rows per program when short)
 ONE_TILE_ELEMS = 16384    # a group up to this size is kept in registers: one read, one write
@@ -39,33 +38,9 @@ def _p2(x: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks, in the order and words of the CPU kernels (csrc/cpu/group_layout.cpp), all before any
-# memory is touched. The Python API (fastprox/ops.py) checks first with friendlier messages;
-# these keep direct torch.ops calls on CUDA from reaching a kernel with bad arguments.
-
-def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor")
-    if weight.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got {weight.layout}")
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got "
-                        f"{weight.dtype}")
-    if weight.dim() < 1:
-        raise ValueError(f"{name} must have at least one dimension, got a 0-d tensor")
-
-
-def check_dims(weight: torch.Tensor, dim) -> list[int]:
-    ndim = weight.dim()
-    out: list[int] = []
-    for d in dim:
-        if not -ndim <= d < ndim:
-            raise ValueError(f"dim {d} is out of range for a weight with {ndim} dimensions")
-        if d % ndim in out:
-            raise ValueError(f"dim {d} appears more than once in dim")
-        out.append(d % ndim)
-    return sorted(out)
-
+# Checks beyond fastprox/_checks.py (shared with the Python API), all before any memory is touched:
+# the Python API checks first; these keep direct torch.ops calls on CUDA from reaching a kernel
+# with bad arguments, as the CPU kernels' own checks do (csrc/cpu/group_layout.cpp).
 
 def check_writable(weight: torch.Tensor, name: str = "weight") -> None:
     if torch._debug_has_internal_overlap(weight) == 1:
@@ -201,6 +176,19 @@ def tile_shape(layout: GroupLayout) -> tuple[int, int, int]:
     return bo, bg, bi
 
 
+def takes_split(layouts: list[GroupLayout], tile, flags, any_exact: bool, sms: int) -> bool:
+    """Whether a bucket takes the split path: some group does not fit the tile, the bucket has
+    too few blocks to fill the GPU, every inner run fits (the split cuts the outer dimension
+    only), and the step needs per-group sums (a lone soft threshold needs one sweep, never two)
+    other than the exact exclusive threshold (whose Newton steps need the whole group)."""
+    bo, bg, bi = tile
+    blocks = sum(lay.batch * triton.cdiv(lay.groups, bg) for lay in layouts)
+    return ((flags[1] or flags[2]) and not any_exact
+            and not all(lay.outer <= bo and lay.inner <= bi for lay in layouts)
+            and all(lay.inner <= bi for lay in layouts)
+            and blocks < SPLIT_BELOW_BLOCKS * sms)
+
+
 def sm_count(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 1
@@ -210,10 +198,10 @@ def sm_count(device: torch.device) -> int:
 class Item:
     """One weight of a launch: its layout, thresholds row and flags."""
 
-    __slots__ = ("weight", "dims", "layout", "row", "size_weighted", "exact", "maybe")
+    __slots__ = ("weight", "layout", "row", "size_weighted", "exact", "maybe")
 
-    def __init__(self, weight, dims, layout, row, size_weighted, exact, maybe):
-        self.weight, self.dims, self.layout, self.row = weight, dims, layout, row
+    def __init__(self, weight, layout, row, size_weighted, exact, maybe):
+        self.weight, self.layout, self.row = weight, layout, row
         self.size_weighted, self.exact, self.maybe = size_weighted, exact, maybe
 
 
@@ -305,7 +293,7 @@ def _scratch(items: list[Item]) -> list[Item]:
                                    device=work.device).copy_(work)
         lay = GroupLayout(copy, it.layout.batch, it.layout.outer, it.layout.groups,
                           it.layout.inner)
-        out.append(Item(copy, it.dims, lay, it.row, it.size_weighted, it.exact, it.maybe))
+        out.append(Item(copy, lay, it.row, it.size_weighted, it.exact, it.maybe))
     return out
 
 
@@ -319,12 +307,8 @@ def _launch_bucket(items: list[Item], lams: torch.Tensor, flags, norms=None) -> 
     tile = tile_shape(items[0].layout)
     bo, bg, bi = tile
     any_exact = do_excl and any(it.exact for it in items)
-    total_blocks = sum(it.layout.batch * triton.cdiv(it.layout.groups, bg) for it in items)
-    fits = all(it.layout.outer <= bo and it.layout.inner <= bi for it in items)
-    # The split path cuts the outer dimension only: every inner run must fit the tile.
-    split = (norms is None and not any_exact and not fits
-             and all(it.layout.inner <= bi for it in items)
-             and total_blocks < SPLIT_BELOW_BLOCKS * sm_count(device))
+    split = norms is None and takes_split([it.layout for it in items], tile, flags, any_exact,
+                                          sm_count(device))
     wide = base.dtype == torch.float64
     n_key = _p2(max(it.layout.group_size for it in items)).bit_length()
     g_key = _p2(sum(it.layout.num_groups for it in items)).bit_length()
@@ -392,7 +376,7 @@ def prox_(entries, names, table: torch.Tensor | None = None) -> None:
         if weight.numel() == 0 or not any(maybe[row]):
             continue  # bit-identical: nothing to do
         layout = analyze(weight, dims)
-        it = Item(weight, dims, layout, row, size_weighted, exact, maybe[row])
+        it = Item(weight, layout, row, size_weighted, exact, maybe[row])
         if layout.num_groups == 0 or layout.group_size == 0:
             continue
         buckets.setdefault(_bucket_key(it), []).append(it)
@@ -424,7 +408,7 @@ def group_norms(weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
     norms = torch.empty(layout.num_groups, dtype=weight.dtype, device=weight.device)
     if layout.num_groups:
         zero = torch.zeros(1, 3, dtype=torch.float64, device=weight.device)
-        it = Item(weight, dims, layout, 0, False, False, (False, False, False))
+        it = Item(weight, layout, 0, False, False, (False, False, False))
         _launch_bucket([it], zero, (False, False, False), norms=norms)
     return to_kept_shape(norms, weight, dims, layout)
 

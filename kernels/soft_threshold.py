@@ -7,10 +7,11 @@ kernels/group_engine.py.
 
 from __future__ import annotations
 
+from .. import _checks
 from . import launch
 
 
 def soft_threshold_(weight, lam):
-    launch.check_weight(weight)
+    _checks.check_weight(weight, "soft_threshold_")
     launch.check_writable(weight)
     launch.soft_threshold_(weight, lam)

@@ -11,5 +11,5 @@ from . import _op
 
 
 def sparse_group_shrink_(weight, lam_l1, lam_group, dim, size_weighted):
-    dims = _op.checked(weight, dim)
+    dims = _op.checked(weight, dim, "sparse_group_shrink_")
     _op.step(weight, dims, lam_l1, lam_group, size_weighted=size_weighted)

@@ -19,19 +19,7 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.exit("tests_kernels needs a CUDA device or TRITON_INTERPRET=1 (see the Makefile)",
                 returncode=2)
 
-
-@pytest.fixture(autouse=True)
-def _fresh_seed():
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    yield seed
-
-
-def pytest_runtest_makereport(item, call):
-    if call.excinfo is not None and "_fresh_seed" in item.fixturenames:
-        seed = item.funcargs.get("_fresh_seed")
-        if seed is not None:
-            item.add_report_section(call.when, "seed", f"torch.manual_seed({seed})")
+from fresh_seed import _fresh_seed, pytest_runtest_makereport  # noqa: E402,F401
 
 
 def pytest_configure(config):
