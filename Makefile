@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: build test demo timing bench bench-gpu bench-comm clean
+.PHONY: build test demo timing bench bench-gpu bench-comm compile-gate gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,31 @@ timing: build
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 
+# The compile gate (no GPU needed): every specialization the CUDA entries launch, compiled for
+# sm_90a and sm_80 with the newest Triton (in .venv) and with Triton 3.6.0 (the oldest supported,
+# in a directory of its own put first on PYTHONPATH: never pinned next to a CUDA torch); fails on
+# compile errors, spills and narrow accesses of aligned tiles. Tables in $(GATE_OUT)/.
+TRITON_OLDEST ?= 3.6.0
+TRITON_OLD_DIR ?= .venv-triton-$(TRITON_OLDEST)
+GATE_OUT ?= gate-out
+
+$(TRITON_OLD_DIR)/.installed:
+	$(PY) -m pip install --quiet --no-deps --target $(TRITON_OLD_DIR) triton==$(TRITON_OLDEST)
+	touch $@
+
+compile-gate: build $(TRITON_OLD_DIR)/.installed
+	mkdir -p $(GATE_OUT)
+	$(PY) bench/compile_gate.py --first-call --json $(GATE_OUT)/newest.json \
+		--markdown $(GATE_OUT)/newest.md $(ARGS)
+	PYTHONPATH=$(TRITON_OLD_DIR) $(PY) bench/compile_gate.py --first-call \
+		--json $(GATE_OUT)/triton-$(TRITON_OLDEST).json \
+		--markdown $(GATE_OUT)/triton-$(TRITON_OLDEST).md $(ARGS)
+
+# The GPU check, on a machine with CUDA and its own python3 holding torch and Triton (no venv,
+# no network): build, kernel tests on CUDA, compute-sanitizer, benchmark; results in gpu-out/.
+gpu-check:
+	bash bench/gpu_check.sh $(or $(OUT),gpu-out)
+
 # GPU kernels vs eager / compiled reference vs a device-to-device copy (needs CUDA)
 bench-gpu: build
 	$(PY) bench/gpu_kernels.py $(ARGS)
@@ -50,4 +75,4 @@ bench-comm: build
 	$(PY) bench/comm_distributed.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastprox/*.so demo-out
+	rm -rf $(VENV) $(TRITON_OLD_DIR) build *.egg-info fastprox/*.so demo-out gate-out gpu-out

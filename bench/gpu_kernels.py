@@ -159,7 +159,9 @@ def bench_ops(args, device, bench) -> list[dict]:
                 ref = getattr(reference, _name(op))
                 if not args.no_reference:
                     row["reference_ms"] = bench(_call(ref, op, w, lams, kwargs, dim))
-                if not args.tiny and not args.no_compile:
+                if not args.tiny and not args.no_compile and \
+                        (args.compile_ops is None or op in args.compile_ops) and \
+                        (args.compile_dtypes is None or dtype_name in args.compile_dtypes):
                     compiled = torch.compile(ref, mode=args.compile_mode, dynamic=False)
                     fn = _call(compiled, op, w, lams, kwargs, dim)
                     fn()  # compile outside the timing
@@ -281,6 +283,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--no-models", action="store_true")
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-ops", nargs="*", choices=list(OPS),
+                        help="compile the reference for these operators only (default: all)")
+    parser.add_argument("--compile-dtypes", nargs="*", choices=list(DTYPES),
+                        help="compile the reference in these dtypes only (default: all)")
     parser.add_argument("--out", default=os.path.join(HERE, "gpu-kernels.json"))
     args = parser.parse_args(argv)
 

@@ -8,15 +8,26 @@ one (``base``) by an element offset in a per-tensor table, so one launch covers 
 A program takes *blocks* (BLOCK_G neighbouring groups of one tensor) from a block table,
 persistently, and keeps a tile of BLOCK_O x BLOCK_G x BLOCK_I elements in registers:
 
-* one tile (a whole group fits the tile: rows up to 16K elements, small columns): one read,
-  sums and the exact exclusive Newton iteration on the registers, one write. The floor.
+* one tile (a whole group fits the tile: rows up to 16K elements, 4K in float64, small
+  columns): one read, sums and the exact exclusive Newton iteration on the registers, one
+  write. The floor.
 * looped (longer groups, columns of tall matrices): a statistics sweep over the group, Newton
   sweeps for the exact exclusive threshold, then a rewrite sweep that reads the group again
-  (from L2 while the blocks in flight fit it).
+  (from L2 while the blocks in flight fit it), each over sub-tiles of at most 4K elements
+  (LOOP_O x BLOCK_G x LOOP_I) with elementwise accumulators reduced once per sweep.
 * split (few groups, each long: columns of 16384 x 4096): the outer dimension is cut into chunks
   taken by different programs. ``split_stats_kernel`` writes per-chunk partial sums, then
   ``split_apply_kernel`` folds them per group (in a fixed order: deterministic) and rewrites its
   chunk. Not for the exact exclusive threshold, whose Newton steps need the whole group.
+
+What is compiled is decided on the host (kernels/launch.py) and checked without a GPU by
+bench/compile_gate.py: FIT (one tile, looped, or both chosen per tensor) keeps each
+specialization to the paths its bucket needs; tile sizes and warp counts keep at most 32
+elements per thread in registers (16 for float64), so nothing spills; VEC > 1 tells the
+compiler that the tile's contiguous run and the tensor's offset are multiples of 16 bytes
+(``tl.multiple_of``), which gives 16-byte loads and stores; element offsets are int32 below
+2**31 elements per tensor (OFF64 otherwise). Every integer argument is ``do_not_specialize``:
+shapes and counts never cause a recompile.
 
 Per group, with y = pre(x) (soft threshold by lam_l1 when taken), the rewrite is
 ``y * scale`` then ``sign * max(|.| - tau, 0)``:
@@ -29,21 +40,26 @@ group stays zero. Sums are in float32 for 16-bit weights (WIDE=False) and float6
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 # Columns of the int64 per-tensor table (kernels/launch.py fills it).
-META_OFFSET = 0      # first element, counted from the bucket's base pointer
-META_OUTER = 1
-META_GROUPS = 2
-META_INNER = 3
-META_BLOCKS = 4      # blocks of BLOCK_G groups per batch entry
-META_OUT = 5         # group_norms: index of the tensor's first norm in the output
-META_SIZE_WEIGHTED = 6
-META_EXACT = 7
-META_CHUNKS = 8      # split: chunks of the outer dimension
-META_LAM = 9         # row of the tensor's thresholds in the (T, 3) float64 table
-META_COLS = 10
+# The interpreter runs no PTX: _div falls back to the division it replaces.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
+
+META_OFFSET = tl.constexpr(0)      # first element, counted from the bucket's base pointer
+META_OUTER = tl.constexpr(1)
+META_GROUPS = tl.constexpr(2)
+META_INNER = tl.constexpr(3)
+META_BLOCKS = tl.constexpr(4)      # blocks of BLOCK_G groups per batch entry
+META_OUT = tl.constexpr(5)         # group_norms: index of the tensor's first norm in the output
+META_C = tl.constexpr(6)           # c of the group threshold (sqrt(group size) or 1), float64 bits
+META_EXACT = tl.constexpr(7)
+META_CHUNKS = tl.constexpr(8)      # split: chunks of the outer dimension
+META_LAM = tl.constexpr(9)         # row of the tensor's thresholds in the (T, 3) float64 table
+META_COLS = tl.constexpr(10)
 
 
 @triton.jit
@@ -67,11 +83,57 @@ def _shrink(y, tau, WIDE: tl.constexpr):
 
 @triton.jit
 def _sqrt(x, WIDE: tl.constexpr):
-    """Correctly rounded square root (tl.sqrt is approximate in float32)."""
+    """Square root of x >= 0 (or NaN) to within an ulp, without a call: the approximate
+    reciprocal square root r, y = x r, then one correction y + (x - y y) r / 2 (exact residual by
+    fma). ``sqrt.rn`` would be correctly rounded, but its slow path is a subroutine whose calling
+    convention spills the tile's registers. 0 and inf are returned as they are."""
+    if INTERPRETED:
+        if WIDE:
+            return tl.sqrt(x)
+        else:
+            return tl.sqrt_rn(x)
     if WIDE:
-        return tl.sqrt(x)
+        r = tl.inline_asm_elementwise("rsqrt.approx.ftz.f64 $0, $1;", "=d,d", [x],
+                                      dtype=tl.float64, is_pure=True, pack=1)
+        r = r * tl.fma(-0.5 * x * r, r, 1.5)  # Newton steps: 2^-22 -> 2^-44 -> 2^-88
+        r = r * tl.fma(-0.5 * x * r, r, 1.5)
     else:
-        return tl.sqrt_rn(x)
+        r = tl.math.rsqrt(x)
+    y = x * r
+    y = tl.fma(tl.fma(-y, y, x), 0.5 * r, y)
+    return tl.where((x == 0) | (x == float("inf")), x, y)
+
+
+@triton.jit
+def _div(a, b, WIDE: tl.constexpr):
+    """a / b for the per-group math (a, b >= 0 or NaN). float32: Triton's division. float64:
+    the fast path of IEEE division written out (a refined reciprocal, then one correction of the
+    quotient: within an ulp of a / b, inf for b == 0 < a, 0 for b == inf), because
+    ``div.rn.f64`` calls a subroutine whose calling convention spills the tile's registers."""
+    if WIDE and not INTERPRETED:
+        q = tl.inline_asm_elementwise(
+            """{
+            .reg .f64 r, t, q, e, nb;
+            neg.f64 nb, $2;
+            rcp.approx.ftz.f64 r, $2;
+            fma.rn.f64 t, nb, r, 0d3FF0000000000000;
+            fma.rn.f64 r, r, t, r;
+            fma.rn.f64 t, nb, r, 0d3FF0000000000000;
+            fma.rn.f64 r, r, t, r;
+            mul.rn.f64 q, $1, r;
+            fma.rn.f64 e, nb, q, $1;
+            fma.rn.f64 $0, e, r, q;
+            }""",
+            "=d,d,d", [a, b], dtype=tl.float64, is_pure=True, pack=1)
+        q = tl.where(b == float("inf"), 0.0, q)
+        return tl.where(b == 0, tl.where(a > 0, float("inf"), float("nan")), q)
+    else:
+        return a / b
+
+
+@triton.jit
+def _inv(x, WIDE: tl.constexpr):
+    return _div(tl.full(x.shape, 1.0, x.dtype), x, WIDE)
 
 
 @triton.jit
@@ -85,13 +147,12 @@ def _valid(v):
 def _tensor_params(meta, lams, t, ACC: tl.constexpr):
     """Thresholds of tensor t: (valid, l1, group threshold t = lam_group * c, lam_e, exact)."""
     row = meta + t * META_COLS
-    n = tl.load(row + META_OUTER) * tl.load(row + META_INNER)
     lam_row = lams + tl.load(row + META_LAM) * 3
     l1 = tl.load(lam_row)
     lg = tl.load(lam_row + 1)
     le = tl.load(lam_row + 2)
     valid = _valid(l1) & _valid(lg) & _valid(le)
-    c = tl.where(tl.load(row + META_SIZE_WEIGHTED) != 0, tl.sqrt(n.to(tl.float64)), 1.0)
+    c = tl.load(row + META_C).to(tl.float64, bitcast=True)
     exact = tl.load(row + META_EXACT) != 0
     return valid, l1.to(ACC), (lg * c).to(ACC), le.to(ACC), exact
 
@@ -113,7 +174,7 @@ def _group_params(ss, sa, nz, thr, le, exact, DO_GROUP: tl.constexpr, DO_EXCL: t
     if DO_GROUP:
         norm = _sqrt(ss, WIDE)
         # NaN norms give a NaN scale, inf norms 1, a zero group 0 without dividing by zero.
-        shrunk = tl.where(norm <= thr, 0.0, 1.0 - thr / norm)
+        shrunk = tl.where(norm <= thr, 0.0, 1.0 - _div(thr, norm, WIDE))
         scale = tl.where(thr > 0, shrunk, scale)
     tau = tl.zeros(ss.shape, ss.dtype)
     active = tl.zeros(ss.shape, ss.dtype)
@@ -122,7 +183,7 @@ def _group_params(ss, sa, nz, thr, le, exact, DO_GROUP: tl.constexpr, DO_EXCL: t
         l1n = sa * scale  # ||.||_1 of the values the exclusive step sees
         is_nan = l1n != l1n
         dead = ((l1n * 0 != 0) & ~is_nan) | (scale == 0)  # inf group, or shrunk to zero
-        first = tl.where(nz > 0, l1n / (1.0 / le + nz), 0.0)  # first Newton step from tau = 0
+        first = tl.where(nz > 0, _div(l1n, _inv(le, WIDE) + nz, WIDE), 0.0)  # from tau = 0
         bound = tl.where(l1n > 0, le * l1n, 0.0)              # CGES's update
         on = le > 0
         tau = tl.where(exact, first, bound)
@@ -136,160 +197,250 @@ def _group_params(ss, sa, nz, thr, le, exact, DO_GROUP: tl.constexpr, DO_EXCL: t
 
 
 @triton.jit
-def _newton(tau, active, iterate, s_above, c_above, le):
+def _newton(tau, active, iterate, s_above, c_above, le, WIDE: tl.constexpr):
     """One Newton step of the exact exclusive threshold, from the sum and count of the
     magnitudes above tau. The active count strictly falls until the active set stops changing,
     which ends the iteration (at most n steps; a handful in practice)."""
     stop = ~(c_above < active) | (c_above == 0)
     step = iterate & ~stop
-    tau = tl.where(step, tl.maximum(tau, s_above / (1.0 / le + c_above)), tau)
+    tau = tl.where(step, tl.maximum(tau, _div(s_above, _inv(le, WIDE) + c_above, WIDE)), tau)
     active = tl.where(step, c_above, active)
     return tau, active, step
 
 
 @triton.jit
-def _block(base, meta, blocks, num_blocks, blk, g_idx, BLOCK_G: tl.constexpr):
+def _block(base, meta, blocks, num_blocks, blk, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
+           VEC: tl.constexpr, OFF64: tl.constexpr):
     """Block blk of a bucket: its tensor t, the tensor's (outer, groups, inner), the batch entry
-    b, the indices gg of its groups, and the pointer p to element [b][0][0][0]."""
+    b, the index g0 of its first group, and the pointer p to element [b][0][0][0].
+
+    Element offsets from p are int32 unless OFF64 (a tensor of 2**31 elements or more). With
+    VEC > 1 the host has checked that the tensor's offset and its contiguous run (inner, or
+    groups when inner == 1) are multiples of VEC elements and that base is 16-byte aligned, and
+    the hints below let the compiler use 16-byte loads and stores."""
     t = tl.load(blocks + blk)
     local = tl.load(blocks + num_blocks + blk)
     row = meta + t * META_COLS
+    offset = tl.load(row + META_OFFSET)
     outer = tl.load(row + META_OUTER)
     groups = tl.load(row + META_GROUPS)
     inner = tl.load(row + META_INNER)
-    per_batch = tl.load(row + META_BLOCKS)
+    per_batch = tl.load(row + META_BLOCKS).to(tl.int32)  # int32: 64-bit division is a call
     b = local // per_batch
-    gg = (local % per_batch) * BLOCK_G + g_idx
-    p = base + tl.load(row + META_OFFSET) + b * (outer * groups * inner)
-    return t, outer, groups, inner, b, gg, p
+    if not OFF64:
+        outer = outer.to(tl.int32)
+        groups = groups.to(tl.int32)
+        inner = inner.to(tl.int32)
+    if VEC > 1:
+        offset = tl.multiple_of(offset, VEC)
+        if BLOCK_I == 1:
+            groups = tl.multiple_of(groups, VEC)
+        else:
+            inner = tl.multiple_of(inner, VEC)
+    g0 = (local % per_batch) * BLOCK_G
+    p = base + offset + b.to(tl.int64) * outer * groups * inner
+    return t, outer, groups, inner, b, g0, p
 
 
 @triton.jit
+def _load(ptrs, mask):
+    """A masked load of weight elements. Streamed: cached in L2 only (.cg), which also marks the
+    weight's loads in the PTX for the static checks of bench/compile_gate.py."""
+    return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _tile(o, g, i, outer, groups, inner, BLOCK_I: tl.constexpr):
+    """Element offsets (from p) and mask of the tile {[o][g][i]}: o (BO,1,1), g (1,BG,1),
+    i (1,1,BI). With BLOCK_I == 1 the layout has inner == 1 (tile_shape never gives a 1 otherwise)
+    and the contiguous axis is g."""
+    mask = (o < outer) & (g < groups) & (i < inner)
+    if BLOCK_I == 1:
+        off = o * groups + g
+    else:
+        off = (o * groups + g) * inner + i
+    return off, mask
+
+
+@triton.jit
+def _sums_loop(p, outer, groups, inner, g, l1, lo, li, LOOP_O: tl.constexpr,
+               BLOCK_G: tl.constexpr, LOOP_I: tl.constexpr, BLOCK_I: tl.constexpr,
+               DO_L1: tl.constexpr, DO_EXCL: tl.constexpr, WIDE: tl.constexpr,
+               ACC: tl.constexpr):
+    """Per-group sums of squares, |.| and nonzeros of pre(x), streamed in tiles of
+    LOOP_O x BLOCK_G x LOOP_I elements, accumulated elementwise and reduced once."""
+    ss = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
+    sa = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
+    nz = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
+    for o0 in range(0, outer, LOOP_O):
+        for i0 in range(0, inner, LOOP_I):
+            off, mask = _tile(o0 + lo, g, i0 + li, outer, groups, inner, BLOCK_I)
+            y = _pre(_load(p + off, mask).to(ACC), l1, DO_L1, WIDE)
+            ss += y * y
+            if DO_EXCL:
+                m = tl.abs(y)
+                sa += m
+                nz += (m > 0).to(ACC)
+    return (tl.sum(tl.sum(ss, 2), 0), tl.sum(tl.sum(sa, 2), 0), tl.sum(tl.sum(nz, 2), 0))
+
+
+@triton.jit
+def _rewrite(y, scale, tau, DO_GROUP: tl.constexpr, DO_EXCL: tl.constexpr, WIDE: tl.constexpr):
+    if DO_GROUP:
+        y = y * scale[None, :, None]
+    if DO_EXCL:
+        y = _shrink(y, tau[None, :, None], WIDE)
+    return y
+
+
+@triton.jit
+def _store_norms(norms, meta, t, b, groups, gg, ss, WIDE: tl.constexpr):
+    out = norms + tl.load(meta + t * META_COLS + META_OUT) + b * groups + gg
+    tl.store(out, _sqrt(ss, WIDE).to(norms.dtype.element_ty), mask=gg < groups)
+
+
+@triton.jit
+def _fused_group(p, meta, norms, t, b, outer, groups, inner, gg, l1, thr, le, exact,
+                 BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, DO_L1: tl.constexpr,
+                 DO_GROUP: tl.constexpr, DO_EXCL: tl.constexpr, NORMS_ONLY: tl.constexpr,
+                 WIDE: tl.constexpr, ACC: tl.constexpr):
+    """Blocks whose groups fit the tile: one read into registers, the sums, the group scale and
+    the exact exclusive threshold there (Newton steps over the registers), one write."""
+    o = tl.arange(0, BLOCK_O)[:, None, None]
+    i = tl.arange(0, BLOCK_I)[None, None, :]
+    off, mask = _tile(o, gg[None, :, None], i, outer, groups, inner, BLOCK_I)
+    y = _pre(_load(p + off, mask).to(ACC), l1, DO_L1, WIDE)
+    ss = tl.sum(tl.sum(y * y, 2), 0)
+    if NORMS_ONLY:
+        _store_norms(norms, meta, t, b, groups, gg, ss, WIDE)
+    else:
+        sa = ss
+        nz = ss
+        if DO_EXCL:
+            m = tl.abs(y)
+            sa = tl.sum(tl.sum(m, 2), 0)
+            nz = tl.sum(tl.sum((m > 0).to(ACC), 2), 0)
+        scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact, DO_GROUP,
+                                                    DO_EXCL, WIDE)
+        if DO_EXCL:
+            while tl.max(iterate.to(tl.int32), 0) > 0:
+                ms = tl.abs(y) * scale[None, :, None]
+                above = ms > tau[None, :, None]
+                s_above = tl.sum(tl.sum(tl.where(above, ms, 0.0), 2), 0)
+                c_above = tl.sum(tl.sum(above.to(ACC), 2), 0)
+                tau, active, iterate = _newton(tau, active, iterate, s_above, c_above, le, WIDE)
+        y = _rewrite(y, scale, tau, DO_GROUP, DO_EXCL, WIDE)
+        tl.store(p + off, y.to(p.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _looped_group(p, meta, norms, t, b, outer, groups, inner, gg, l1, thr, le, exact,
+                  LOOP_O: tl.constexpr, BLOCK_G: tl.constexpr, LOOP_I: tl.constexpr,
+                  BLOCK_I: tl.constexpr, DO_L1: tl.constexpr, DO_GROUP: tl.constexpr,
+                  DO_EXCL: tl.constexpr, NORMS_ONLY: tl.constexpr, WIDE: tl.constexpr,
+                  ACC: tl.constexpr):
+    """Blocks whose groups do not fit: a sums sweep, a sweep per Newton step of the exact
+    exclusive threshold, then a rewrite sweep (the block's second read, from L2 while the blocks
+    in flight fit it), each over LOOP_O x BLOCK_G x LOOP_I tiles."""
+    lo = tl.arange(0, LOOP_O)[:, None, None]
+    li = tl.arange(0, LOOP_I)[None, None, :]
+    g = gg[None, :, None]
+    zero = tl.zeros((BLOCK_G,), ACC)
+    ss = zero
+    sa = zero
+    nz = zero
+    if DO_GROUP or DO_EXCL or NORMS_ONLY:
+        ss, sa, nz = _sums_loop(p, outer, groups, inner, g, l1, lo, li, LOOP_O, BLOCK_G, LOOP_I,
+                                BLOCK_I, DO_L1, DO_EXCL, WIDE, ACC)
+    if NORMS_ONLY:
+        _store_norms(norms, meta, t, b, groups, gg, ss, WIDE)
+    else:
+        scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact, DO_GROUP,
+                                                    DO_EXCL, WIDE)
+        if DO_EXCL:
+            while tl.max(iterate.to(tl.int32), 0) > 0:
+                s_t = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
+                c_t = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
+                for o0 in range(0, outer, LOOP_O):
+                    for i0 in range(0, inner, LOOP_I):
+                        off, mask = _tile(o0 + lo, g, i0 + li, outer, groups, inner, BLOCK_I)
+                        x = _load(p + off, mask).to(ACC)
+                        ms = tl.abs(_pre(x, l1, DO_L1, WIDE)) * scale[None, :, None]
+                        above = ms > tau[None, :, None]
+                        s_t += tl.where(above, ms, 0.0)
+                        c_t += above.to(ACC)
+                tau, active, iterate = _newton(tau, active, iterate, tl.sum(tl.sum(s_t, 2), 0),
+                                               tl.sum(tl.sum(c_t, 2), 0), le, WIDE)
+        for o0 in range(0, outer, LOOP_O):
+            for i0 in range(0, inner, LOOP_I):
+                off, mask = _tile(o0 + lo, g, i0 + li, outer, groups, inner, BLOCK_I)
+                y = _pre(_load(p + off, mask).to(ACC), l1, DO_L1, WIDE)
+                y = _rewrite(y, scale, tau, DO_GROUP, DO_EXCL, WIDE)
+                tl.store(p + off, y.to(p.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_blocks", "per_program"])
 def prox_kernel(base, meta, lams, blocks, norms, num_blocks, per_program,
                 BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
+                LOOP_O: tl.constexpr, LOOP_I: tl.constexpr, FIT: tl.constexpr,
+                VEC: tl.constexpr, OFF64: tl.constexpr,
                 DO_L1: tl.constexpr, DO_GROUP: tl.constexpr,
                 DO_EXCL: tl.constexpr, NORMS_ONLY: tl.constexpr, WIDE: tl.constexpr,
                 ACC: tl.constexpr):
-    """One proximal step (or, NORMS_ONLY, the group norms) of every block of a bucket."""
-    NEED_SUMS: tl.constexpr = DO_GROUP or DO_EXCL or NORMS_ONLY
-    o_idx = tl.arange(0, BLOCK_O)[:, None, None]
-    g_idx = tl.arange(0, BLOCK_G)
-    i_idx = tl.arange(0, BLOCK_I)[None, None, :]
+    """One proximal step (or, NORMS_ONLY, the group norms) of every block of a bucket.
+
+    FIT: 1 every tensor's groups fit the BLOCK_O x BLOCK_G x BLOCK_I tile (_fused_group), 2 none
+    does (_looped_group), 3 some do: both, chosen per tensor. Only the paths a bucket needs are
+    compiled, so each holds in registers only what it uses."""
     # Persistent: program p takes blocks p, p + grid, p + 2 grid, ...
     for k in range(0, per_program):
         blk = tl.program_id(0) + k * tl.num_programs(0)
         if blk < num_blocks:
-            t, outer, groups, inner, b, gg, p = _block(base, meta, blocks, num_blocks, blk,
-                                                       g_idx, BLOCK_G)
-            row = meta + t * META_COLS
-            g = gg[None, :, None]
-            row_stride = groups * inner
+            t, outer, groups, inner, b, g0, p = _block(base, meta, blocks, num_blocks, blk,
+                                                       BLOCK_G, BLOCK_I, VEC, OFF64)
+            gg = g0 + tl.arange(0, BLOCK_G)
             valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
-            if valid:
-                if (outer <= BLOCK_O) & (inner <= BLOCK_I):  # the whole group in registers
-                    mask = (o_idx < outer) & (g < groups) & (i_idx < inner)
-                    ptrs = p + o_idx * row_stride + g * inner + i_idx
-                    y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1, WIDE)
-                    ss = tl.sum(tl.sum(y * y, 2), 0)
-                    if NORMS_ONLY:
-                        out = norms + tl.load(row + META_OUT) + b * groups + gg
-                        tl.store(out, _sqrt(ss, WIDE).to(norms.dtype.element_ty), mask=gg < groups)
-                    else:
-                        m = tl.abs(y)
-                        sa = tl.sum(tl.sum(m, 2), 0)
-                        nz = tl.sum(tl.sum((m > 0).to(ACC), 2), 0)
-                        scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact,
-                                                                    DO_GROUP, DO_EXCL, WIDE)
-                        if DO_EXCL:
-                            ms = m * scale[None, :, None]
-                            while tl.max(iterate.to(tl.int32), 0) > 0:
-                                above = ms > tau[None, :, None]
-                                s_above = tl.sum(tl.sum(tl.where(above, ms, 0.0), 2), 0)
-                                c_above = tl.sum(tl.sum(above.to(ACC), 2), 0)
-                                tau, active, iterate = _newton(tau, active, iterate, s_above,
-                                                               c_above, le)
-                        if DO_GROUP:
-                            y = y * scale[None, :, None]
-                        if DO_EXCL:
-                            y = _shrink(y, tau[None, :, None], WIDE)
-                        tl.store(ptrs, y.to(base.dtype.element_ty), mask=mask)
-                else:
-                    zero = tl.zeros((BLOCK_G,), ACC)
-                    ss = zero
-                    sa = zero
-                    nz = zero
-                    if NEED_SUMS:
-                        for o0 in range(0, outer, BLOCK_O):
-                            for i0 in range(0, inner, BLOCK_I):
-                                o = o0 + o_idx
-                                i = i0 + i_idx
-                                mask = (o < outer) & (g < groups) & (i < inner)
-                                x = tl.load(p + o * row_stride + g * inner + i, mask=mask,
-                                            other=0.0)
-                                y = _pre(x.to(ACC), l1, DO_L1, WIDE)
-                                ss += tl.sum(tl.sum(y * y, 2), 0)
-                                if DO_EXCL:
-                                    m = tl.abs(y)
-                                    sa += tl.sum(tl.sum(m, 2), 0)
-                                    nz += tl.sum(tl.sum((m > 0).to(ACC), 2), 0)
-                    if NORMS_ONLY:
-                        out = norms + tl.load(row + META_OUT) + b * groups + gg
-                        tl.store(out, _sqrt(ss, WIDE).to(norms.dtype.element_ty), mask=gg < groups)
-                    else:
-                        scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact,
-                                                                    DO_GROUP, DO_EXCL, WIDE)
-                        if DO_EXCL:
-                            while tl.max(iterate.to(tl.int32), 0) > 0:
-                                s_above = zero
-                                c_above = zero
-                                for o0 in range(0, outer, BLOCK_O):
-                                    for i0 in range(0, inner, BLOCK_I):
-                                        o = o0 + o_idx
-                                        i = i0 + i_idx
-                                        mask = (o < outer) & (g < groups) & (i < inner)
-                                        x = tl.load(p + o * row_stride + g * inner + i, mask=mask,
-                                                    other=0.0)
-                                        ms = tl.abs(_pre(x.to(ACC), l1, DO_L1, WIDE))
-                                        ms = ms * scale[None, :, None]
-                                        above = ms > tau[None, :, None]
-                                        s_above += tl.sum(tl.sum(tl.where(above, ms, 0.0), 2), 0)
-                                        c_above += tl.sum(tl.sum(above.to(ACC), 2), 0)
-                                tau, active, iterate = _newton(tau, active, iterate, s_above,
-                                                               c_above, le)
-                        for o0 in range(0, outer, BLOCK_O):
-                            for i0 in range(0, inner, BLOCK_I):
-                                o = o0 + o_idx
-                                i = i0 + i_idx
-                                mask = (o < outer) & (g < groups) & (i < inner)
-                                ptrs = p + o * row_stride + g * inner + i
-                                y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1,
-                                         WIDE)
-                                if DO_GROUP:
-                                    y = y * scale[None, :, None]
-                                if DO_EXCL:
-                                    y = _shrink(y, tau[None, :, None], WIDE)
-                                tl.store(ptrs, y.to(base.dtype.element_ty), mask=mask)
+            if FIT == 1:
+                if valid:
+                    _fused_group(p, meta, norms, t, b, outer, groups, inner, gg, l1, thr, le,
+                                 exact, BLOCK_O, BLOCK_I, DO_L1, DO_GROUP, DO_EXCL, NORMS_ONLY,
+                                 WIDE, ACC)
+            elif FIT == 2:
+                if valid:
+                    _looped_group(p, meta, norms, t, b, outer, groups, inner, gg, l1, thr, le,
+                                  exact, LOOP_O, BLOCK_G, LOOP_I, BLOCK_I, DO_L1, DO_GROUP,
+                                  DO_EXCL, NORMS_ONLY, WIDE, ACC)
+            else:
+                if valid & (outer <= BLOCK_O) & (inner <= BLOCK_I):
+                    _fused_group(p, meta, norms, t, b, outer, groups, inner, gg, l1, thr, le,
+                                 exact, BLOCK_O, BLOCK_I, DO_L1, DO_GROUP, DO_EXCL, NORMS_ONLY,
+                                 WIDE, ACC)
+                elif valid:
+                    _looped_group(p, meta, norms, t, b, outer, groups, inner, gg, l1, thr, le,
+                                  exact, LOOP_O, BLOCK_G, LOOP_I, BLOCK_I, DO_L1, DO_GROUP,
+                                  DO_EXCL, NORMS_ONLY, WIDE, ACC)
 
 
 @triton.jit
 def _split_tile(base, meta, lams, blocks, num_blocks, blk, chunk, BLOCK_O: tl.constexpr,
-                BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr, ACC: tl.constexpr):
+                BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr, VEC: tl.constexpr,
+                OFF64: tl.constexpr, ACC: tl.constexpr):
     """Chunk `chunk` (BLOCK_O rows of the outer dimension) of block blk: its tensor t, pointers,
     mask, and the tensor's thresholds (_tensor_params)."""
-    g_idx = tl.arange(0, BLOCK_G)
-    t, outer, groups, inner, b, gg, p = _block(base, meta, blocks, num_blocks, blk, g_idx,
-                                               BLOCK_G)
-    g = gg[None, :, None]
+    t, outer, groups, inner, b, g0, p = _block(base, meta, blocks, num_blocks, blk, BLOCK_G,
+                                               BLOCK_I, VEC, OFF64)
+    g = g0 + tl.arange(0, BLOCK_G)[None, :, None]
     o = chunk * BLOCK_O + tl.arange(0, BLOCK_O)[:, None, None]
     i = tl.arange(0, BLOCK_I)[None, None, :]
-    mask = (o < outer) & (g < groups) & (i < inner)
+    off, mask = _tile(o, g, i, outer, groups, inner, BLOCK_I)
     valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
-    return t, p + o * (groups * inner) + g * inner + i, mask, valid, l1, thr, le
+    return t, p + off, mask, valid, l1, thr, le
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks", "max_chunks"])
 def split_stats_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks,
                        BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
+                       VEC: tl.constexpr, OFF64: tl.constexpr,
                        DO_L1: tl.constexpr, DO_EXCL: tl.constexpr, WIDE: tl.constexpr,
                        ACC: tl.constexpr):
     """Split path, first launch: partial sums (squares, |.|, nonzeros) of one chunk of BLOCK_O
@@ -297,19 +448,21 @@ def split_stats_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks
     blk = tl.program_id(0)
     chunk = tl.program_id(1)
     t, ptrs, mask, valid, l1, thr, le = _split_tile(base, meta, lams, blocks, num_blocks, blk,
-                                                    chunk, BLOCK_O, BLOCK_G, BLOCK_I, ACC)
-    y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1, WIDE)
-    m = tl.abs(y)
+                                                    chunk, BLOCK_O, BLOCK_G, BLOCK_I, VEC, OFF64,
+                                                    ACC)
+    y = _pre(_load(ptrs, mask).to(ACC), l1, DO_L1, WIDE)
     slot = partial + ((blk * max_chunks + chunk) * 3) * BLOCK_G + tl.arange(0, BLOCK_G)
     tl.store(slot, tl.sum(tl.sum(y * y, 2), 0))
     if DO_EXCL:
+        m = tl.abs(y)
         tl.store(slot + BLOCK_G, tl.sum(tl.sum(m, 2), 0))
         tl.store(slot + 2 * BLOCK_G, tl.sum(tl.sum((m > 0).to(ACC), 2), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks", "max_chunks"])
 def split_apply_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks,
                        BLOCK_O: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr,
+                       VEC: tl.constexpr, OFF64: tl.constexpr,
                        CHUNKS_P2: tl.constexpr, DO_L1: tl.constexpr, DO_GROUP: tl.constexpr,
                        DO_EXCL: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr):
     """Split path, second launch: folds the partial sums of the block's groups over its chunks
@@ -318,39 +471,40 @@ def split_apply_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks
     blk = num_blocks - 1 - tl.program_id(0)
     chunk = max_chunks - 1 - tl.program_id(1)
     t, ptrs, mask, valid, l1, thr, le = _split_tile(base, meta, lams, blocks, num_blocks, blk,
-                                                    chunk, BLOCK_O, BLOCK_G, BLOCK_I, ACC)
+                                                    chunk, BLOCK_O, BLOCK_G, BLOCK_I, VEC, OFF64,
+                                                    ACC)
     chunks = tl.load(meta + t * META_COLS + META_CHUNKS)
     g_idx = tl.arange(0, BLOCK_G)
     if valid & (chunk < chunks):
-        ss = tl.zeros((BLOCK_G,), ACC)
+        ss = tl.zeros((CHUNKS_P2, BLOCK_G), ACC)
         sa = ss
         nz = ss
         for c0 in range(0, chunks, CHUNKS_P2):
             c_idx = c0 + tl.arange(0, CHUNKS_P2)[:, None]
             slots = partial + ((blk * max_chunks + c_idx) * 3) * BLOCK_G + g_idx[None, :]
             used = c_idx < chunks
-            ss += tl.sum(tl.load(slots, mask=used, other=0.0), 0)
+            ss += tl.load(slots, mask=used, other=0.0)
             if DO_EXCL:
-                sa += tl.sum(tl.load(slots + BLOCK_G, mask=used, other=0.0), 0)
-                nz += tl.sum(tl.load(slots + 2 * BLOCK_G, mask=used, other=0.0), 0)
+                sa += tl.load(slots + BLOCK_G, mask=used, other=0.0)
+                nz += tl.load(slots + 2 * BLOCK_G, mask=used, other=0.0)
         exact = valid & ~valid  # the split path serves the bound only (module docstring)
-        scale, tau, active, iterate = _group_params(ss, sa, nz, thr, le, exact, DO_GROUP,
-                                                    DO_EXCL, WIDE)
-        y = _pre(tl.load(ptrs, mask=mask, other=0.0).to(ACC), l1, DO_L1, WIDE)
-        if DO_GROUP:
-            y = y * scale[None, :, None]
-        if DO_EXCL:
-            y = _shrink(y, tau[None, :, None], WIDE)
+        scale, tau, active, iterate = _group_params(tl.sum(ss, 0), tl.sum(sa, 0), tl.sum(nz, 0),
+                                                    thr, le, exact, DO_GROUP, DO_EXCL, WIDE)
+        y = _pre(_load(ptrs, mask).to(ACC), l1, DO_L1, WIDE)
+        y = _rewrite(y, scale, tau, DO_GROUP, DO_EXCL, WIDE)
         tl.store(ptrs, y.to(base.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def soft_threshold_kernel(ptr, numel, lams, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-                          ACC: tl.constexpr):
-    """w <- sign(w) * max(|w| - lam, 0) over the memory span of a dense weight."""
+@triton.jit(do_not_specialize=["numel_vec"])
+def soft_threshold_kernel(ptr, numel_vec, lams, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                          WIDE: tl.constexpr, ACC: tl.constexpr):
+    """w <- sign(w) * max(|w| - lam, 0) over the memory span of a dense weight of
+    numel_vec * VEC elements. With VEC > 1 the host has checked that ptr is 16-byte aligned:
+    16-byte accesses (the mask is constant over each VEC elements)."""
     lam = tl.load(lams)
     if _valid(lam):
+        n = numel_vec.to(tl.int64) * VEC
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        x = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+        mask = offs < n
+        x = _load(ptr + offs, mask).to(ACC)
         tl.store(ptr + offs, _shrink(x, lam.to(ACC), WIDE).to(ptr.dtype.element_ty), mask=mask)

@@ -12,6 +12,7 @@ step uploads nothing and reads nothing back.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 
@@ -28,9 +29,20 @@ LAM_NAMES = ("lam_l1", "lam_group", "lam_exclusive")
 
 TILE_ELEMS = 4096         # elements of a row-like tile (several rows per program when short)
 ONE_TILE_ELEMS = 16384    # a group up to this size is kept in registers: one read, one write
+                          # (a quarter as many for float64)
+LOOP_ELEMS = 4096         # tile of the looped sweeps over groups that do not fit
 PROGRAMS_PER_SM = 4       # persistent grid of prox_kernel
 SPLIT_BELOW_BLOCKS = 2    # a bucket with fewer blocks than this many per SM takes the split path
-SPLIT_CHUNK_ROWS = 64     # split path: outer rows per program (times BLOCK_G x BLOCK_I elements)
+SPLIT_ELEMS = 4096        # split path: elements per program (outer rows x BLOCK_G x BLOCK_I)
+SOFT_BLOCK = 2048         # soft_threshold_kernel: elements per program
+# Elements per thread a tile may hold in registers without spilling (checked for every
+# specialization by bench/compile_gate.py): with 16-byte accesses and 32-bit sums; halved for
+# element-wise accesses (a 64-bit address per element) and for 64-bit offsets, a quarter for
+# float64 (values, sums and per-group state take two registers each).
+# The looped sweeps' sub-tiles hold three accumulators per element: they get half the tile cap.
+ELEMS_PER_THREAD = 32
+MAX_WARPS = {False: 16, True: 8}  # float64: 16 warps leave 128 registers a thread, too few
+OFF32_LIMIT = 2 ** 31     # per-element offsets are int32 below this many elements per tensor
 
 
 def _p2(x: int) -> int:
@@ -159,21 +171,79 @@ uploads = _Uploads()
 # ---------------------------------------------------------------------------------------------
 # Tile shapes and buckets.
 
-def tile_shape(layout: GroupLayout) -> tuple[int, int, int]:
-    """(BLOCK_O, BLOCK_G, BLOCK_I) for a layout. Row-like groups (long contiguous runs) get the
-    run in the tile's last axis and several short rows per program; column-like groups (short
-    runs: columns, conv input channels) get neighbouring groups side by side, so that a tile row
-    is a contiguous stretch of memory, and many outer rows per tile."""
+def elems_per_thread(wide: bool, vec: int, off64: bool) -> int:
+    per = ELEMS_PER_THREAD // (1 if vec > 1 else 2)
+    return per // (4 if wide else 1) // (2 if off64 else 1)
+
+
+def tile_cap(wide: bool, vec: int, off64: bool, warps: int = 16) -> int:
+    """The most elements one program of at most ``warps`` warps may hold in registers."""
+    return min(ONE_TILE_ELEMS,
+               elems_per_thread(wide, vec, off64) * 32 * min(warps, MAX_WARPS[wide]))
+
+
+WIDE_ROWS_PER_TILE = 4  # float64 rows per tile: every thread holds the per-group state of its rows
+
+
+def tile_shape(layout: GroupLayout, cap: int, cap_tall: int | None = None,
+               wide: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_O, BLOCK_G, BLOCK_I) for a layout, at most ``cap`` elements (``cap_tall`` for
+    tiles of several outer rows, whose buckets often mix groups that fit with groups that do not:
+    both paths in one kernel, which runs with 8 warps at most). Row-like groups (long contiguous
+    runs) get the run in the tile's last axis and several short rows per program; column-like
+    groups (short runs: columns, conv input channels) get neighbouring groups side by side, so
+    that a tile row is a contiguous stretch of memory, and many outer rows per tile.
+    BLOCK_I == 1 only when inner == 1 (the kernels rely on it)."""
     outer, groups, inner = layout.outer, layout.groups, layout.inner
+    if outer > 1:
+        cap = cap_tall or cap
     if inner >= 64 or outer == 1:
-        bi = min(_p2(inner), ONE_TILE_ELEMS)
-        bg = max(1, min(_p2(groups), TILE_ELEMS // bi))
-        bo = 1 if outer == 1 else max(1, ONE_TILE_ELEMS // (bg * bi))
+        bi = min(_p2(inner), cap)
+        bg = max(1, min(_p2(groups), min(TILE_ELEMS, cap) // bi))
+        bg = min(bg, WIDE_ROWS_PER_TILE) if wide else bg
+        bo = 1 if outer == 1 else max(1, cap // (bg * bi))
     else:
         bi = _p2(inner)
         bg = max(1, min(_p2(groups), 64 // bi))
-        bo = max(1, ONE_TILE_ELEMS // (bg * bi))
+        bo = max(1, cap // (bg * bi))
     return bo, bg, bi
+
+
+def choose_tile(layout: GroupLayout, base: torch.Tensor) -> tuple[tuple[int, int, int], int]:
+    """(tile, VEC) of a weight whose bucket starts at ``base``: the largest tile its accesses
+    allow (16-byte ones if it is aligned, element-wise ones otherwise)."""
+    wide = layout.work.dtype == torch.float64
+    off64 = is_off64(layout)
+    vec = 16 // layout.work.element_size()
+    tile = tile_shape(layout, tile_cap(wide, vec, off64), tile_cap(wide, vec, off64, 8), wide)
+    vec = vector_width(layout, tile, base)
+    if vec == 1:
+        tile = tile_shape(layout, tile_cap(wide, 1, off64), tile_cap(wide, 1, off64, 8), wide)
+    return tile, vec
+
+
+def is_off64(layout: GroupLayout) -> bool:
+    return layout.outer * layout.groups * layout.inner >= OFF32_LIMIT
+
+
+def loop_tile(tile, cap: int) -> tuple[int, int]:
+    """(LOOP_O, LOOP_I): the sub-tile of the looped sweeps, at most LOOP_ELEMS elements and half
+    the tile cap (its accumulators)."""
+    bo, bg, bi = tile
+    elems = min(LOOP_ELEMS, cap // 2)
+    li = min(bi, max(1, elems // bg))
+    lo = min(bo, max(1, elems // (bg * li)))
+    return lo, li
+
+
+def split_rows(tile, cap: int) -> int:
+    """Outer rows per program of the split path: at most SPLIT_ELEMS elements and the cap of a
+    program of 8 warps."""
+    return max(1, min(SPLIT_ELEMS, cap) // (tile[1] * tile[2]))
+
+
+def fits(layout: GroupLayout, tile) -> bool:
+    return layout.outer <= tile[0] and layout.inner <= tile[2]
 
 
 def takes_split(layouts: list[GroupLayout], tile, flags, any_exact: bool, sms: int) -> bool:
@@ -184,7 +254,7 @@ def takes_split(layouts: list[GroupLayout], tile, flags, any_exact: bool, sms: i
     bo, bg, bi = tile
     blocks = sum(lay.batch * triton.cdiv(lay.groups, bg) for lay in layouts)
     return ((flags[1] or flags[2]) and not any_exact
-            and not all(lay.outer <= bo and lay.inner <= bi for lay in layouts)
+            and not all(fits(lay, tile) for lay in layouts)
             and all(lay.inner <= bi for lay in layouts)
             and blocks < SPLIT_BELOW_BLOCKS * sms)
 
@@ -193,6 +263,27 @@ def sm_count(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def address(t: torch.Tensor) -> int:
+    """The address of a tensor's first element (for a meta tensor, as if its storage were
+    16-byte aligned, as allocations are)."""
+    if t.device.type == "meta":
+        return t.storage_offset() * t.element_size()
+    return t.data_ptr()
+
+
+def vector_width(layout: GroupLayout, tile, base: torch.Tensor) -> int:
+    """Elements per 16-byte access the kernels may assume for this weight: 16 // itemsize when
+    the bucket's base is 16-byte aligned, the weight starts a whole number of 16-byte words
+    after it, and the tile's contiguous run (inner, or groups when inner == 1) is a multiple of
+    16 bytes; else 1 (element-wise accesses, still correct)."""
+    size = base.element_size()
+    vec = 16 // size
+    run, extent = (layout.groups, tile[1]) if tile[2] == 1 else (layout.inner, tile[2])
+    ok = (address(base) % 16 == 0 and (address(layout.work) - address(base)) % 16 == 0
+          and run % vec == 0 and extent >= vec)
+    return vec if ok else 1
 
 
 class Item:
@@ -214,27 +305,28 @@ def _tables(items: list[Item], tile, split_rows: int):
     key = [tile, split_rows, base.dtype]
     for it in items:
         lay = it.layout
-        key.append((lay.work.data_ptr(), lay.batch, lay.outer, lay.groups, lay.inner,
+        key.append((address(lay.work), lay.batch, lay.outer, lay.groups, lay.inner,
                     it.size_weighted, it.exact, it.row))
 
     def build():
-        meta = torch.zeros(len(items), engine.META_COLS, dtype=torch.int64)
+        meta = torch.zeros(len(items), engine.META_COLS.value, dtype=torch.int64)
         ts, locals_ = [], []
         out = 0
         for t, it in enumerate(items):
             lay = it.layout
             per_batch = triton.cdiv(lay.groups, bg)
             chunks = triton.cdiv(lay.outer, split_rows) if split_rows else 1
-            meta[t, engine.META_OFFSET] = (lay.work.data_ptr() - base.data_ptr()) // size
-            meta[t, engine.META_OUTER] = lay.outer
-            meta[t, engine.META_GROUPS] = lay.groups
-            meta[t, engine.META_INNER] = lay.inner
-            meta[t, engine.META_BLOCKS] = per_batch
-            meta[t, engine.META_OUT] = out
-            meta[t, engine.META_SIZE_WEIGHTED] = int(it.size_weighted)
-            meta[t, engine.META_EXACT] = int(it.exact)
-            meta[t, engine.META_CHUNKS] = chunks
-            meta[t, engine.META_LAM] = it.row
+            meta[t, engine.META_OFFSET.value] = (address(lay.work) - address(base)) // size
+            meta[t, engine.META_OUTER.value] = lay.outer
+            meta[t, engine.META_GROUPS.value] = lay.groups
+            meta[t, engine.META_INNER.value] = lay.inner
+            meta[t, engine.META_BLOCKS.value] = per_batch
+            meta[t, engine.META_OUT.value] = out
+            c = math.sqrt(lay.group_size) if it.size_weighted else 1.0
+            meta[t, engine.META_C.value] = torch.tensor(c, dtype=torch.float64).view(torch.int64)
+            meta[t, engine.META_EXACT.value] = int(it.exact)
+            meta[t, engine.META_CHUNKS.value] = chunks
+            meta[t, engine.META_LAM.value] = it.row
             count = lay.batch * per_batch
             ts.append(torch.full((count,), t, dtype=torch.int32))
             locals_.append(torch.arange(count, dtype=torch.int32))
@@ -247,7 +339,8 @@ def _tables(items: list[Item], tile, split_rows: int):
 
 def _bucket_key(it: Item):
     lay = it.layout
-    return (lay.work.dtype, tile_shape(lay))
+    tile, vec = choose_tile(lay, lay.work)
+    return (lay.work.dtype, tile, vec > 1, is_off64(lay))
 
 
 def _acc(dtype):
@@ -257,19 +350,165 @@ def _acc(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# Launch plans: what the GPU runs, computed on the host from layouts alone. The same plans are
+# compiled ahead of time, without a GPU, by bench/compile_gate.py (on meta tensors).
+
+@dataclasses.dataclass
+class Launch:
+    kernel: str              # a @triton.jit function of kernels/group_engine.py
+    grid: tuple
+    args: tuple              # run-time arguments, in order (tensors and ints)
+    constexprs: dict
+    configs: list            # launch configurations ({"num_warps": w}); timed when several
+
+    def run(self, config, args=None):
+        getattr(engine, self.kernel)[self.grid](*(args or self.args), **self.constexprs,
+                                                **config)
+
+
+def warp_configs(paths, wide: bool, vec: int = 1, max_warps: int = 16) -> list[dict]:
+    """The warp counts a kernel may run with. ``paths``: (elements in registers, elements per
+    thread allowed) of each code path compiled in. The two smallest counts that keep every path
+    within its allowance, preferring those that give each thread at least ``vec`` elements (one
+    16-byte access)."""
+    if INTERPRET:
+        return [dict(num_warps=4)]
+    counts = [w for w in (1, 2, 4, 8, 16) if w <= min(MAX_WARPS[wide], max_warps)]
+    fit = [w for w in counts if all(e <= per * 32 * w for e, per in paths)] or counts[-1:]
+    if fit[0] <= 8:  # 16 warps (128 registers a thread) only for tiles that need them
+        fit = [w for w in fit if w <= 8]
+    # no more warps than the tile has elements for (idle threads), beyond the fewest that fit
+    fit = [w for w in fit if w == fit[0] or all(e >= 32 * w for e, _ in paths)]
+    wide_enough = [w for w in fit if all(e >= vec * 32 * w for e, _ in paths)]
+    return [dict(num_warps=w, maxnreg=max_registers(w, wide)) for w in (wide_enough or fit)[:2]]
+
+
+def max_registers(warps: int, wide: bool = False) -> int:
+    """Registers a thread may use, given to ptxas (.maxnreg): all that one program per SM may
+    have (255 up to 8 warps, 128 at 16). Left without it, ptxas trades a few spilled values for
+    occupancy (seen: 80 registers and 48 bytes of spills where 89 registers spill nothing)."""
+    return min(255, 65536 // (32 * warps))
+
+
+class Tables:
+    """Where a plan's tables come from: uploaded once per distinct launch (a GPU run) or built
+    on the CPU (a plan compiled without a GPU)."""
+
+    def __init__(self, device, upload: bool):
+        self.device, self.upload = device, upload
+
+    def get(self, key, build):
+        if self.upload:
+            return uploads.get(key, self.device, build)
+        return build()
+
+    def empty(self, n, dtype):
+        return torch.empty(n, dtype=dtype, device=self.device if self.upload else "cpu")
+
+    def zeros(self, n, dtype):
+        return torch.zeros(n, dtype=dtype, device=self.device if self.upload else "cpu")
+
+
+def plan_bucket(items: list[Item], lams: torch.Tensor, flags, sms: int, tables: Tables,
+                norms=None) -> tuple[list[Launch], tuple]:
+    """The launches of one bucket (weights of one dtype, tile and alignment) and its tuning key."""
+    do_l1, do_group, do_excl = flags
+    work = items[0].layout.work
+    tile, _ = choose_tile(items[0].layout, work)
+    bo, bg, bi = tile
+    layouts = [it.layout for it in items]
+    any_exact = do_excl and any(it.exact for it in items)
+    split = norms is None and takes_split(layouts, tile, flags, any_exact, sms)
+    wide = work.dtype == torch.float64
+    vec = min(vector_width(lay, tile, work) for lay in layouts)
+    off64 = any(is_off64(lay) for lay in layouts)
+    per = elems_per_thread(wide, vec, off64)
+    common = dict(VEC=vec, OFF64=off64, DO_L1=do_l1, DO_EXCL=do_excl, WIDE=wide,
+                  ACC=_acc(work.dtype))
+    n_key = _p2(max(lay.group_size for lay in layouts)).bit_length()
+    g_key = _p2(sum(lay.num_groups for lay in layouts)).bit_length()
+    tune_key = ("split" if split else "fused", work.dtype, tile, flags, norms is not None,
+                n_key, g_key, vec, str(work.device))
+    if split:
+        rows = split_rows(tile, tile_cap(wide, vec, off64, 8)) if not INTERPRET else 4
+        key, build = _tables(items, (rows, bg, bi), rows)
+        meta, blocks = tables.get(key, build)
+        num_blocks = blocks.shape[1]
+        chunks = max(triton.cdiv(lay.outer, rows) for lay in layouts)
+        partial = tables.empty(num_blocks * chunks * 3 * bg,
+                               torch.float64 if wide else torch.float32)
+        configs = warp_configs([(rows * bg * bi, per)], wide, vec)
+        shape = dict(BLOCK_O=rows, BLOCK_G=bg, BLOCK_I=bi)
+        args = (work, meta, lams, blocks, partial, num_blocks, chunks)
+        return [Launch("split_stats_kernel", (num_blocks, chunks), args, dict(**shape, **common),
+                       configs),
+                Launch("split_apply_kernel", (num_blocks, chunks), args,
+                       dict(**shape, **common, CHUNKS_P2=min(_p2(chunks), 64),
+                            DO_GROUP=do_group), configs)], tune_key
+    key, build = _tables(items, tile, 0)
+    meta, blocks = tables.get(key, build)
+    num_blocks = blocks.shape[1]
+    grid = max(1, min(num_blocks, PROGRAMS_PER_SM * sms))
+    if INTERPRET:
+        grid = min(num_blocks, 3)  # a few programs: the persistent loop is exercised
+    fit = [fits(lay, tile) for lay in layouts]
+    fit_mode = 1 if all(fit) else 2 if not any(fit) else 3
+    lo, li = loop_tile(tile, tile_cap(wide, vec, off64))
+    paths = ([(bo * bg * bi, per)] if fit_mode != 2 else []) + \
+        ([(lo * bg * li, per // 2)] if fit_mode != 1 else [])
+    args = (work, meta, lams, blocks, work if norms is None else norms, num_blocks,
+            triton.cdiv(num_blocks, grid))
+    constexprs = dict(BLOCK_O=bo, BLOCK_G=bg, BLOCK_I=bi, LOOP_O=lo, LOOP_I=li, FIT=fit_mode,
+                      DO_GROUP=do_group, NORMS_ONLY=norms is not None, **common)
+    # The looped sweeps keep per-group state beside their accumulators: at 16 warps (128
+    # registers a thread) they spill, so a kernel that holds them runs with 8 at most.
+    configs = warp_configs(paths, wide, vec, 8 if fit_mode != 1 else MAX_WARPS[wide])
+    return [Launch("prox_kernel", (grid,), args, constexprs, configs)], \
+        tune_key + (fit_mode,)
+
+
+def plan_prox(entries, table: torch.Tensor, maybe, sms: int, tables: Tables):
+    """The launches of one proximal step (``prox_``'s arguments, checked): per bucket, its items,
+    flags (which thresholds may be nonzero), launches and tuning key."""
+    buckets: dict = {}
+    for row, (weight, dims, _, size_weighted, exact) in enumerate(entries):
+        if weight.numel() == 0 or not any(maybe[row]):
+            continue  # bit-identical: nothing to do
+        layout = analyze(weight, dims)
+        it = Item(weight, layout, row, size_weighted, exact, maybe[row])
+        if layout.num_groups == 0 or layout.group_size == 0:
+            continue
+        buckets.setdefault(_bucket_key(it), []).append(it)
+    plans = []
+    for items in buckets.values():
+        for same in _by_offset(items):
+            flags = tuple(any(it.maybe[k] for it in same) for k in range(3))
+            plans.append((same, flags, *plan_bucket(same, table, flags, sms, tables)))
+    return plans
+
+
+def plan_group_norms(weight, layout, sms: int, tables: Tables, norms):
+    zero = tables.zeros(3, torch.float64).view(1, 3)  # valid thresholds
+    it = Item(weight, layout, 0, False, False, (False, False, False))
+    return plan_bucket([it], zero, (False, False, False), sms, tables, norms=norms)[0]
+
+
+def plan_soft_threshold(work: torch.Tensor, table: torch.Tensor) -> Launch:
+    wide = work.dtype == torch.float64
+    vec = 16 // work.element_size()
+    vec = vec if address(work) % 16 == 0 and work.numel() % vec == 0 else 1
+    return Launch("soft_threshold_kernel", (triton.cdiv(work.numel(), SOFT_BLOCK),),
+                  (work, work.numel() // vec, table),
+                  dict(BLOCK=SOFT_BLOCK, VEC=vec, WIDE=wide, ACC=_acc(work.dtype)),
+                  warp_configs([(SOFT_BLOCK, elems_per_thread(wide, vec, False))], wide,
+                               vec)[:1])
+
+
+# ---------------------------------------------------------------------------------------------
 # Tuning: a small set of launch configurations per kernel, timed once per key (group size and
 # group count, rounded to powers of two) on scratch copies: the kernels work in place.
 
 _tuned: dict = {}
-
-
-def _configs(tile) -> list[dict]:
-    elems = tile[0] * tile[1] * tile[2]
-    if INTERPRET:
-        return [dict(num_warps=4)]
-    if elems >= 8192:
-        return [dict(num_warps=8), dict(num_warps=16)]
-    return [dict(num_warps=4), dict(num_warps=8)]
 
 
 def _choose(key, configs, trial):
@@ -300,62 +539,19 @@ def _scratch(items: list[Item]) -> list[Item]:
 # ---------------------------------------------------------------------------------------------
 # Launches.
 
-def _launch_bucket(items: list[Item], lams: torch.Tensor, flags, norms=None) -> None:
-    do_l1, do_group, do_excl = flags
-    base = items[0].layout.work
-    device = base.device
-    tile = tile_shape(items[0].layout)
-    bo, bg, bi = tile
-    any_exact = do_excl and any(it.exact for it in items)
-    split = norms is None and takes_split([it.layout for it in items], tile, flags, any_exact,
-                                          sm_count(device))
-    wide = base.dtype == torch.float64
-    n_key = _p2(max(it.layout.group_size for it in items)).bit_length()
-    g_key = _p2(sum(it.layout.num_groups for it in items)).bit_length()
-    kind = "split" if split else "fused"
-    tune_key = (kind, base.dtype, tile, flags, norms is not None, n_key, g_key, device)
-
-    if split:
-        rows = SPLIT_CHUNK_ROWS if not INTERPRET else 4
-        tile = (rows, bg, bi)
-
-        def run(its, config):
-            key, build = _tables(its, tile, rows)
-            meta, blocks = uploads.get(key, device, build)
-            num_blocks = blocks.shape[1]
-            chunks = max(triton.cdiv(it.layout.outer, rows) for it in its)
-            partial = torch.empty(num_blocks * chunks * 3 * bg, device=device,
-                                  dtype=torch.float64 if wide else torch.float32)
-            work = its[0].layout.work
-            common = dict(BLOCK_O=rows, BLOCK_G=bg, BLOCK_I=bi, DO_L1=do_l1, DO_EXCL=do_excl,
-                          WIDE=wide, ACC=_acc(work.dtype), **config)
-            engine.split_stats_kernel[(num_blocks, chunks)](
-                work, meta, lams, blocks, partial, num_blocks, chunks, **common)
-            engine.split_apply_kernel[(num_blocks, chunks)](
-                work, meta, lams, blocks, partial, num_blocks, chunks,
-                CHUNKS_P2=min(_p2(chunks), 64), DO_GROUP=do_group, **common)
-    else:
-        def run(its, config):
-            key, build = _tables(its, tile, 0)
-            meta, blocks = uploads.get(key, device, build)
-            num_blocks = blocks.shape[1]
-            grid = max(1, min(num_blocks, PROGRAMS_PER_SM * sm_count(device)))
-            if INTERPRET:
-                grid = min(num_blocks, 3)  # a few programs: the persistent loop is exercised
-            work = its[0].layout.work
-            engine.prox_kernel[(grid,)](
-                work, meta, lams, blocks, work if norms is None else norms, num_blocks,
-                triton.cdiv(num_blocks, grid),
-                BLOCK_O=bo, BLOCK_G=bg, BLOCK_I=bi, DO_L1=do_l1, DO_GROUP=do_group,
-                DO_EXCL=do_excl, NORMS_ONLY=norms is not None, WIDE=wide,
-                ACC=_acc(work.dtype), **config)
-
-    configs = _configs(tile)
-    if norms is not None or len(configs) == 1:
+def _run_bucket(items, launches: list[Launch], tune_key, replan) -> None:
+    """Runs a bucket's launches with the configuration tuned for its key; replan(items) gives
+    the launches of the same bucket for other tensors (the scratch copies of a trial)."""
+    configs = launches[0].configs
+    if len(configs) == 1:
         config = configs[0]
     else:
-        config = _choose(tune_key, configs, lambda c: run(_scratch(items), c))
-    run(items, config)
+        def trial(c):
+            for launch in replan(_scratch(items)):
+                launch.run(c)
+        config = _choose(tune_key, configs, trial)
+    for launch in launches:
+        launch.run(config)
 
 
 def prox_(entries, names, table: torch.Tensor | None = None) -> None:
@@ -370,34 +566,26 @@ def prox_(entries, names, table: torch.Tensor | None = None) -> None:
         table, maybe = lam_table([e[2] for e in entries], device, names)
     else:
         maybe = [(True, True, True)] * len(entries)
-    buckets: dict = {}
-    done = []
-    for row, (weight, dims, _, size_weighted, exact) in enumerate(entries):
-        if weight.numel() == 0 or not any(maybe[row]):
-            continue  # bit-identical: nothing to do
-        layout = analyze(weight, dims)
-        it = Item(weight, layout, row, size_weighted, exact, maybe[row])
-        if layout.num_groups == 0 or layout.group_size == 0:
-            continue
-        buckets.setdefault(_bucket_key(it), []).append(it)
-        done.append(it)
-    for items in buckets.values():
-        _group_by_offset(items, table)
-    for it in done:
-        finish(it.weight, it.layout)
+    sms = sm_count(device)
+    tables = Tables(device, upload=True)
+    plans = plan_prox(entries, table, maybe, sms, tables)
+    for items, flags, launches, tune_key in plans:
+        _run_bucket(items, launches, tune_key,
+                    lambda its, f=flags: plan_bucket(its, table, f, sms, tables)[0])
+    for items, _, _, _ in plans:
+        for it in items:
+            finish(it.weight, it.layout)
 
 
-def _group_by_offset(items: list[Item], table) -> None:
-    """Launches a bucket; weights whose address is not a whole number of elements away from the
-    first one's (possible only for unusual storage offsets) get launches of their own."""
+def _by_offset(items: list[Item]) -> list[list[Item]]:
+    """A bucket's weights by launch: those whose address is not a whole number of elements away
+    from the first one's (possible only for unusual storage offsets) get launches of their
+    own."""
     size = items[0].layout.work.element_size()
-    base = items[0].layout.work.data_ptr()
-    same = [it for it in items if (it.layout.work.data_ptr() - base) % size == 0]
-    rest = [it for it in items if (it.layout.work.data_ptr() - base) % size != 0]
-    flags = tuple(any(it.maybe[k] for it in same) for k in range(3))
-    _launch_bucket(same, table, flags)
-    if rest:
-        _group_by_offset(rest, table)
+    base = address(items[0].layout.work)
+    same = [it for it in items if (address(it.layout.work) - base) % size == 0]
+    rest = [it for it in items if (address(it.layout.work) - base) % size != 0]
+    return [same] + (_by_offset(rest) if rest else [])
 
 
 def group_norms(weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -407,9 +595,9 @@ def group_norms(weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
     layout = analyze(weight, dims)
     norms = torch.empty(layout.num_groups, dtype=weight.dtype, device=weight.device)
     if layout.num_groups:
-        zero = torch.zeros(1, 3, dtype=torch.float64, device=weight.device)
-        it = Item(weight, layout, 0, False, False, (False, False, False))
-        _launch_bucket([it], zero, (False, False, False), norms=norms)
+        for launch in plan_group_norms(weight, layout, sm_count(weight.device),
+                                       Tables(weight.device, upload=True), norms):
+            launch.run(launch.configs[0])
     return to_kept_shape(norms, weight, dims, layout)
 
 
@@ -419,9 +607,7 @@ def soft_threshold_(weight: torch.Tensor, lam) -> None:
     if weight.numel() == 0 or not maybe[0][0]:
         return
     work = weight if is_dense(weight) else weight.contiguous()
-    block = 1024
-    engine.soft_threshold_kernel[(triton.cdiv(work.numel(), block),)](
-        work, work.numel(), table, BLOCK=block, WIDE=work.dtype == torch.float64,
-        ACC=_acc(work.dtype), num_warps=4)
+    launch = plan_soft_threshold(work, table)
+    launch.run(launch.configs[0])
     if work is not weight:
         weight.copy_(work)

@@ -23,3 +23,11 @@ def test_bench_script_tiny(tmp_path):
     assert [m["model"] for m in result["models"]] == ["resnet50", "gpt2-small"]
     for m in result["models"]:
         assert 1 <= m["launches"] <= 4
+    # the report of bench/gpu_report.py (gpu_check.sh's summary) reads the same JSON
+    spec = importlib.util.spec_from_file_location(
+        "gpu_report", os.path.join(HERE, "..", "bench", "gpu_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    text = report.report(result)
+    assert text.count("\n| ") == len(result["ops"]) + len(result["models"]) + 2
+    assert "Targets met:" in text

@@ -12,6 +12,7 @@ import torch
 from fastprox import reference
 from helpers import TOLERANCES, random_weight
 from kernel_calls import DEVICE, INTERPRET, call, foreach_prox_, group_norms
+from layouts import LAYOUTS
 
 from fastprox.kernels import launch
 
@@ -31,21 +32,6 @@ OPS = [
 GROUPED = [o for o in OPS if o[0] != "soft_threshold_"]
 IDS = [f"{o[0]}{'-' + '-'.join(f'{k}={v}' for k, v in o[2].items()) if o[2] else ''}" for o in OPS]
 GROUPED_IDS = [i for i, o in zip(IDS, OPS) if o[0] != "soft_threshold_"]
-
-# (shape, dim): rows, columns, conv filters / input channels / positions, 3-D and 4-D groups
-LAYOUTS = [
-    ((7, 37), 1),
-    ((37, 7), 0),
-    ((6, 5, 3, 3), (1, 2, 3)),
-    ((6, 5, 3, 3), (0, 2, 3)),
-    ((6, 5, 3, 3), 0),
-    ((4, 5, 6), (0, 2)),
-    ((3, 4, 5, 6), (1, 3)),   # K R K R in logical order: through the kept-first copy
-    ((5, 70), 0),
-    ((1, 1), 1),
-    ((9,), 0),
-]
-
 
 @pytest.fixture(params=["tile", "looped", "split"])
 def path(request, monkeypatch):
@@ -237,16 +223,16 @@ def test_foreach_matches_single_ops():
 
 def _plan(shapes_dims, dtype, sms=132):
     """The launches foreach_prox_ makes for a group lasso step on a parameter list, on a GPU of
-    `sms` SMs (layouts only: meta tensors)."""
-    buckets = {}
+    `sms` SMs: the launcher's own plan, on meta tensors."""
+    entries = []
     for shape, dim in shapes_dims:
         w = torch.empty(shape, dtype=dtype, device="meta")
-        dims = [d % w.dim() for d in ((dim,) if isinstance(dim, int) else dim)]
-        lay = launch.analyze(w, sorted(dims))
-        buckets.setdefault((w.dtype, launch.tile_shape(lay)), []).append(lay)
-    flags = (False, True, False)
-    return sum(2 if launch.takes_split(lays, tile, flags, False, sms) else 1
-               for (_, tile), lays in buckets.items())
+        dims = sorted(d % w.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+        entries.append((w, dims, (0.0, 0.1, 0.0), True, True))
+    table = torch.zeros(len(entries), 3, dtype=torch.float64)
+    flags = [(False, True, False)] * len(entries)
+    plans = launch.plan_prox(entries, table, flags, sms, launch.Tables("cpu", upload=False))
+    return sum(len(launches) for _, _, launches, _ in plans)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -106,3 +106,37 @@ def test_cuda_tensor_threshold_checked():
     with pytest.raises(ValueError, match="finite number >= 0"):
         fastprox.group_shrink_(w, torch.tensor(-1.0, device="cuda"))
     assert torch.equal(w, before)
+
+
+@needs_gpu
+def test_gpu_compiles_what_the_gate_compiles(monkeypatch):
+    """Every launch of a real step on this GPU (tuning trials included) is a specialization that
+    bench/compile_gate.py derives from the same shapes on meta tensors: what the gate compiles
+    without a GPU is what runs."""
+    import dataclasses
+
+    import compile_gate as gate
+
+    from fastprox.kernels import launch
+
+    seen = []
+    run = launch.Launch.run
+
+    def record(self, config, args=None):
+        seen.append(dataclasses.replace(self, configs=[config], args=args or self.args))
+        return run(self, config, args)
+
+    monkeypatch.setattr(launch.Launch, "run", record)
+    shapes = [((256, 512), (0,)), ((64, 32, 3, 3), (0, 2, 3)), ((48, 4096), (1,)),
+              ((3, 20000), (1,)), ((4096, 64), (0,))]
+    weights = [torch.randn(s, device="cuda") for s, _ in shapes]
+    dims = [d for _, d in shapes]
+    fastprox.foreach_prox_(weights, lam_group=0.1, dim=dims)
+    fastprox.foreach_prox_(weights, lam_l1=0.01, lam_group=0.1, lam_exclusive=0.01, dim=dims)
+    major, minor = torch.cuda.get_device_capability()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    got = {s for lau in seen for s in gate.specs_of(lau, 10 * major + minor)}
+    meta = [(torch.empty(s, device="meta"), d) for s, d in shapes]
+    want = {s for lau in gate.plans(meta, ["group", "all"], sms)
+            for s in gate.specs_of(lau, 10 * major + minor)}
+    assert got and got <= want, got - want
