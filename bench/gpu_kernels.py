@@ -136,11 +136,10 @@ def _fastprox_call(op, w, lams, kwargs, dim):
     return lambda: entry(w, *lam_t, dims, *extra)
 
 
-def bench_ops(args, device, bench) -> list[dict]:
+def bench_ops(args, device, bench, records: list, save=lambda: None) -> list[dict]:
     from fastprox import reference
 
     shapes = TINY_SHAPES if args.tiny else SHAPES
-    records = []
     for shape_name in args.shapes or shapes:
         shape, dim = shapes[shape_name]
         for dtype_name in args.dtypes:
@@ -168,6 +167,7 @@ def bench_ops(args, device, bench) -> list[dict]:
                     row["compiled_ms"] = bench(fn)
                 _derive(row)
                 records.append(row)
+                save()
                 print(_row_line(row), flush=True)
     return records
 
@@ -218,13 +218,12 @@ def _count_launches(fn) -> int:
     return len(seen)
 
 
-def bench_models(args, device, bench) -> list[dict]:
+def bench_models(args, device, bench, records: list, save=lambda: None) -> list[dict]:
     import fastprox
     from fastprox import reference
     from model_shapes import gpt2_small_weights, resnet50_weights
 
     models = {"resnet50": resnet50_weights, "gpt2-small": gpt2_small_weights}
-    records = []
     for model, layout in models.items():
         for dtype_name in args.dtypes:
             if INTERPRET and dtype_name == "bf16":
@@ -270,6 +269,7 @@ def bench_models(args, device, bench) -> list[dict]:
                   f"{row['foreach_ms']:.3f} | {row['foreach_gbps']:.0f} | {row['of_copy']:.0%} | "
                   f"{row['loop_ms']:.3f} | {row['loop_over_foreach']:.1f}x |", flush=True)
             records.append(row)
+            save()
     return records
 
 
@@ -300,17 +300,20 @@ def main(argv=None) -> dict:
     print("| operator | weight | dtype | fastprox ms | GB/s | of copy | copy ms | ref ms | "
           "compiled ms | vs ref | vs compiled |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    result = dict(machine=machine, ops=[], models=[])
+
+    def save():  # after every row: a run cut short keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     with torch.no_grad():
-        ops = bench_ops(args, device, bench)
-        models = []
+        bench_ops(args, device, bench, result["ops"], save)
         if not args.no_models:
             print("\n| model | dtype | tensors | launches | foreach ms | GB/s | of copy | loop ms | "
                   "loop / foreach |")
             print("|---|---|---|---|---|---|---|---|---|")
-            models = bench_models(args, device, bench)
-    result = dict(machine=machine, ops=ops, models=models)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+            bench_models(args, device, bench, result["models"], save)
+    save()
     print(f"written: {args.out}")
     return result
 
