@@ -37,6 +37,8 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, never the interpreter
+# Triton 3.9 warns in every process that fp fusion is on by default; say so (the same code).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
