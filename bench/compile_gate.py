@@ -42,7 +42,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -185,10 +184,6 @@ def engine_pointer(kernel: str) -> str:
     return "ptr" if kernel == "soft_threshold_kernel" else "base"
 
 
-def _address(t: torch.Tensor) -> int:
-    return launch.address(t)
-
-
 def specs_of(lau: launch.Launch, capability: int) -> list[Spec]:
     fn = getattr(engine, lau.kernel)
     runtime = [p for p in fn.params if not p.is_constexpr]
@@ -198,7 +193,7 @@ def specs_of(lau: launch.Launch, capability: int) -> list[Spec]:
     sig, aligned = [], []
     for p, value in zip(runtime, lau.args):
         if isinstance(value, torch.Tensor):
-            if _address(value) % 16 == 0:  # the JIT's pointer specialization ("D")
+            if launch.address(value) % 16 == 0:  # the JIT's pointer specialization ("D")
                 aligned.append(p.name)
         else:
             # Every integer argument is do_not_specialize: its type depends on its range only.

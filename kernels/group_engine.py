@@ -22,8 +22,10 @@ persistently, and keeps a tile of BLOCK_O x BLOCK_G x BLOCK_I elements in regist
 
 What is compiled is decided on the host (kernels/launch.py) and checked without a GPU by
 bench/compile_gate.py: FIT (one tile, looped, or both chosen per tensor) keeps each
-specialization to the paths its bucket needs; tile sizes and warp counts keep at most 32
-elements per thread in registers (16 for float64), so nothing spills; VEC > 1 tells the
+specialization to the paths its bucket needs; tile sizes and warp counts bound the elements a
+thread holds in registers (kernels/launch.py: elems_per_thread), so nothing spills; no
+subroutine is called (64-bit division, ``sqrt.rn``, ``div.rn.f64``: their calling convention
+spills the tile, see _sqrt and _div); VEC > 1 tells the
 compiler that the tile's contiguous run and the tensor's offset are multiples of 16 bytes
 (``tl.multiple_of``), which gives 16-byte loads and stores; element offsets are int32 below
 2**31 elements per tensor (OFF64 otherwise). Every integer argument is ``do_not_specialize``:

@@ -2,8 +2,8 @@
 tuning and launches. The kernels themselves are in kernels/group_engine.py.
 
 Every in-place operator, one weight or a list, goes through ``prox_``: weights are bucketed by
-dtype and tile shape, and each bucket is one launch of ``prox_kernel`` (two for the split path),
-whatever the number of weights in it. Nothing here synchronises with the GPU except the check
+dtype, tile shape and alignment, and each bucket is one launch of ``prox_kernel`` (two for the
+split path), whatever the number of weights in it. Nothing here synchronises with the GPU except the check
 of thresholds given as CUDA tensors outside CUDA graph capture, and the tables a launch needs
 are uploaded once and reused: a step captured in a CUDA graph after one eager call of the same
 step uploads nothing and reads nothing back.
@@ -361,9 +361,8 @@ class Launch:
     constexprs: dict
     configs: list            # launch configurations ({"num_warps": w}); timed when several
 
-    def run(self, config, args=None):
-        getattr(engine, self.kernel)[self.grid](*(args or self.args), **self.constexprs,
-                                                **config)
+    def run(self, config):
+        getattr(engine, self.kernel)[self.grid](*self.args, **self.constexprs, **config)
 
 
 def warp_configs(paths, wide: bool, vec: int = 1, max_warps: int = 16) -> list[dict]:
