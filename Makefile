@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: build test demo timing bench bench-gpu bench-comm compile-gate gpu-check clean
+.PHONY: build test demo bench bench-gpu bench-comm compile-gate gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,6 @@ test: build
 
 demo: build
 	$(PY) -m fastprox $(ARGS)
-
-timing: build
-	$(PY) -m fastprox.timing
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
@@ -66,7 +63,7 @@ compile-gate: build $(TRITON_OLD_DIR)/.installed
 gpu-check:
 	bash bench/gpu_check.sh $(or $(OUT),gpu-out)
 
-# GPU kernels vs eager / compiled reference vs a device-to-device copy (needs CUDA)
+# the harness on CUDA: fastprox vs eager / compiled user code vs a device-to-device copy
 bench-gpu: build
 	$(PY) bench/gpu_kernels.py $(ARGS)
 

@@ -1,10 +1,12 @@
-// Schemas of every fastprox operator, defined once. Kernels register per device:
-// csrc/cpu/*.cpp (CPU), kernels/*.py (CUDA). Fake (meta) implementations live in
-// fastprox/_registry.py; the math contract is ../shared/SPEC.md and fastprox/ops.py.
+// Schemas of fastprox's two operators, defined once: group_norms and the fused in-place step
+// foreach_prox_, of which the public in-place operators are presets (fastprox/operators.py).
+// Kernels register per device: csrc/cpu/*.cpp (CPU), kernels/*.py (CUDA), and the reference
+// (fastprox/reference.py) for every other device. Fake (meta) implementations live in
+// fastprox/_registry.py; the math contract is docs/SPEC.md.
 //
-// Mutating ops take the weight as Tensor(a!) and return nothing (a custom op may not return
-// its mutated input); the Python wrappers return the weight. Thresholds travel as 0-d tensors
-// so that changing them under torch.compile does not recompile the graph.
+// The mutating op takes the weights as Tensor(a!)[] and returns nothing (a custom op may not
+// return its mutated input); the Python wrappers return the weights. Thresholds travel in a
+// tensor so that changing them under torch.compile does not recompile the graph.
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -14,20 +16,12 @@
 
 TORCH_LIBRARY(fastprox, m) {
   m.def("group_norms(Tensor weight, int[] dim) -> Tensor");
-  m.def("group_shrink_(Tensor(a!) weight, Tensor lam, int[] dim, bool size_weighted) -> ()");
-  m.def("soft_threshold_(Tensor(a!) weight, Tensor lam) -> ()");
-  m.def(
-      "sparse_group_shrink_(Tensor(a!) weight, Tensor lam_l1, Tensor lam_group, int[] dim, "
-      "bool size_weighted) -> ()");
-  m.def("exclusive_shrink_(Tensor(a!) weight, Tensor lam, int[] dim, bool exact) -> ()");
-  m.def(
-      "cges_shrink_(Tensor(a!) weight, Tensor lam_group, Tensor lam_exclusive, int[] dim, "
-      "bool size_weighted, bool exact) -> ()");
   // One step per tensor of a list (per tensor: lams[i] = (lam_l1, lam_group, lam_exclusive);
-  // its reduced dims are the next dim_counts[i] entries of dims). csrc/cpu/foreach_prox.cpp.
+  // its reduced dims are the next dim_counts[i] entries of dims). `caller` and `lam_names` name
+  // the calling function and its three thresholds in error messages. csrc/cpu/foreach_prox.cpp.
   m.def(
       "foreach_prox_(Tensor(a!)[] weights, Tensor lams, int[] dims, int[] dim_counts, "
-      "bool[] size_weighted, bool[] exact) -> ()");
+      "bool[] size_weighted, bool[] exact, str caller, str[] lam_names) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight
@@ -55,10 +49,7 @@ static void bump_mutated_versions(const c10::OperatorHandle& op, c10::DispatchKe
 }
 
 TORCH_LIBRARY_IMPL(fastprox, ADInplaceOrView, m) {
-  for (const char* op : {"group_shrink_", "soft_threshold_", "sparse_group_shrink_",
-                         "exclusive_shrink_", "cges_shrink_", "foreach_prox_"}) {
-    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
-  }
+  m.impl("foreach_prox_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
 }
 
 // A Python module only so that `import fastprox._C` loads the library and runs the registrations

@@ -1,5 +1,4 @@
-"""python -m fastprox: the demo (``fastprox.demo``); ``python -m fastprox.timing`` times the
-operators on one large weight."""
+"""python -m fastprox: the demo (``fastprox.demo``)."""
 
 from .demo import main
 

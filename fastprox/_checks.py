@@ -1,4 +1,5 @@
-"""Argument checks of the public API: every one runs before any memory is touched.
+"""Argument checks of the public API (every one runs before any memory is touched) and the
+per-tensor argument helpers of the list operators.
 
 They look only at metadata (types, dtypes, shapes, devices), so they cost nothing under
 torch.compile. The value of a threshold (negative, NaN, inf) is checked by the kernel, which
@@ -72,11 +73,16 @@ def as_threshold(value, name: str, weight: torch.Tensor, fn: str) -> torch.Tenso
             raise ValueError(f"{fn}: {name} is on {value.device} but weight is on "
                              f"{weight.device}; use a CPU tensor or the weight's device")
         return value
+    check_number(value, name, fn)
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def check_number(value, name: str, fn: str) -> None:
+    """A threshold given as a Python number (its value is checked by the kernel)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat,
                                                          torch.SymInt)):
         raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got "
                         f"{type(value).__name__}")
-    return torch.tensor(value, dtype=torch.float64)
 
 
 def check_grad(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
@@ -93,3 +99,36 @@ def check_grad(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
             f"{fn}: {name} requires grad and has a grad_fn, but the proximal step has no "
             "derivative; apply it under torch.no_grad() (as after optimizer.step())"
         )
+
+
+def check_flag(value, name: str, fn: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def is_threshold(value) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dim() == 0) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool))
+
+
+def is_dim_spec(value) -> bool:
+    return value is None or isinstance(value, (numbers.Integral, tuple, torch.Size))
+
+
+def per_tensor(value, name: str, count: int, fn: str, is_item) -> list:
+    """One value per tensor: a single item is repeated; a list/tuple (or 1-D tensor) is taken
+    as given and must have one entry per tensor."""
+    if is_item(value):
+        return [value] * count
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = list(value.unbind())
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{fn}: {name} must be a single value or a list with one per weight, got "
+                        f"{type(value).__name__}")
+    if len(value) != count:
+        raise ValueError(f"{fn}: {name} has {len(value)} entries for {count} weights")
+    for i, item in enumerate(value):
+        if not is_item(item):
+            raise TypeError(f"{fn}: {name}[{i}] has the wrong type: {type(item).__name__}")
+    return list(value)

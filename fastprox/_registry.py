@@ -1,14 +1,21 @@
-"""Loads the operator library and registers what PyTorch needs beyond the kernels.
+"""Loads the operator library and registers what PyTorch needs beyond its C++ kernels.
 
-Schemas: csrc/fastprox.cpp (defined once, in C++). CPU kernels: csrc/cpu/. CUDA kernels:
-kernels/ (Triton, installed as fastprox.kernels), registered here when CUDA is there. Here: the fake
-(meta) implementation of every op, used by torch.compile and opcheck, and the autograd formula
-of group_norms. The mutating ops have no derivative (see _checks.check_grad).
+Schemas: csrc/fastprox.cpp (two ops, defined once: group_norms and the fused step
+foreach_prox_). CPU kernels: csrc/cpu/. CUDA kernels: kernels/ (Triton, installed as
+fastprox.kernels), registered here when CUDA and Triton are there. Every other device (CUDA
+without Triton, MPS, XPU, ...) gets the reference (fastprox/reference.py) as its kernel, as the
+default backend of the dispatcher: the dispatcher alone picks the kernel. Here too: the fake
+(meta) implementation of each op, used by torch.compile and opcheck, generated from the
+operator table (fastprox/operators.py), and the autograd formula of group_norms. The fused step
+has no derivative (see _checks.check_grad).
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import reference
+from .operators import OPERATORS
 
 try:
     from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
@@ -44,7 +51,7 @@ def _register_gpu_kernels() -> None:
         return
     try:
         from . import kernels
-    except ImportError:  # no Triton: CUDA weights fall back to the reference (see has_kernels)
+    except ImportError:  # no Triton: CUDA weights get the default backend (the reference)
         return
     kernels.register()
 
@@ -58,7 +65,6 @@ def kept_shape(weight: torch.Tensor, dim: list[int]) -> list[int]:
     return [s for d, s in enumerate(weight.shape) if d not in reduced]
 
 
-@torch.library.register_fake("fastprox::group_norms")
 def _group_norms_fake(weight, dim):
     return weight.new_empty(kept_shape(weight, dim))
 
@@ -67,9 +73,15 @@ def _no_output(*args):
     return None
 
 
-for _name in ("group_shrink_", "soft_threshold_", "sparse_group_shrink_", "exclusive_shrink_",
-              "cges_shrink_", "foreach_prox_"):
-    torch.library.register_fake(f"fastprox::{_name}")(_no_output)
+# Per kind of table row: (fake, default kernel). Presets have no op of their own.
+_BY_KIND = {"norms": (_group_norms_fake, reference.group_norms_op),
+            "fused": (_no_output, reference.fused_step)}
+for _row in OPERATORS:
+    if _row.kind in _BY_KIND:
+        _fake, _default = _BY_KIND[_row.kind]
+        torch.library.register_fake(f"fastprox::{_row.name}")(_fake)
+        # every device type; a device's own kernel (CPU, CUDA with Triton) takes precedence
+        torch.library.register_kernel(f"fastprox::{_row.name}", None, _default)
 
 
 def _group_norms_setup_context(ctx, inputs, output):

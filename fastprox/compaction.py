@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED, flatten as _flatten
+from .l0 import L0Gate
+
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Modules that act on each channel (or element) alone: a dead channel can be dropped through them.
 _CHANNELWISE = (
@@ -55,17 +57,7 @@ class Compacted:
                 sum(p.numel() for p in self.model.parameters()))
 
 
-def _flatten(model: nn.Module, prefix: str = ""):
-    for name, child in model.named_children():
-        full = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            yield from _flatten(child, full + ".")
-        else:
-            yield full, child
-
-
 def _is_gate(module) -> bool:
-    from .l0 import L0Gate
     return isinstance(module, L0Gate)
 
 
@@ -119,7 +111,7 @@ def plan(model: nn.Sequential):
                         "(see the supported set in fastprox.compaction)")
     layers = list(_flatten(model))
     _check_supported(layers)
-    weight_at = [i for i, (_, m) in enumerate(layers) if isinstance(m, (nn.Linear, *_CONV))]
+    weight_at = [i for i, (_, m) in enumerate(layers) if isinstance(m, _WEIGHTED)]
     if not weight_at:
         raise ValueError("compact: model has no Linear or conv layer")
     first = layers[weight_at[0]][1]
@@ -163,7 +155,7 @@ def compact(model: nn.Sequential) -> Compacted:
     channels = None         # units made by the last weight layer (None: the model's input)
     out_modules = []
     for position, (name, m) in enumerate(layers):
-        if isinstance(m, (nn.Linear, *_CONV)):
+        if isinstance(m, _WEIGHTED):
             keep_in = incoming
             if spatial > 1:  # a Linear after Flatten reads every position of a kept channel
                 keep_in = (incoming[:, None] * spatial + torch.arange(spatial)).flatten()
@@ -171,7 +163,7 @@ def compact(model: nn.Sequential) -> Compacted:
             incoming, spatial = kept_units[name], 1
             channels = m.weight.shape[0]
         elif isinstance(m, nn.Flatten):
-            nxt = next(l for _, l in layers[position:] if isinstance(l, (nn.Linear, *_CONV)))
+            nxt = next(l for _, l in layers[position:] if isinstance(l, _WEIGHTED))
             # (before the first weight layer, kept_inputs index the flattened input)
             spatial = 1 if channels is None else nxt.weight.shape[1] // channels
             out_modules.append(copy.deepcopy(m))

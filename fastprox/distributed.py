@@ -20,7 +20,7 @@ Values all-reduced per spanning group, in float32 (float64 for float64 weights):
     exclusive, exact                      2   sum of |w|, nonzeros  (+1 with a group step)
                                           then 2 (sum and count above tau) per Newton step
 
-The exact exclusive threshold (SPEC.md's Newton iteration ``tau <- lam S(tau) / (1 + lam k(tau))``)
+The exact exclusive threshold (docs/SPEC.md's Newton iteration ``tau <- lam S(tau) / (1 + lam k(tau))``)
 all-reduces S and k of the bucket's still-iterating tensors once per step: it rises
 monotonically and stops when no group's active set changes (4-15 steps on random data from
 n = 64 to 50257). At ``max_newton_steps`` it stops with a warning; tau is then a lower bound of
@@ -41,8 +41,10 @@ import warnings
 
 import torch
 
-from . import _checks, ops, reference
+from . import _checks, _fused, reference
 from ._checks import is_dtensor
+from ._registry import ops
+from .operators import COLUMNS
 
 _FN = "fastprox.distributed.foreach_prox_"
 
@@ -83,7 +85,9 @@ class _SpanningStep:
     """The proximal step of one tensor whose groups span shards, in three phases: local sums,
     (all-reduce by the caller), then per-group scale and threshold, and the rewrite.
 
-    The per-group logic mirrors the fused CPU kernel (csrc/cpu/group_engine.h, ProxStep)."""
+    The per-group rules (scale, thresholds, NaN/inf/zero groups) are the reference's
+    (fastprox/reference.py: group_scale, exclusive_tau, newton_tau), applied to sums that are
+    all-reduced across shards."""
 
     def __init__(self, weight, dims, lam_l1, lam_group, lam_exclusive, size_weighted, exact):
         self.local = _local(weight)
@@ -106,10 +110,9 @@ class _SpanningStep:
         """Per group of the local shard: sum of squares, of magnitudes, count of nonzeros (those
         the step needs) of pre(x), the soft-thresholded values."""
         local = self.local
-        # group lasso alone on float32/64: the fused kernel's norms of the shard (one pass; the
-        # square of a norm is the sum of squares to an ulp), then one in-place multiply
-        self.fused = (self.l1 == 0 and not self.want_abs and local.dtype == self.acc
-                      and ops.has_kernels(local.device))
+        # group lasso alone on float32/64: the norms of the shard (one pass; the square of a
+        # norm is the sum of squares to an ulp), then one in-place multiply
+        self.fused = self.l1 == 0 and not self.want_abs and local.dtype == self.acc
         if self.fused:
             keep = [1 if d in self.dims else s for d, s in enumerate(local.shape)]
             sums = [ops.group_norms(local, self.dims).square().reshape(keep)]
@@ -136,30 +139,21 @@ class _SpanningStep:
         ones = torch.ones(self.shape, dtype=self.acc)
         self.scale = ones
         if self.want_sq:
-            norm = torch.sqrt(sums.pop(0))
-            # NaN norm -> NaN scale, inf norm -> 1, zero group -> 0 without dividing by zero.
-            self.scale = torch.where(norm <= self.t, torch.zeros_like(norm), 1 - self.t / norm)
+            self.scale = reference.group_scale(torch.sqrt(sums.pop(0)), self.t)
         self.tau = torch.zeros(self.shape, dtype=self.acc)
         self.iterate = torch.zeros(self.shape, dtype=torch.bool)
         if not self.want_abs:
             return
         l1_norm = sums.pop(0) * self.scale
-        # a NaN group becomes NaN; an infinite one keeps its values; a zero one stays zero
-        keep = torch.isinf(l1_norm) | (self.scale == 0)
         if not self.exact:
-            tau = torch.where(l1_norm > 0, self.lam_e * l1_norm, torch.zeros_like(l1_norm))
+            tau = reference.cges_bound(l1_norm, self.lam_e)
         else:
             if self.want_sq:  # the magnitudes the Newton steps look at
                 self.m.mul_(self.scale)
             self.active = sums.pop(0)
-            tau = self._newton_tau(l1_norm, self.active)
-            self.iterate = (self.active > 0) & ~keep & ~torch.isnan(l1_norm)
-        tau = torch.where(keep, torch.zeros_like(tau), tau)
-        self.tau = torch.where(torch.isnan(l1_norm), l1_norm, tau)
-
-    def _newton_tau(self, total, count):
-        # lam S / (1 + lam k), as S / (1/lam + k): a lam that overflows still gives S / k.
-        return torch.where(count > 0, total / (1 / self.lam_e + count), torch.zeros_like(total))
+            tau = reference.newton_tau(l1_norm, self.active, self.lam_e)  # first step from 0
+            self.iterate = (self.active > 0) & torch.isfinite(l1_norm) & (self.scale != 0)
+        self.tau = reference.exclusive_tau(tau, l1_norm, self.scale)
 
     def newton_sums(self) -> list[torch.Tensor]:
         """Per group: sum and count of the magnitudes m = |pre(x)| * scale above tau, as
@@ -172,8 +166,8 @@ class _SpanningStep:
         total, count = sums
         # Newton stops for a group when its active set stops shrinking (then tau is exact).
         go = self.iterate & (count < self.active) & (count > 0)
-        self.tau = torch.where(go, torch.maximum(self.tau, self._newton_tau(total, count)),
-                               self.tau)
+        self.tau = torch.where(go, torch.maximum(self.tau, reference.newton_tau(
+            total, count, self.lam_e)), self.tau)
         self.active = torch.where(go, count, self.active)
         self.iterate = go
 
@@ -252,14 +246,13 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     for i, w in enumerate(weights):
         _checks.check_weight(w, _FN, f"weights[{i}]")
         _checks.check_grad(w, _FN, f"weights[{i}]")
-    dims = ops._per_tensor(dim, "dim", count, _FN, ops._is_dim_spec)
+    dims = _checks.per_tensor(dim, "dim", count, _FN, _checks.is_dim_spec)
     dims = [_checks.normalize_dim(d, w, f"{_FN}: weights[{i}]")
             for i, (d, w) in enumerate(zip(dims, weights))]
-    names = ("lam_l1", "lam_group", "lam_exclusive")
     lams = [[_threshold(v, f"{name}[{i}]", weights[i]) for i, v in
-             enumerate(ops._per_tensor(value, name, count, _FN, ops._is_threshold))]
-            for name, value in zip(names, (lam_l1, lam_group, lam_exclusive))]
-    sizes, exacts = (ops._per_tensor(value, name, count, _FN, lambda v: isinstance(v, bool))
+             enumerate(_checks.per_tensor(value, name, count, _FN, _checks.is_threshold))]
+            for name, value in zip(COLUMNS, (lam_l1, lam_group, lam_exclusive))]
+    sizes, exacts = (_checks.per_tensor(value, name, count, _FN, lambda v: isinstance(v, bool))
                      for name, value in (("size_weighted", size_weighted), ("exact", exact)))
     spans = [_reduction_groups(w, d, f"weights[{i}]") for i, (w, d) in
              enumerate(zip(weights, dims))]
@@ -276,12 +269,10 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
         step = _SpanningStep(w, dims[i], l1, lg, le, sizes[i], exacts[i])
         buckets.setdefault((spans[i], step.acc), []).append(step)
 
-    for device, idx in local.items():
-        prox = ops.foreach_prox_ if ops.has_kernels(device) else reference.foreach_prox_
-        prox([_local(weights[i]) for i in idx],
-             **{name: [lams[k][i] for i in idx] for k, name in enumerate(names)},
-             dim=[tuple(dims[i]) for i in idx], size_weighted=[sizes[i] for i in idx],
-             exact=[exacts[i] for i in idx])
+    for idx in local.values():
+        _fused.prox_([_local(weights[i]) for i in idx], [[column[i] for i in idx] for column in lams],
+                     [dims[i] for i in idx], [sizes[i] for i in idx], [exacts[i] for i in idx],
+                     _FN)
     for (groups, acc), steps in buckets.items():
         _run_bucket(steps, groups, acc, max_newton_steps)
     return weights

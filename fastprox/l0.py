@@ -1,4 +1,4 @@
-"""L0 regularization with hard-concrete gates (Louizos, Welling, Kingma 2017; ../shared/SPEC.md).
+"""L0 regularization with hard-concrete gates (Louizos, Welling, Kingma 2017; docs/SPEC.md).
 
 Each gate j has a learned ``log_alpha_j``; with beta = 2/3, gamma = -0.1, zeta = 1.1, eps = 1e-6:
 
@@ -26,7 +26,7 @@ from torch import nn
 BETA, GAMMA, ZETA, EPS = 2 / 3, -0.1, 1.1, 1e-6
 LOG_ALPHA_RANGE = (math.log(0.01), math.log(100.0))
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ._modules import CONV as _CONV, flatten
 
 
 class L0Gate(nn.Module):
@@ -107,13 +107,11 @@ def add_l0_gates(model: nn.Sequential, droprate_init: float = 0.5,
     their inputs, conv layers their output channels). The first layer's gates, on the model's
     inputs, start at ``input_droprate_init`` (0.2 for an MLP's input layer in the paper).
     The layers themselves are shared with ``model``, not copied."""
-    from .compaction import _flatten  # one definition of the flattening
-
     if not isinstance(model, nn.Sequential):
         raise TypeError("add_l0_gates: model must be an nn.Sequential")
     modules = []
     first = True
-    for _, m in _flatten(model):
+    for _, m in flatten(model):
         if isinstance(m, nn.Linear):
             p = input_droprate_init if first else droprate_init
             modules.append(L0Gate(m.in_features, p, layer=m))

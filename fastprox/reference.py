@@ -1,9 +1,12 @@
 """Pure-PyTorch reference of every fastprox operator: the oracle of the tests.
 
-Written to mirror the formulas of ../shared/SPEC.md, not to be fast. Same signatures and the same
-in-place semantics as the fused operators (``fastprox.ops``); correct in float64 (the tests run it
-on a float64 copy), and it runs in the weight's own dtype otherwise (the benchmarks compare it,
-eager and under torch.compile, with the kernels). The kernels never call it.
+Written to mirror the formulas of docs/SPEC.md, not to be fast. Same signatures and the same
+in-place semantics as the public operators (``fastprox.ops``); correct in float64 (the tests run
+it on a float64 copy), and it runs in the weight's own dtype otherwise.
+
+Its per-group rules (``group_scale``, ``cges_bound``, ``newton_tau``, ``exclusive_tau``) are
+also the sharded path's (fastprox/distributed.py). ``fused_step`` and ``group_norms_op`` are the
+library's kernels on devices without fused ones (registered in fastprox/_registry.py).
 """
 
 from __future__ import annotations
@@ -48,9 +51,30 @@ def group_norms(weight: torch.Tensor, dim=None) -> torch.Tensor:
     return torch.linalg.vector_norm(weight, 2, dim=dims)
 
 
-def _group_scale(norms: torch.Tensor, t: float) -> torch.Tensor:
-    # s = 0 if ||W_g|| <= t else 1 - t/||W_g||; NaN norms fall through to a NaN scale, inf to 1.
+def group_scale(norms: torch.Tensor, t: float) -> torch.Tensor:
+    """s = 0 if ||W_g|| <= t else 1 - t/||W_g||: a NaN norm gives a NaN scale, an infinite one
+    1, a zero group 0 (never a division by zero)."""
     return torch.where(norms <= t, torch.zeros_like(norms), 1 - t / norms)
+
+
+def cges_bound(l1: torch.Tensor, lam: float) -> torch.Tensor:
+    """CGES's exclusive threshold lam * ||W_g||_1 (0 for a zero group, even when lam is inf)."""
+    return torch.where(l1 > 0, lam * l1, torch.zeros_like(l1))
+
+
+def newton_tau(total: torch.Tensor, count: torch.Tensor, lam: float) -> torch.Tensor:
+    """lam S / (1 + lam k) for the sum S of the k magnitudes above tau (0 when k = 0), written
+    S / (1/lam + k) so that a lam that overflows still gives S / k."""
+    return torch.where(count > 0, total / (1 / lam + count), torch.zeros_like(total))
+
+
+def exclusive_tau(tau: torch.Tensor, l1: torch.Tensor, scale) -> torch.Tensor:
+    """The exclusive threshold of each group after the edge rules: a NaN group (NaN l1 norm)
+    gets NaN; an infinite group, or one the group step zeroed (scale 0), gets 0 (it keeps its
+    values / stays zero)."""
+    keep = torch.isinf(l1) | (scale == 0)
+    tau = torch.where(keep, torch.zeros_like(tau), tau)
+    return torch.where(torch.isnan(l1), l1, tau)
 
 
 def group_shrink_(weight, lam, dim=None, *, size_weighted=True):
@@ -61,7 +85,7 @@ def group_shrink_(weight, lam, dim=None, *, size_weighted=True):
     dims = _reduced(weight, dim)
     c = math.sqrt(_group_size(weight, dims)) if size_weighted else 1.0
     norms = torch.linalg.vector_norm(weight, 2, dim=dims, keepdim=True) if dims else weight.abs()
-    return weight.mul_(_group_scale(norms, lam * c))
+    return weight.mul_(group_scale(norms, lam * c))
 
 
 def shrink_magnitude(y: torch.Tensor, tau, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,11 +117,10 @@ def exclusive_threshold(a: torch.Tensor, lam: float, exact: bool = True) -> torc
     inexact (CGES): tau = lam * sum(a).
     """
     if not exact:
-        return lam * a.sum(dim=1)
+        return cges_bound(a.sum(dim=1), lam)
     s = torch.sort(a, dim=1, descending=True).values.cumsum(dim=1)
     k = torch.arange(1, a.shape[1] + 1, dtype=a.dtype, device=a.device)
-    # lam S_k / (1 + lam k), as S_k / (1/lam + k) so that a huge lam does not overflow.
-    return (s / (1 / lam + k)).amax(dim=1).clamp(min=0)
+    return newton_tau(s, k, lam).amax(dim=1).clamp(min=0)
 
 
 def exclusive_shrink_(weight, lam, dim=None, *, exact=True):
@@ -110,12 +133,10 @@ def exclusive_shrink_(weight, lam, dim=None, *, exact=True):
     a = rows.abs()
     l1 = a.sum(dim=1)
     finite = torch.isfinite(l1)
-    tau = exclusive_threshold(torch.where(finite[:, None], a, 0), lam, exact)
-    shrunk = shrink_magnitude(rows, tau[:, None])
-    # A NaN group becomes NaN; a group with an infinite value keeps its values.
-    out = torch.where(l1.isnan()[:, None], torch.full_like(rows, math.nan),
-                      torch.where(finite[:, None], shrunk, rows))
-    return _from_groups(weight, dims, out)
+    tau = exclusive_tau(exclusive_threshold(torch.where(finite[:, None], a, 0), lam, exact), l1,
+                        torch.ones_like(l1))
+    # A NaN group becomes NaN (tau NaN); a group with an infinite value keeps its values (tau 0).
+    return _from_groups(weight, dims, shrink_magnitude(rows, tau[:, None]))
 
 
 def cges_shrink_(weight, lam_group, lam_exclusive, dim=None, *, size_weighted=True, exact=True):
@@ -141,3 +162,36 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
         if le > 0:
             exclusive_shrink_(w, le, d, exact=ex)
     return weights
+
+
+# -- the kernels of devices without fused ones (the ops' schemas: csrc/fastprox.cpp) -----------
+
+def group_norms_op(weight: torch.Tensor, dim: list[int]) -> torch.Tensor:
+    """``torch.ops.fastprox.group_norms`` by the reference (sums in float32 for 16-bit)."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return group_norms(weight.float(), list(dim)).to(weight.dtype)
+    return group_norms(weight, list(dim))
+
+
+def fused_step(weights, lams, dims, dim_counts, size_weighted, exact, caller, lam_names) -> None:
+    """``torch.ops.fastprox.foreach_prox_`` by the reference: checks every threshold first
+    (reading them: one synchronisation on an accelerator), then the step of each tensor, in
+    float32 for 16-bit weights, rounded once to the weight's dtype."""
+    rows = lams.tolist()
+    for i, row in enumerate(rows):
+        for k, v in enumerate(row):
+            if not (math.isfinite(v) and v >= 0):
+                index = f"[{i}]" if len(rows) > 1 else ""
+                raise ValueError(f"{caller}: {lam_names[k]}{index} must be a finite number >= 0, "
+                                 f"got {v}")
+    offset = 0
+    for w, row, count, sw, ex in zip(weights, rows, dim_counts, size_weighted, exact):
+        d = list(dims[offset:offset + count])
+        offset += count
+        if w.numel() == 0 or not any(row):
+            continue
+        work = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+        foreach_prox_([work], lam_l1=row[0], lam_group=row[1], lam_exclusive=row[2], dim=tuple(d),
+                      size_weighted=sw, exact=ex)
+        if work is not w:
+            w.copy_(work)

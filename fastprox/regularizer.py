@@ -12,7 +12,7 @@ A ``Regularizer`` holds one ``Target`` per regularized tensor. Each target's pen
 * penalty: ``loss = loss + reg.penalty()``, differentiable, with a finite (zero) gradient at a
   zero group.
 
-Presets follow the seed methods (../shared/SPEC.md): ``group_lasso`` / ``sparse_group_lasso``
+Presets follow the seed methods (docs/SPEC.md): ``group_lasso`` / ``sparse_group_lasso``
 (Scardapane et al. 2017), ``lasso``, ``exclusive``, ``cges`` (Yoon & Hwang 2017).
 """
 
@@ -25,13 +25,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import distributed, ops, reference
+from . import distributed, ops
 from ._checks import is_dtensor
-from .ops import has_kernels
+from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED
 
 PRESETS = ("group_lasso", "sparse_group_lasso", "lasso", "exclusive", "cges")
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclasses.dataclass
@@ -233,8 +231,9 @@ class Regularizer:
         """The proximal step of every target, thresholds ``lr * lam``.
 
         ``lr`` is the parameter group's current lr of ``optimizer``, or the ``lr`` given (a
-        number). All targets on one device go through one ``foreach_prox_`` call (on a device
-        without fastprox kernels, the reference operators, tensor by tensor). Sharded targets
+        number or a 0-d tensor). All targets on one device go through one ``foreach_prox_``
+        call (the dispatcher picks the device's kernel: fused on the CPU and on CUDA with
+        Triton, the reference elsewhere). Sharded targets
         (DTensor parameters, as under FSDP2's ``fully_shard``) go through one
         ``fastprox.distributed.foreach_prox_`` call: every rank must take the step."""
         if (optimizer is None) == (lr is None):
@@ -256,10 +255,8 @@ class Regularizer:
             weights = [t.param for t in targets]
             if device == "sharded":
                 distributed.foreach_prox_(weights, **args)
-            elif has_kernels(device):
-                ops.foreach_prox_(weights, **args)
             else:
-                reference.foreach_prox_(weights, **args)
+                ops.foreach_prox_(weights, **args)
         self.steps += 1
 
     # -- penalty -------------------------------------------------------------------------------
@@ -328,7 +325,7 @@ def _weights(model):
     """(module name, module, parameter name, weight) of every regularizable weight."""
     if isinstance(model, nn.Module):
         for mname, module in model.named_modules():
-            if isinstance(module, (nn.Linear, *_CONV)):
+            if isinstance(module, _WEIGHTED):
                 yield mname, module, (f"{mname}.weight" if mname else "weight"), module.weight
         return
     for pname, param in model:
@@ -344,9 +341,7 @@ def _penalty(t: Target) -> torch.Tensor | None:
     if t.lam_l1 > 0:
         terms.append(t.lam_l1 * w.abs().sum())
     if t.lam_group > 0:
-        norm_fn = ops.group_norms if has_kernels(w.device) or is_dtensor(w) \
-            else reference.group_norms
-        norms = norm_fn(w, t.dim)
+        norms = ops.group_norms(w, t.dim)
         c = math.sqrt(w.numel() / max(norms.numel(), 1)) if t.size_weighted else 1.0
         terms.append(t.lam_group * c * norms.sum())
     if t.lam_exclusive > 0:

@@ -21,7 +21,7 @@ from torch import nn
 from .compaction import plan as _compaction_plan
 from . import ops
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ._modules import WEIGHTED as _LAYERS
 
 
 @dataclasses.dataclass

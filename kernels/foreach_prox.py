@@ -1,10 +1,14 @@
-"""foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact) on CUDA: one proximal
-step per weight of a list, per weight i with (l1, lg, le) = lams[i]:
+"""foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact, caller, lam_names) on
+CUDA, the fused in-place step: per weight i with (l1, lg, le) = lams[i]:
     W <- soft threshold by l1, group shrink by lg * c, exclusive shrink by le  (0: skipped)
 in a few launches for a whole model: weights are bucketed by dtype and tile shape, and each
-bucket is one launch addressing its weights through offset tables (kernels/launch.py). Inside a
-CUDA graph capture it uploads nothing and never synchronises, once the same step ran eagerly.
-Contract: fastprox/ops.py; reference: fastprox/reference.py; CPU: csrc/cpu/foreach_prox.cpp.
+bucket is one launch addressing its weights through offset tables (kernels/launch.py). A single
+weight whose only step is the soft threshold (soft_threshold_) is thresholded elementwise over
+its memory span (soft_threshold_kernel). Inside a CUDA graph capture it uploads nothing and never
+synchronises, once the same step ran eagerly. ``caller`` and ``lam_names`` name the function and
+its thresholds in errors; a column named '' is never set by the caller (its sub-step is not
+compiled in, even when the thresholds are held on the GPU). Contract: docs/SPEC.md; reference:
+fastprox/reference.py; CPU: csrc/cpu/foreach_prox.cpp.
 """
 
 from __future__ import annotations
@@ -15,47 +19,50 @@ from .. import _checks
 from . import launch
 
 
-def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact):
+def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact, caller, lam_names):
     n = len(weights)
     if len(dim_counts) != n or len(size_weighted) != n or len(exact) != n:
-        raise ValueError("foreach_prox_: dim_counts, size_weighted and exact need one entry per "
+        raise ValueError(f"{caller}: dim_counts, size_weighted and exact need one entry per "
                          "weight")
+    if len(lam_names) != 3:
+        raise ValueError(f"{caller}: lam_names must name the three thresholds")
     if not (isinstance(lams, torch.Tensor) and lams.dim() == 2 and lams.shape[0] == n
             and lams.shape[1] == 3 and lams.dtype == torch.float64):
-        raise ValueError("foreach_prox_: lams must be a float64 tensor of shape (len(weights), 3)")
+        raise ValueError(f"{caller}: lams must be a float64 tensor of shape (len(weights), 3)")
     entries = []
     offset = 0
     for i, w in enumerate(weights):
         count = dim_counts[i]
         if count < 0 or offset + count > len(dims):
-            raise ValueError("foreach_prox_: dim_counts do not match dims")
-        _checks.check_weight(w, "foreach_prox_", f"weights[{i}]")
+            raise ValueError(f"{caller}: dim_counts do not match dims")
+        _checks.check_weight(w, caller, f"weights[{i}]")
         tensor_dims = _checks.normalize_dim(list(dims[offset:offset + count]), w,
-                                            f"foreach_prox_: weights[{i}]")
+                                            f"{caller}: weights[{i}]")
         launch.check_writable(w, f"weights[{i}]")
         offset += count
         if w.device != weights[0].device:
-            raise ValueError(f"foreach_prox_: weights[{i}] is on {w.device} but weights[0] is on "
+            raise ValueError(f"{caller}: weights[{i}] is on {w.device} but weights[0] is on "
                              f"{weights[0].device}")
         entries.append((w, tensor_dims, None, size_weighted[i], exact[i]))
     if offset != len(dims):
-        raise ValueError("foreach_prox_: dim_counts do not match dims")
+        raise ValueError(f"{caller}: dim_counts do not match dims")
     ranges = [launch.address_range(w) for w in weights]
     for i in range(n):
         for j in range(i):
             if not (ranges[i][0] >= ranges[j][1] or ranges[j][0] >= ranges[i][1]):
-                raise ValueError(f"foreach_prox_: weights[{j}] and weights[{i}] share memory")
+                raise ValueError(f"{caller}: weights[{j}] and weights[{i}] share memory")
+
+    def names(i, k):
+        return f"{caller}: {lam_names[k]}" + (f"[{i}]" if n > 1 else "")
+
+    used = tuple(bool(name) for name in lam_names)
     if lams.device.type == "cpu":  # read on the host, checked there
         rows = lams.tolist()
         launch.prox_([(w, d, tuple(rows[i]), sw, ex) for i, (w, d, _, sw, ex)
-                      in enumerate(entries)], _names)
+                      in enumerate(entries)], names, used=used)
     elif n:  # thresholds held on the GPU (e.g. a learning rate in a CUDA tensor)
         if lams.device != weights[0].device:
-            raise ValueError(f"foreach_prox_: lams is on {lams.device} but the weights are on "
+            raise ValueError(f"{caller}: lams is on {lams.device} but the weights are on "
                              f"{weights[0].device}")
-        launch.check_device_lams(lams, _names)
-        launch.prox_(entries, _names, table=lams.contiguous())
-
-
-def _names(i, k):
-    return f"foreach_prox_: {launch.LAM_NAMES[k]}[{i}]"
+        launch.check_device_lams(lams, names)
+        launch.prox_(entries, names, table=lams.contiguous(), used=used)

@@ -1,7 +1,7 @@
 """group_norms(W, dim) on CUDA: ||W_g||_2 per group, shaped like the kept dimensions of W.
 
 Sum of squares in float32 for 16-bit weights, in the weight's type otherwise; the result has the
-weight's dtype. Contract: fastprox/ops.py; reference: fastprox/reference.py; CPU:
+weight's dtype. Contract: docs/SPEC.md; reference: fastprox/reference.py; CPU:
 csrc/cpu/group_norms.cpp. Kernel: prox_kernel with NORMS_ONLY (kernels/group_engine.py).
 """
 

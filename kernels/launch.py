@@ -553,11 +553,12 @@ def _run_bucket(items, launches: list[Launch], tune_key, replan) -> None:
         launch.run(config)
 
 
-def prox_(entries, names, table: torch.Tensor | None = None) -> None:
+def prox_(entries, names, table: torch.Tensor | None = None,
+          used=(True, True, True)) -> None:
     """One proximal step per weight. entries: (weight, dims, (l1, lg, le), size_weighted,
     exact) with checked weight and dims; names(i, k) names threshold k of weight i. ``table``:
     the thresholds as a checked float64 (T, 3) tensor on the weights' device (the rows of
-    entries are then not read)."""
+    entries are then not read). ``used[k]``: whether the caller may set threshold k at all."""
     if not entries:
         return
     device = entries[0][0].device
@@ -565,6 +566,11 @@ def prox_(entries, names, table: torch.Tensor | None = None) -> None:
         table, maybe = lam_table([e[2] for e in entries], device, names)
     else:
         maybe = [(True, True, True)] * len(entries)
+    maybe = [tuple(m and u for m, u in zip(row, used)) for row in maybe]
+    if len(entries) == 1 and maybe[0][1:] == (False, False):
+        if maybe[0][0]:  # the soft threshold alone: elementwise over the memory span
+            _soft_threshold(entries[0][0], table)
+        return
     sms = sm_count(device)
     tables = Tables(device, upload=True)
     plans = plan_prox(entries, table, maybe, sms, tables)
@@ -600,10 +606,10 @@ def group_norms(weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return to_kept_shape(norms, weight, dims, layout)
 
 
-def soft_threshold_(weight: torch.Tensor, lam) -> None:
-    """Elementwise over the memory span of a dense weight (a working copy otherwise)."""
-    table, maybe = lam_table([(lam, 0.0, 0.0)], weight.device, lambda i, k: "lam")
-    if weight.numel() == 0 or not maybe[0][0]:
+def _soft_threshold(weight: torch.Tensor, table: torch.Tensor) -> None:
+    """Elementwise over the memory span of a dense weight (a working copy otherwise); the
+    threshold is table[0, 0]."""
+    if weight.numel() == 0:
         return
     work = weight if is_dense(weight) else weight.contiguous()
     launch = plan_soft_threshold(work, table)

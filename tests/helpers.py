@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 import fastprox
-from fastprox import reference
+from fastprox.operators import PRESETS
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -38,21 +38,10 @@ class Op:
         return f"{self.name}[{extra}]" if extra else self.name
 
 
-OPS = [
-    Op("group_shrink_", fastprox.group_shrink_, reference.group_shrink_, (0.3,)),
-    Op("group_shrink_", fastprox.group_shrink_, reference.group_shrink_, (0.9,),
-       kwargs=dict(size_weighted=False)),
-    Op("soft_threshold_", fastprox.soft_threshold_, reference.soft_threshold_, (0.5,),
-       grouped=False),
-    Op("sparse_group_shrink_", fastprox.sparse_group_shrink_, reference.sparse_group_shrink_,
-       (0.2, 0.15)),
-    Op("exclusive_shrink_", fastprox.exclusive_shrink_, reference.exclusive_shrink_, (0.1,)),
-    Op("exclusive_shrink_", fastprox.exclusive_shrink_, reference.exclusive_shrink_, (0.02,),
-       kwargs=dict(exact=False)),
-    Op("cges_shrink_", fastprox.cges_shrink_, reference.cges_shrink_, (0.1, 0.05)),
-    Op("cges_shrink_", fastprox.cges_shrink_, reference.cges_shrink_, (0.5, 0.02),
-       kwargs=dict(size_weighted=False, exact=False)),
-]
+# One case per sample of every preset row of the operator table (fastprox/operators.py).
+OPS = [Op(row.name, getattr(fastprox, row.name), row.reference, lams, grouped=row.grouped,
+          kwargs=dict(flags))
+       for row in PRESETS for lams, flags in row.samples]
 GROUPED_OPS = [op for op in OPS if op.grouped]
 
 

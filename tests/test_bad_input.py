@@ -68,18 +68,25 @@ def test_bad_input_raises_and_leaves_weight_untouched(name, call, exc, fragment)
     assert w.view(torch.int32).equal(before.view(torch.int32)), "weight changed by a failed call"
 
 
-@pytest.mark.parametrize("name, args", [
-    ("negative lam", (torch.tensor(-1.0, dtype=torch.float64), [1], True)),
-    ("bad dim", (torch.tensor(0.1, dtype=torch.float64), [5], True)),
-    ("repeated dim", (torch.tensor(0.1, dtype=torch.float64), [1, 1], True)),
-    ("vector lam", (torch.ones(3, dtype=torch.float64), [1], True)),
+F64 = lambda *v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+NAMES = ["lam_l1", "lam", ""]
+
+
+@pytest.mark.parametrize("name, args, fragment", [
+    ("negative lam", (F64(0, -1.0, 0), [1], [1]), "group_shrink_: lam must be a finite"),
+    ("bad dim", (F64(0, 0.1, 0), [5], [1]), "out of range"),
+    ("repeated dim", (F64(0, 0.1, 0), [1, 1], [2]), "more than once"),
+    ("lams of the wrong shape", (torch.ones(3, dtype=torch.float64), [1], [1]), "lams"),
+    ("dims do not match", (F64(0, 0.1, 0), [1], [2]), "dim_counts"),
 ])
-def test_raw_op_checks_its_arguments(name, args):
+def test_raw_op_checks_its_arguments(name, args, fragment):
     # torch.ops.fastprox.* is public too: its C++ checks keep bad calls from undefined behaviour.
     w = W()
     before = w.clone()
-    with pytest.raises((ValueError, TypeError, RuntimeError)):
-        torch.ops.fastprox.group_shrink_(w, *args)
+    lams, dims, counts = args
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=fragment):
+        torch.ops.fastprox.foreach_prox_([w], lams, dims, counts, [True], [True],
+                                         "group_shrink_", NAMES)
     assert torch.equal(w, before)
 
 

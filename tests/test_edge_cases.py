@@ -1,4 +1,4 @@
-"""Edge semantics of SPEC.md, identical in kernels and reference: lam = 0, huge lam, the exact
+"""Edge semantics of docs/SPEC.md, identical in kernels and reference: lam = 0, huge lam, the exact
 threshold, zero groups, NaN and inf groups, thresholds as tensors."""
 
 import math

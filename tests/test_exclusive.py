@@ -52,7 +52,7 @@ def test_exact_threshold_matches_sorted_formula_on_hard_cases():
 
 
 def test_inexact_update_over_shrinks():
-    # SPEC.md: n = 10, lam = 1 wipes a group the exact prox keeps.
+    # docs/SPEC.md: n = 10, lam = 1 wipes a group the exact prox keeps.
     v = torch.ones(1, 10, dtype=torch.float64)
     exact = fastprox.exclusive_shrink_(v.clone(), 1.0, dim=1)
     inexact = fastprox.exclusive_shrink_(v.clone(), 1.0, dim=1, exact=False)

@@ -125,7 +125,8 @@ def test_versions_bumped_and_opcheck():
     lams = torch.tensor([[0.1, 0.2, 0.0], [0.0, 0.1, 0.05]], dtype=torch.float64)
     torch.library.opcheck(torch.ops.fastprox.foreach_prox_.default,
                           ([torch.randn(6, 7), torch.randn(3, 4, 2, 2)], lams, [0, 1, 2, 3],
-                           [1, 3], [True, False], [True, True]))
+                           [1, 3], [True, False], [True, True], "foreach_prox_",
+                           ["lam_l1", "lam_group", "lam_exclusive"]))
 
 
 def test_compile_fullgraph():

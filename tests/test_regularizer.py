@@ -264,7 +264,27 @@ def test_prox_step_with_lr_and_on_a_device_without_kernels():
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     meta = mlp().to("meta")
-    assert not fastprox.regularizer.has_kernels(torch.device("meta"))
-    Regularizer(meta, "group_lasso", lam=0.1).prox_step(lr=0.1)  # reference path, no error
+    Regularizer(meta, "group_lasso", lam=0.1).prox_step(lr=0.1)  # the meta kernel, no error
     with pytest.raises(ValueError, match="an optimizer or an lr"):
         reg.prox_step()
+
+
+@pytest.mark.parametrize("preset", ["group_lasso", "sparse_group_lasso", "cges"])
+def test_prox_step_compiles_fullgraph_with_a_tensor_lr(preset):
+    """No backend choice in the training layer: the step is one graph, and a changing tensor lr
+    does not recompile (the step counter, a Python int, is specialised once, then dynamic)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = mlp()
+    twin = copy.deepcopy(model)
+    reg, reg_twin = Regularizer(model, preset, lam=0.5), Regularizer(twin, preset, lam=0.5)
+    counter = CompileCounter()
+    step = torch.compile(lambda lr: reg.prox_step(lr=lr), fullgraph=True, backend=counter)
+    for value in (0.3, 0.1, 0.2, 0.05):
+        step(torch.tensor(value, dtype=torch.float64))
+        reg_twin.prox_step(lr=value)
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)
+    assert counter.frame_count <= 2
+    assert reg.steps == 4

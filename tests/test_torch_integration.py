@@ -6,26 +6,35 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import fastprox
+from fastprox.operators import COLUMNS, PRESETS
 from helpers import OPS, random_weight, run
 
-F64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+def _fused_args(row, lams, flags, dims):
+    """The fused op's arguments for one preset call (as fastprox/_fused.py builds them)."""
+    given = row.columns(lams)
+    table = torch.tensor([[given.get(c, 0.0) for c in COLUMNS]], dtype=torch.float64)
+    return lambda w: ([w], table, dims, [len(dims)], [flags.get("size_weighted", True)],
+                      [flags.get("exact", True)], row.name, row.lam_names())
 
-OPCHECK_CASES = [
-    ("group_norms", lambda w: (w, [1])),
-    ("group_norms", lambda w: (w, [0])),
-    ("group_shrink_", lambda w: (w, F64(0.3), [1], True)),
-    ("group_shrink_", lambda w: (w, F64(0.3), [0], False)),
-    ("soft_threshold_", lambda w: (w, F64(0.5))),
-    ("sparse_group_shrink_", lambda w: (w, F64(0.2), F64(0.1), [0], True)),
-    ("exclusive_shrink_", lambda w: (w, F64(0.1), [1], True)),
-    ("exclusive_shrink_", lambda w: (w, F64(0.1), [0], False)),
-    ("cges_shrink_", lambda w: (w, F64(0.1), F64(0.05), [0], False, True)),
-]
+
+# Generated from the operator table: group_norms over rows and columns, every sample of every
+# preset through the fused op (rows and columns), and the fused op on a list of two tensors.
+OPCHECK_CASES = [("group_norms", "rows", lambda w: (w, [1])),
+                 ("group_norms", "cols", lambda w: (w, [0]))]
+for _row in PRESETS:
+    for _i, (_lams, _flags) in enumerate(_row.samples):
+        for _dims in ([1], [0]):
+            OPCHECK_CASES.append(("foreach_prox_", f"{_row.name}{_i}-{_dims}",
+                                  _fused_args(_row, _lams, _flags, _dims)))
+OPCHECK_CASES.append(("foreach_prox_", "two-tensors", lambda w: (
+    [w, w.clone()], torch.tensor([[0.1, 0.2, 0.0], [0.0, 0.1, 0.05]], dtype=torch.float64),
+    [1, 0], [1, 1], [True, False], [True, False], "foreach_prox_", list(COLUMNS))))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name, make_args", OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
-def test_opcheck(name, make_args, dtype):
+@pytest.mark.parametrize("name, case, make_args", OPCHECK_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in OPCHECK_CASES])
+def test_opcheck(name, case, make_args, dtype):
     op = getattr(torch.ops.fastprox, name).default
     for shape in [(7, 13), (3, 4, 5)]:
         torch.library.opcheck(op, make_args(random_weight(shape, dtype)))
@@ -121,3 +130,36 @@ def test_missing_extension_fails_loudly():
     assert proc.returncode != 0
     assert "fastprox._C failed to load" in proc.stderr
     assert "--no-build-isolation" in proc.stderr
+
+
+def _default_backend(op):
+    """The kernel the dispatcher gives a device without fused kernels (the reference)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return lambda *args: op.redispatch(keys, *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name, case, make_args", OPCHECK_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in OPCHECK_CASES])
+def test_default_backend_is_the_reference(name, case, make_args, dtype):
+    op = getattr(torch.ops.fastprox, name).default
+    w = random_weight((9, 14), dtype)
+    fused_args, default_args = make_args(w.clone()), make_args(w.clone())
+    fused_out = op(*fused_args)
+    default_out = _default_backend(op)(*default_args)
+    fused = [fused_out] if name == "group_norms" else fused_args[0]
+    default = [default_out] if name == "group_norms" else default_args[0]
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=8e-3)
+    for a, b in zip(fused, default):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_default_backend_checks_thresholds_first():
+    op = torch.ops.fastprox.foreach_prox_.default
+    ws = [torch.randn(4, 3), torch.randn(5, 2)]
+    before = [w.clone() for w in ws]
+    lams = torch.tensor([[0.0, 0.1, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"foreach_prox_: lam_group\[1\] must be a finite"):
+        _default_backend(op)(ws, lams, [1, 1], [1, 1], [True, True], [True, True],
+                             "foreach_prox_", list(COLUMNS))
+    assert all(torch.equal(a, b) for a, b in zip(ws, before))

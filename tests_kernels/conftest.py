@@ -20,6 +20,14 @@ if not INTERPRET and not torch.cuda.is_available():
                 returncode=2)
 
 from fresh_seed import _fresh_seed, pytest_runtest_makereport  # noqa: E402,F401
+from kernel_calls import served_by_kernels  # noqa: E402
+
+
+@pytest.fixture
+def kernels_served():
+    """The test reaches the Triton kernels through the public API (kernel_calls.py)."""
+    with served_by_kernels():
+        yield
 
 
 def pytest_configure(config):

@@ -8,7 +8,7 @@ import torch
 
 import fastprox
 from fastprox import kernels
-from fastprox.ops import has_kernels
+from fastprox.operators import COLUMNS
 from kernel_calls import INTERPRET
 
 needs_gpu = pytest.mark.skipif(INTERPRET, reason="needs a CUDA device")
@@ -16,26 +16,29 @@ needs_gpu = pytest.mark.skipif(INTERPRET, reason="needs a CUDA device")
 
 def _op_args(device):
     w = torch.randn(8, 6, device=device)
-    lam = torch.tensor(0.2, dtype=torch.float64)
+    lams = torch.tensor([[0.0, 0.2, 0.0]], dtype=torch.float64)
     return [
         (torch.ops.fastprox.group_norms.default, (w, [1])),
-        (torch.ops.fastprox.group_shrink_.default, (w.clone(), lam, [0], True)),
-        (torch.ops.fastprox.soft_threshold_.default, (w.clone(), lam)),
-        (torch.ops.fastprox.sparse_group_shrink_.default, (w.clone(), lam, lam, [1], True)),
-        (torch.ops.fastprox.exclusive_shrink_.default, (w.clone(), lam, [1], True)),
-        (torch.ops.fastprox.cges_shrink_.default, (w.clone(), lam, lam, [0], False, False)),
+        (torch.ops.fastprox.foreach_prox_.default,
+         ([w.clone()], lams, [0], [1], [True], [True], "group_shrink_", ["", "lam", ""])),
+        (torch.ops.fastprox.foreach_prox_.default,
+         ([w.clone()], lams.flip(1), [], [0], [True], [True], "soft_threshold_",
+          ["lam", "", ""])),
         (torch.ops.fastprox.foreach_prox_.default,
          ([w.clone(), w.clone().t()], torch.full((2, 3), 0.1, dtype=torch.float64), [1, 0],
-          [1, 1], [True, False], [True, True])),
+          [1, 1], [True, False], [True, True], "foreach_prox_", list(COLUMNS))),
     ]
 
 
-def test_registered_for_cuda_only():
+def test_registered_for_cuda_and_a_default_backend():
+    """CUDA: the Triton entries; CPU: the C++ kernels; every other device (and CUDA without
+    Triton): the reference, as the dispatcher's default kernel."""
     kernels.register()
-    assert has_kernels("cuda")
-    assert has_kernels("cpu")
     for name in kernels.ENTRIES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprox::{name}", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprox::{name}", "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastprox::{name}", "CompositeExplicitAutograd")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])

@@ -1,11 +1,18 @@
-// foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact): one proximal step per
-// tensor of a list, all in one parallel region. Per tensor i, with (l1, lg, le) = lams[i]:
+// foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact, caller, lam_names): the
+// CPU's one in-place kernel, one proximal step per tensor of a list, all in one parallel region.
+// Per tensor i, with (l1, lg, le) = lams[i]:
 //   W <- soft threshold by l1, then group shrink by lg * c (c = sqrt(n) if size_weighted[i]),
 //        then exclusive shrink by le (exact[i]: exact threshold, else CGES's bound)
-// each sub-step skipped when its lam is 0: the composition that group_shrink_, soft_threshold_,
-// sparse_group_shrink_, exclusive_shrink_ and cges_shrink_ each fuse, with the same results,
-// bit for bit (same step, same sums in the same order). Tensor i's groups reduce
-// dims[sum(dim_counts[:i]) : sum(dim_counts[:i+1])].
+// each sub-step skipped when its lam is 0. The five in-place operators (group_shrink_,
+// soft_threshold_, sparse_group_shrink_, exclusive_shrink_, cges_shrink_) are presets of this
+// step (fastprox/operators.py). Tensor i's groups reduce
+// dims[sum(dim_counts[:i]) : sum(dim_counts[:i+1])]. `caller` and `lam_names` (the caller's names
+// of the three thresholds) name the function and argument in error messages. The per-group step
+// is ProxStep (group_engine.h); the contract is docs/SPEC.md.
+//
+// A tensor whose only step is the soft threshold (lg = le = 0) has no groups: its memory span
+// (or a contiguous copy of a non-dense view) is cut into units of kUnitElems and thresholded
+// elementwise, whatever its dims.
 //
 // Why one region: a model is mostly small tensors, and a call per tensor pays a fixed cost and
 // a thread fork/join per tensor. Work units of all tensors (a few groups of a row-layout tensor,
@@ -20,7 +27,8 @@
 #include <functional>
 #include <type_traits>
 
-#include "cpu/prox_entry.h"
+#include "cpu/group_engine.h"
+#include "cpu/group_layout.h"
 
 namespace fastprox::cpu {
 namespace {
@@ -44,6 +52,33 @@ std::pair<uintptr_t, uintptr_t> address_range(const at::Tensor& t) {
 struct Unit {
   std::function<void()> run;
 };
+
+// Checks of one weight, in the order the Python API checks them.
+void check_group_op(const at::Tensor& weight, at::IntArrayRef dim) {
+  check_weight(weight);
+  reduced_mask(weight, dim);
+  check_writable(weight);
+}
+
+// The soft threshold alone: elementwise over [0, numel) of a contiguous span.
+template <typename T>
+void add_elementwise_units(T* data, int64_t numel, typename Lanes<T>::A lam,
+                           std::vector<Unit>& units) {
+  using L = Lanes<T>;
+  for (int64_t begin = 0; begin < numel; begin += kUnitElems) {
+    const int64_t end = std::min(numel, begin + kUnitElems);
+    units.push_back({[=] {
+      const typename L::V tau(lam);
+      for (int64_t i = begin; i < end; i += L::kWidth) {
+        const int64_t count = std::min(L::kWidth, end - i);
+        typename L::V x[L::kParts];
+        L::load(data + i, count, x);
+        for (auto& v : x) v = shrink_magnitude(v, tau);
+        L::store(data + i, count, x);
+      }
+    }});
+  }
+}
 
 // Calls f(bool_constant<kL1>, bool_constant<kGroup>, bool_constant<kExcl>) for the steps that
 // are taken (lam > 0); a zero-lam sub-step of the combined instance is skipped at run time.
@@ -92,36 +127,39 @@ void add_units(T* data, const GroupShape& s, const Step& step, std::vector<Unit>
 
 void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArrayRef dims,
                       at::IntArrayRef dim_counts, const c10::List<bool>& size_weighted,
-                      const c10::List<bool>& exact) {
+                      const c10::List<bool>& exact, c10::string_view caller,
+                      at::ArrayRef<c10::string_view> lam_names) {
   const int64_t n = static_cast<int64_t>(weights.size());
   TORCH_CHECK_VALUE(dim_counts.size() == weights.size() && size_weighted.size() == weights.size() &&
                         exact.size() == weights.size(),
-                    "foreach_prox_: dim_counts, size_weighted and exact need one entry per weight");
+                    caller, ": dim_counts, size_weighted and exact need one entry per weight");
+  TORCH_CHECK_VALUE(lam_names.size() == 3, caller, ": lam_names must name the three thresholds");
   TORCH_CHECK_VALUE(lams.dim() == 2 && lams.size(0) == n && lams.size(1) == 3 &&
                         lams.scalar_type() == at::kDouble && lams.device().is_cpu(),
-                    "foreach_prox_: lams must be a float64 CPU tensor of shape (len(weights), 3)");
+                    caller, ": lams must be a float64 CPU tensor of shape (len(weights), 3)");
   // Every check before any memory is touched.
   const at::Tensor lam_values = lams.contiguous();
   const double* lam = lam_values.data_ptr<double>();
-  const char* lam_names[3] = {"lam_l1", "lam_group", "lam_exclusive"};
   std::vector<at::IntArrayRef> tensor_dims;
   int64_t offset = 0;
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(dim_counts[i] >= 0 && offset + dim_counts[i] <= int64_t(dims.size()),
-                      "foreach_prox_: dim_counts do not match dims");
+                      caller, ": dim_counts do not match dims");
     tensor_dims.push_back(dims.slice(offset, dim_counts[i]));
     offset += dim_counts[i];
     check_group_op(weights[i], tensor_dims.back());
     TORCH_CHECK_VALUE(weights[i].device() == weights[0].device(),
-                      "foreach_prox_: weights[", i, "] is on ", weights[i].device(),
+                      caller, ": weights[", i, "] is on ", weights[i].device(),
                       " but weights[0] is on ", weights[0].device());
     for (int k = 0; k < 3; ++k) {
       const double v = lam[i * 3 + k];
-      TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, "foreach_prox_: ", lam_names[k], "[", i,
-                        "] must be a finite number >= 0, got ", v);
+      // indexed by weight when there are several
+      TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, caller, ": ", lam_names[k],
+                        n > 1 ? "[" + std::to_string(i) + "]" : std::string(),
+                        " must be a finite number >= 0, got ", v);
     }
   }
-  TORCH_CHECK_VALUE(offset == int64_t(dims.size()), "foreach_prox_: dim_counts do not match dims");
+  TORCH_CHECK_VALUE(offset == int64_t(dims.size()), caller, ": dim_counts do not match dims");
   // Two tensors on the same memory would race. Checked on address ranges (conservative: views
   // whose ranges interleave are refused even when their elements are disjoint).
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
@@ -129,7 +167,7 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < i; ++j) {
       TORCH_CHECK_VALUE(ranges[i].first >= ranges[j].second || ranges[j].first >= ranges[i].second,
-                        "foreach_prox_: weights[", j, "] and weights[", i, "] share memory");
+                        caller, ": weights[", j, "] and weights[", i, "] share memory");
     }
   }
 
@@ -139,6 +177,17 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
   for (int64_t i = 0; i < n; ++i) {
     const double l1 = lam[i * 3], lg = lam[i * 3 + 1], le = lam[i * 3 + 2];
     if (weights[i].numel() == 0 || (l1 == 0 && lg == 0 && le == 0)) continue;  // bit-identical
+    if (lg == 0 && le == 0) {  // elementwise: the memory span of a dense weight, else a copy
+      GroupLayout& flat = layouts[i];
+      flat.is_copy = !weights[i].is_non_overlapping_and_dense();
+      flat.work = flat.is_copy ? weights[i].contiguous() : weights[i];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[i].scalar_type(),
+                                      "foreach_prox_", [&] {
+        add_elementwise_units(flat.work.data_ptr<scalar_t>(), flat.work.numel(),
+                              static_cast<at::opmath_type<scalar_t>>(l1), units);
+      });
+      continue;
+    }
     layouts[i] = analyze_groups(weights[i], tensor_dims[i]);
     const GroupShape& s = layouts[i].shape;
     const double c = size_weighted[i] ? std::sqrt(double(s.group_size())) : 1.0;

@@ -162,7 +162,7 @@ struct GroupParams {
 };
 
 // The fused proximal step of group lasso (kGroup), sparse group lasso (kL1 + kGroup), exclusive
-// lasso (kExcl) and CGES (kGroup + kExcl); formulas in the operator files and SPEC.md.
+// lasso (kExcl) and CGES (kGroup + kExcl); formulas in docs/SPEC.md.
 template <typename A, bool kL1, bool kGroup, bool kExcl>
 struct ProxStep {
   using V = at::vec::Vectorized<A>;

@@ -39,13 +39,6 @@ std::vector<bool> reduced_mask(const at::Tensor& weight, at::IntArrayRef dim) {
   return reduced;
 }
 
-double read_threshold(const at::Tensor& value, const char* name) {
-  TORCH_CHECK_VALUE(value.numel() == 1, name, " must be a single number");
-  const double v = value.item<double>();
-  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, name, " must be a finite number >= 0, got ", v);
-  return v;
-}
-
 namespace {
 
 // Fills `layout.shape` when `t` (dense, non-overlapping) has one of the supported alternations.

@@ -54,7 +54,5 @@ void check_weight(const at::Tensor& weight);
 // A weight whose elements share memory (an expanded tensor) cannot be updated in place.
 void check_writable(const at::Tensor& weight);
 std::vector<bool> reduced_mask(const at::Tensor& weight, at::IntArrayRef dim);
-// Reads a threshold given as a one-element tensor: finite and >= 0, or a ValueError naming it.
-double read_threshold(const at::Tensor& value, const char* name);
 
 }  // namespace fastprox::cpu

@@ -1,6 +1,6 @@
 """The demo's experiments: models, methods, one training run, and what is measured after it.
 
-Three tasks (``../shared/SPEC.md`` has the published set-ups):
+Three tasks (``docs/SPEC.md`` has the published set-ups):
 
 - ``digits``: Scardapane et al.'s MLP 64-40-20-10 (leaky ReLU, Glorot-normal init, batch 300)
   on sklearn DIGITS; every method of the paper (none, L2, L1, group lasso, sparse group lasso)

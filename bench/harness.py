@@ -1,0 +1,257 @@
+"""The benchmark harness: what is timed, against what, and how it is reported, for both backends.
+
+    CPU:  pytest bench --benchmark-only     (pytest-benchmark; bench/test_bench_cpu.py)
+    CUDA: python bench/gpu_kernels.py       (triton.testing.do_bench)
+
+Cases come from the operator table (fastprox/operators.py): every ``bench`` sample of
+group_norms and of every preset. Each case is timed four ways on the same weight, side by side:
+
+* ``fastprox``: the public operator;
+* ``eager``: what a user would write in PyTorch, in the weight's own dtype (``baseline``):
+  ``sign(w) * clamp(|w| - lam, 0)``, ``vector_norm`` then ``mul_``, a sort for the exact
+  exclusive threshold; NaN handling is not its concern. The NaN-exact reference
+  (fastprox/reference.py) is the tests' oracle, not a speed baseline;
+* ``compiled``: ``torch.compile`` of that baseline;
+* ``floor``: one pass over memory, an in-place ``mul_`` on the CPU, a device-to-device copy on
+  a GPU (the bytes an in-place step must move at least once).
+
+``report`` writes every run in one markdown format, headed by the machine's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import platform
+
+import torch
+
+import fastprox
+from fastprox import _fused
+from fastprox.operators import OPERATORS, Operator
+
+SHAPES_CPU = {
+    "8192x4096-rows": ((8192, 4096), 1),
+    "8192x4096-cols": ((8192, 4096), 0),
+    "512x512-rows": ((512, 512), 1),
+    "512x512-cols": ((512, 512), 0),
+}
+SHAPES_GPU = {
+    "rows-64": ((16384, 64), 1),
+    "rows-512": ((16384, 512), 1),
+    "rows-4096": ((16384, 4096), 1),
+    "rows-16384": ((16384, 16384), 1),
+    "rows-262144": ((1024, 262144), 1),
+    "columns-4096": ((16384, 4096), 0),
+    "conv-in-channels": ((512, 512, 3, 3), (0, 2, 3)),
+}
+SHAPES_TINY = {
+    "rows-64": ((16, 64), 1),
+    "columns": ((64, 24), 0),
+    "conv-in-channels": ((8, 6, 3, 3), (0, 2, 3)),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("fastprox", "eager", "compiled", "floor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One timed operator call: a row of the table with one of its bench samples."""
+
+    row: Operator
+    lams: tuple
+    flags: dict
+
+    @property
+    def label(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.flags.items())
+        return f"{self.row.name}({extra})" if extra else self.row.name
+
+    def scaled(self, factor: float) -> "Case":
+        return Case(self.row, tuple(v * factor for v in self.lams), self.flags)
+
+    def moves(self, numel: int, itemsize: int) -> int:
+        """Bytes the operator must move: one read (group_norms), one read and one write."""
+        return numel * itemsize * (1 if self.row.kind == "norms" else 2)
+
+    def fastprox(self):
+        fn = getattr(fastprox, self.row.name)
+        if self.row.kind == "norms":
+            return lambda w, dim: fn(w, dim)
+        if not self.row.grouped:
+            return lambda w, dim: fn(w, *self.lams)
+        return lambda w, dim: fn(w, *self.lams, dim, **self.flags)
+
+    def eager(self):
+        return baseline(self)
+
+
+CASES = [Case(row, lams, dict(flags)) for row in OPERATORS if row.kind in ("norms", "preset")
+         for lams, flags in row.bench]
+BY_LABEL = {case.label: case for case in CASES}
+
+
+# -- the user's baselines, in the weight's dtype ---------------------------------------------
+
+def _dims(w: torch.Tensor, dim) -> list[int]:
+    return sorted(d % w.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+
+
+def _soft(w, lam):
+    return torch.sign(w) * torch.clamp(w.abs() - lam, min=0)
+
+
+def _group_scale(w, dims, t):
+    norms = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
+    return torch.clamp(1 - t / norms, min=0)
+
+
+def _exclusive(w, dims, lam, exact):
+    a = w.abs()
+    if not exact:
+        tau = lam * a.sum(dim=dims, keepdim=True)
+    else:  # the closed form: a sort of each group, S_k / (1/lam + k), max over k
+        kept = [d for d in range(w.dim()) if d not in dims]
+        rows = a.permute(kept + dims).reshape(-1, math.prod(w.shape[d] for d in dims))
+        s = rows.sort(dim=1, descending=True).values.cumsum(dim=1)
+        k = torch.arange(1, rows.shape[1] + 1, device=w.device, dtype=w.dtype)
+        tau = (s / (1 / lam + k)).amax(dim=1)
+        tau = tau.reshape([1 if d in dims else w.shape[d] for d in range(w.dim())])
+    return torch.sign(w) * torch.clamp(a - tau, min=0)
+
+
+def baseline(case: Case):
+    """(w, dim) -> the case's step as plain PyTorch in w's dtype, in place (norms: returned)."""
+    name, lams, flags = case.row.name, case.lams, case.flags
+    weighted = flags.get("size_weighted", True)
+    exact = flags.get("exact", True)
+
+    def c(w, dims):
+        return math.sqrt(math.prod(w.shape[d] for d in dims)) if weighted else 1.0
+
+    def step(w, dim):
+        dims = _dims(w, dim)
+        if name == "group_norms":
+            return torch.linalg.vector_norm(w, dim=dims)
+        if name == "soft_threshold_":
+            return w.copy_(_soft(w, lams[0]))
+        if name == "group_shrink_":
+            return w.mul_(_group_scale(w, dims, lams[0] * c(w, dims)))
+        if name == "sparse_group_shrink_":
+            v = _soft(w, lams[0])
+            return w.copy_(v * _group_scale(v, dims, lams[1] * c(w, dims)))
+        if name == "exclusive_shrink_":
+            return w.copy_(_exclusive(w, dims, lams[0], exact))
+        if name == "cges_shrink_":
+            v = w * _group_scale(w, dims, lams[0] * c(w, dims))
+            return w.copy_(_exclusive(v, dims, lams[1], exact))
+        raise KeyError(f"no baseline for {name}: add one with its table row")
+
+    return step
+
+
+# -- whole-model steps ---------------------------------------------------------------------------
+
+def model_steps(dims, lam: float) -> dict:
+    """Group lasso on every tensor of a parameter list (what Regularizer(model, "group_lasso")
+    applies after each step): one foreach_prox_ call, a loop of group_shrink_ calls, the user's
+    eager loop."""
+    group = baseline(BY_LABEL["group_shrink_"].scaled(lam / BY_LABEL["group_shrink_"].lams[0]))
+    return {
+        "foreach": lambda ws: fastprox.foreach_prox_(ws, lam_group=lam, dim=dims),
+        "loop": lambda ws: [fastprox.group_shrink_(w, lam, d) for w, d in zip(ws, dims)],
+        "eager": lambda ws: [group(w, d) for w, d in zip(ws, dims)],
+    }
+
+
+# -- the GPU kernels on CPU tensors (Triton's interpreter) ---------------------------------------
+
+class _KernelOps:
+    @staticmethod
+    def group_norms(*args):
+        from fastprox import kernels
+        return kernels.group_norms(*args)
+
+    @staticmethod
+    def foreach_prox_(*args):
+        from fastprox import kernels
+        return kernels.foreach_prox_(*args)
+
+
+@contextlib.contextmanager
+def served_by_kernels(enabled: bool = True):
+    """The public API with its op calls going to the Triton entries (fastprox.kernels), as the
+    dispatcher does for CUDA tensors: how the kernels run on CPU tensors under
+    TRITON_INTERPRET=1."""
+    if not enabled:
+        yield
+        return
+    saved = fastprox.ops.ops, _fused.ops
+    fastprox.ops.ops = _fused.ops = _KernelOps
+    try:
+        yield
+    finally:
+        fastprox.ops.ops, _fused.ops = saved
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+def cpu_machine() -> str:
+    from machine import cpu_name
+
+    return (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def gpu_machine() -> str:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return (f"{props.name} ({props.multi_processor_count} SMs), CUDA {torch.version.cuda}, "
+            f"torch {torch.__version__}, triton {triton.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def derive(row: dict) -> dict:
+    """Adds GB/s and the ratios to a row of medians in seconds (``<impl>_s``)."""
+    t = row["fastprox_s"]
+    row["fastprox_gbps"] = row["bytes"] / t / 1e9
+    if "floor_s" in row:
+        row["x_floor"] = t / row["floor_s"]
+        row["floor_gbps"] = row["floor_bytes"] / row["floor_s"] / 1e9
+    for impl in ("eager", "compiled"):
+        if f"{impl}_s" in row:
+            row[f"vs_{impl}"] = row[f"{impl}_s"] / t
+    return row
+
+
+def report(machine: str, floor: str, rows: list[dict], models: list[dict] = ()) -> str:
+    """One markdown format for every run. rows: derive()d operator rows (op, weight, dtype);
+    models: whole-model rows (model, dtype, tensors, foreach_s, loop_s, eager_s, floor_s,
+    bytes, optional launches)."""
+    get = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
+    ms = lambda r, k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
+    lines = [f"Machine: {machine}. Floor: {floor}.", "",
+             "| operator | weight | dtype | fastprox ms | GB/s | x floor | floor GB/s | eager ms | "
+             "compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['weight']} | {r['dtype']} | {ms(r, 'fastprox_s')} | "
+            f"{get(r, 'fastprox_gbps', '{:.1f}')} | {get(r, 'x_floor', '{:.2f}')} | "
+            f"{get(r, 'floor_gbps', '{:.1f}')} | {ms(r, 'eager_s')} | {ms(r, 'compiled_s')} | "
+            f"{get(r, 'vs_eager', '{:.2f}x')} | {get(r, 'vs_compiled', '{:.2f}x')} |")
+    if models:
+        lines += ["", "Whole-model step (group lasso on every weight):", "",
+                  "| model | dtype | tensors | launches | foreach ms | GB/s | x floor | loop ms | "
+                  "loop / foreach | eager ms | eager / foreach |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in models:
+            t = r["foreach_s"]
+            ratio = lambda k: f"{r[k] / t:.2f}x" if k in r else "-"  # noqa: E731
+            lines.append(
+                f"| {r['model']} | {r['dtype']} | {r['tensors']} | {r.get('launches', '-')} | "
+                f"{t * 1e3:.3f} | {r['bytes'] / t / 1e9:.1f} | "
+                f"{t / r['floor_s']:.2f} | {ms(r, 'loop_s')} | {ratio('loop_s')} | "
+                f"{ms(r, 'eager_s')} | {ratio('eager_s')} |")
+    return "\n".join(lines) + "\n"
