@@ -75,7 +75,7 @@ STEPS = {
 # The catalog: lists of (shape, dims) that one call (or one foreach_prox_ call) receives.
 
 def catalog(quick: bool = False, only=None) -> dict[str, list]:
-    from gpu_kernels import SHAPES
+    from harness import SHAPES_GPU as SHAPES
     from layouts import LAYOUTS
     from model_shapes import gpt2_small_weights, resnet50_weights
 

@@ -34,7 +34,8 @@ def op_target(row) -> tuple[float | None, float | None]:
     n = _group_len(row)
     if row["op"] in ("soft_threshold_", "group_norms"):
         return None, None
-    exact = row["op"] in ("exclusive_shrink_", "cges_shrink_")  # exact=False: its own label
+    case = harness.BY_LABEL[row["op"]]
+    exact = case.row.newton(case.flags)
     if rows_layout and n >= 512 and not exact:
         return 0.9, 1.3 if n > 1024 else None
     return 0.8, 2.0 if dims == [0] and len(row["shape"]) == 2 else None

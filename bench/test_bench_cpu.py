@@ -76,7 +76,7 @@ def test_cpu(benchmark, label, shape_name, dtype_name, impl):
         bytes=case.moves(source.numel(), source.element_size()) if impl != "floor"
         else 2 * source.numel() * source.element_size())
     slow = impl in ("eager", "compiled") and source.numel() >= 1 << 22 and \
-        case.row.name in ("exclusive_shrink_", "cges_shrink_") and case.flags.get("exact", True)
+        case.row.newton(case.flags)
     _time(benchmark, _fn(case, impl, dim), work, lambda: (work.copy_(source), None)[1], slow)
 
 

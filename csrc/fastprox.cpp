@@ -16,12 +16,15 @@
 
 TORCH_LIBRARY(fastprox, m) {
   m.def("group_norms(Tensor weight, int[] dim) -> Tensor");
-  // One step per tensor of a list (per tensor: lams[i] = (lam_l1, lam_group, lam_exclusive);
-  // its reduced dims are the next dim_counts[i] entries of dims). `caller` and `lam_names` name
-  // the calling function and its three thresholds in error messages. csrc/cpu/foreach_prox.cpp.
+  // One step per tensor of a list. lams: float64, 3 values per tensor, row-major (any shape:
+  // (T, 3) or flat), (lam_l1, lam_group, lam_exclusive); tensor i reduces the next
+  // dim_counts[i] entries of dims. `caller` and `lam_names` name the calling function and its
+  // three thresholds in error messages (a preset passes them when the kernel must check a
+  // threshold it could not). csrc/cpu/foreach_prox.cpp.
   m.def(
       "foreach_prox_(Tensor(a!)[] weights, Tensor lams, int[] dims, int[] dim_counts, "
-      "bool[] size_weighted, bool[] exact, str caller, str[] lam_names) -> ()");
+      "bool[] size_weighted, bool[] exact, str caller=\"foreach_prox_\", "
+      "str[]? lam_names=None) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight

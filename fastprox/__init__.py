@@ -5,35 +5,25 @@
 
 Operators (in place, return the weight): group_shrink_, soft_threshold_, sparse_group_shrink_,
 exclusive_shrink_, cges_shrink_; foreach_prox_ (any of them on a list of tensors, in one
-call); and group_norms. fastprox.reference holds the pure-PyTorch
-oracle of each. DTensor weights (FSDP2, tensor parallelism) are accepted by every operator:
+call); and group_norms: one row each of the table in fastprox.operators. fastprox.reference
+holds the pure-PyTorch oracle of each. DTensor weights (FSDP2, tensor parallelism) are accepted by every operator:
 fastprox.distributed.
 """
 
-from . import distributed, l0, reference
+from . import distributed, l0, operators, reference
 from .compaction import Compacted, compact
 from .stats import SparsityHistory, SparsityStats, sparsity_stats
 from .regularizer import CGESSchedule, Regularizer, Target
-from .ops import (
-    cges_shrink_,
-    exclusive_shrink_,
-    foreach_prox_,
-    group_norms,
-    group_shrink_,
-    soft_threshold_,
-    sparse_group_shrink_,
-)
+from . import ops as _ops
+
+# the operators, one per row of the table (fastprox/operators.py)
+globals().update({_name: getattr(_ops, _name) for _name in _ops.__all__})
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "group_norms",
-    "group_shrink_",
-    "soft_threshold_",
-    "sparse_group_shrink_",
-    "exclusive_shrink_",
-    "cges_shrink_",
-    "foreach_prox_",
+    *_ops.__all__,
+    "operators",
     "reference",
     "distributed",
     "Regularizer",

@@ -4,20 +4,14 @@ operators (fastprox/ops.py) and the sharded path (fastprox/distributed.py)."""
 
 from __future__ import annotations
 
+import array
+import math
+
 import torch
 
 from . import _checks
 from ._registry import ops
 from .operators import COLUMNS
-
-
-def _on_device(value, name: str, weight: torch.Tensor, fn: str) -> torch.Tensor:
-    """A threshold as a float64 0-d tensor on the weight's (GPU) device, without a copy from
-    host memory (not allowed inside CUDA graph capture)."""
-    value = _checks.as_threshold(value, name, weight, fn)
-    if value.device == weight.device:
-        return value.to(torch.float64)
-    return torch.full((), float(value), dtype=torch.float64, device=weight.device)
 
 
 def lam_table(weights, columns, fn: str, names) -> torch.Tensor:
@@ -26,27 +20,68 @@ def lam_table(weights, columns, fn: str, names) -> torch.Tensor:
     count = len(weights)
     tensors = [v for c in columns for v in c if isinstance(v, torch.Tensor)]
     if not tensors:  # plain numbers: one small tensor, no per-threshold overhead
-        return torch.tensor([[float(c[i]) for c in columns] for i in range(count)],
-                            dtype=torch.float64)
+        return numbers_table([c[i] for i in range(count) for c in columns])
     indexed = (lambda k, i: f"{names[k]}[{i}]") if count > 1 else (lambda k, i: names[k])
     device = weights[0].device
-    if any(v.device == device != torch.device("cpu") for v in tensors):
-        # Thresholds held on the GPU stay there (no synchronisation; a CUDA graph replays with
-        # their current values): numbers join them by a fill on the device.
-        cell = lambda k, i: _on_device(columns[k][i], indexed(k, i), weights[0], fn)  # noqa
-    else:
-        cell = lambda k, i: _checks.as_threshold(  # noqa: E731
-            columns[k][i], indexed(k, i), weights[0], fn).to("cpu", torch.float64)
-    return torch.stack([torch.stack([cell(k, i) for k in range(3)]) for i in range(count)])
+    # Thresholds held on the GPU stay there (no synchronisation; a CUDA graph replays with their
+    # current values): numbers join them by a fill on the device. Otherwise the table is on the
+    # CPU.
+    on = device if any(v.device == device != torch.device("cpu") for v in tensors) else None
+    cells = []
+    for i in range(count):
+        for k in range(3):
+            value = columns[k][i]
+            if isinstance(value, torch.Tensor):
+                value = _checks.as_threshold(value, indexed(k, i), weights[0], fn)
+                cells.append(value.to(device=on or "cpu", dtype=torch.float64))
+            else:
+                _checks.check_number(value, indexed(k, i), fn)
+                cells.append(torch.full((), float(value), dtype=torch.float64, device=on))
+    return torch.stack(cells)
 
 
-def prox_(weights, columns, dims, size_weighted, exact, fn: str = "foreach_prox_",
-          names=COLUMNS) -> None:
+def numbers_table(values) -> torch.Tensor:
+    """The flat float64 table of thresholds given as Python numbers (3 per weight)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float64)
+    # from a buffer: a quarter of the cost of torch.tensor(list) (the tensor keeps the array)
+    return torch.frombuffer(array.array("d", values), dtype=torch.float64)
+
+
+def preset_table(weight, cells, fn: str, names) -> tuple[torch.Tensor, bool]:
+    """The table of a preset call (cells[k]: the threshold of column k; 0.0 for a column the
+    preset never sets, whose names[k] is ''), and whether the kernel must check (and name) its
+    values: Python floats and ints are checked here, where it costs least."""
+    if all(type(v) is float or type(v) is int for v in cells):
+        for value, name in zip(cells, names):
+            if name and not 0 <= value < math.inf:
+                raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value}")
+        return numbers_table(cells), False
+    tensors = []
+    for k, (value, name) in enumerate(zip(cells, names)):
+        if isinstance(value, torch.Tensor):
+            tensors.append((k, _checks.as_threshold(value, name, weight, fn)))
+        elif name:
+            _checks.check_number(value, name, fn)
+    if any(v.device.type != "cpu" for _, v in tensors):  # thresholds held on the GPU
+        return lam_table([weight], [[v] for v in cells], fn, names), True
+    table = numbers_table([0.0 if isinstance(v, torch.Tensor) else v for v in cells])
+    for k, value in tensors:
+        table[k] = value
+    return table, True
+
+
+def prox_(weights, columns, dims, size_weighted, exact, named=None) -> None:
     """The fused step on checked weights; ``dims`` normalized per weight; ``columns``: per
-    column, one threshold per weight; ``names``: the caller's name of each column ('' for one
-    it never sets)."""
+    column, one threshold per weight. ``named``: (function, names of the three columns) for
+    the kernel's messages (default: foreach_prox_'s)."""
     if not weights:
         return
-    ops.foreach_prox_(list(weights), lam_table(weights, columns, fn, names),
-                      [d for ds in dims for d in ds], [len(ds) for ds in dims],
-                      list(size_weighted), list(exact), fn, list(names))
+    fn, names = named or ("foreach_prox_", COLUMNS)
+    args = (list(weights), lam_table(weights, columns, fn, names),
+            [d for ds in dims for d in ds], [len(ds) for ds in dims], list(size_weighted),
+            list(exact))
+    if named:
+        ops.foreach_prox_(*args, fn, list(names))
+    else:
+        ops.foreach_prox_(*args)

@@ -270,9 +270,8 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
         buckets.setdefault((spans[i], step.acc), []).append(step)
 
     for idx in local.values():
-        _fused.prox_([_local(weights[i]) for i in idx], [[column[i] for i in idx] for column in lams],
-                     [dims[i] for i in idx], [sizes[i] for i in idx], [exacts[i] for i in idx],
-                     _FN)
+        _fused.prox_([_local(weights[i]) for i in idx],
+                     [[column[i] for i in idx] for column in lams], [dims[i] for i in idx], [sizes[i] for i in idx], [exacts[i] for i in idx])
     for (groups, acc), steps in buckets.items():
         _run_bucket(steps, groups, acc, max_newton_steps)
     return weights

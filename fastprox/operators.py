@@ -85,6 +85,10 @@ class Operator:
         """The fused step's thresholds (by column) that these threshold values set."""
         return {column: v for (_, column), v in zip(self.thresholds, values)}
 
+    def newton(self, flags: dict) -> bool:
+        """Whether a call with these flags iterates the exact exclusive threshold."""
+        return any(c == "lam_exclusive" for _, c in self.thresholds) and flags.get("exact", True)
+
     def lam_names(self) -> list[str]:
         """The name of each column of the fused step in this operator's errors ('' for a column
         it never sets: the kernels skip that sub-step without reading it)."""

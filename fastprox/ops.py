@@ -51,51 +51,54 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     return weights
 
 
-def _preset_step(op: Operator, weight, lams, dim, flags: dict):
-    """A preset of the fused step on one tensor: checks in the operator's own names, then its
-    thresholds into their columns (0 elsewhere)."""
-    fn = op.name
-    _checks.check_weight(weight, fn)
-    _checks.check_grad(weight, fn)
-    dims = _checks.normalize_dim(dim, weight, fn) if op.grouped else []
-    for name, value in flags.items():
-        _checks.check_flag(value, name, fn)
-    for name, value in zip(op.threshold_names, lams):
-        if isinstance(value, torch.Tensor):
-            _checks.as_threshold(value, name, weight, fn)
-        else:
-            _checks.check_number(value, name, fn)
-    given = op.columns(lams)
-    columns = [[given.get(c, 0.0)] for c in COLUMNS]
-    _fused.prox_([weight], columns, [dims], [flags.get("size_weighted", True)],
-                 [flags.get("exact", True)], fn, op.lam_names())
-    return weight
-
-
 def _preset_sharded(op: Operator, weight, lams, dim, flags: dict):
     return distributed.prox_(weight, **op.columns(lams), dim=dim, **flags)
 
 
 def _write_preset(op: Operator):
-    """The function of a preset row, with its real signature (as dataclasses writes methods):
-    ``name(weight, <thresholds>[, dim=None][, *, <flags>=True])``."""
-    lams = ", ".join(op.threshold_names)
-    params = ["weight", *op.threshold_names] + (["dim=None"] if op.grouped else [])
+    """The function of a preset row, written out with its real signature (as dataclasses writes
+    methods): ``name(weight, <thresholds>[, dim=None][, *, <flags>=True])``: checks in the
+    operator's own names, then the fused step on ``[weight]`` with the row's thresholds in
+    their columns (0 in the others)."""
+    lams = op.threshold_names
+    params = ["weight", *lams] + (["dim=None"] if op.grouped else [])
     if op.flags:
         params += ["*", *(f"{f}=True" for f in op.flags)]
     dim = "dim" if op.grouped else "None"
-    flags = "{" + ", ".join(f"{f!r}: {f}" for f in op.flags) + "}"
-    source = (f"def {op.name}({', '.join(params)}):\n"
-              f"    if is_dtensor(weight):\n"
-              f"        return sharded(OP, weight, ({lams},), {dim}, {flags})\n"
-              f"    return step(OP, weight, ({lams},), {dim}, {flags})\n")
-    scope = dict(OP=op, is_dtensor=_checks.is_dtensor, sharded=_preset_sharded,
-                 step=_preset_step)
-    exec(source, scope)  # noqa: S102  (source built from the table above, no user input)
+    cells = ", ".join(op.columns(lams).get(c, "0.0") for c in COLUMNS)
+    lines = [
+        f"def {op.name}({', '.join(params)}):",
+        "    if is_dtensor(weight):",
+        f"        return sharded(OP, weight, ({', '.join(lams)},), {dim}, "
+        "{" + ", ".join(f"{f!r}: {f}" for f in op.flags) + "})",
+        "    check_weight(weight, NAME)",
+        "    check_grad(weight, NAME)",
+        "    dims = normalize_dim(dim, weight, NAME)" if op.grouped else "    dims = []",
+        *(f"    check_flag({f}, {f!r}, NAME)" for f in op.flags),
+        f"    table, named = preset_table(weight, ({cells},), NAME, LAM_NAMES)",
+        f"    args = ([weight], table, dims, [len(dims)], "
+        f"[{'size_weighted' if 'size_weighted' in op.flags else 'True'}], "
+        f"[{'exact' if 'exact' in op.flags else 'True'}])",
+        "    if named:",
+        "        fused(*args, NAME, LAM_NAMES)",
+        "    else:",
+        "        fused(*args)",
+        "    return weight",
+    ]
+    scope = dict(OP=op, NAME=op.name, LAM_NAMES=op.lam_names(), is_dtensor=_checks.is_dtensor,
+                 sharded=_preset_sharded, check_weight=_checks.check_weight,
+                 check_grad=_checks.check_grad, normalize_dim=_checks.normalize_dim,
+                 check_flag=_checks.check_flag,
+                 preset_table=_fused.preset_table, fused=_fused_op)
+    exec("\n".join(lines) + "\n", scope)  # noqa: S102  (source built from the table above)
     fn = scope[op.name]
     fn.__module__ = __name__
     fn.__qualname__ = op.name
     return fn
+
+
+def _fused_op(*args):
+    ops.foreach_prox_(*args)
 
 
 for _op in PRESETS:

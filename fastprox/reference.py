@@ -173,11 +173,13 @@ def group_norms_op(weight: torch.Tensor, dim: list[int]) -> torch.Tensor:
     return group_norms(weight, list(dim))
 
 
-def fused_step(weights, lams, dims, dim_counts, size_weighted, exact, caller, lam_names) -> None:
+def fused_step(weights, lams, dims, dim_counts, size_weighted, exact, caller="foreach_prox_",
+               lam_names=None) -> None:
     """``torch.ops.fastprox.foreach_prox_`` by the reference: checks every threshold first
     (reading them: one synchronisation on an accelerator), then the step of each tensor, in
     float32 for 16-bit weights, rounded once to the weight's dtype."""
-    rows = lams.tolist()
+    lam_names = lam_names or ("lam_l1", "lam_group", "lam_exclusive")
+    rows = lams.reshape(-1, 3).tolist()
     for i, row in enumerate(rows):
         for k, v in enumerate(row):
             if not (math.isfinite(v) and v >= 0):

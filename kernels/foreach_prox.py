@@ -19,16 +19,19 @@ from .. import _checks
 from . import launch
 
 
-def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact, caller, lam_names):
+def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
+                  caller="foreach_prox_", lam_names=None):
     n = len(weights)
+    lam_names = lam_names or ("lam_l1", "lam_group", "lam_exclusive")
     if len(dim_counts) != n or len(size_weighted) != n or len(exact) != n:
         raise ValueError(f"{caller}: dim_counts, size_weighted and exact need one entry per "
                          "weight")
     if len(lam_names) != 3:
         raise ValueError(f"{caller}: lam_names must name the three thresholds")
-    if not (isinstance(lams, torch.Tensor) and lams.dim() == 2 and lams.shape[0] == n
-            and lams.shape[1] == 3 and lams.dtype == torch.float64):
-        raise ValueError(f"{caller}: lams must be a float64 tensor of shape (len(weights), 3)")
+    if not (isinstance(lams, torch.Tensor) and lams.numel() == 3 * n
+            and lams.dtype == torch.float64):
+        raise ValueError(f"{caller}: lams must be a float64 tensor of 3 * len(weights) values")
+    lams = lams.reshape(n, 3)
     entries = []
     offset = 0
     for i, w in enumerate(weights):

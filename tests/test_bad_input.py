@@ -76,7 +76,7 @@ NAMES = ["lam_l1", "lam", ""]
     ("negative lam", (F64(0, -1.0, 0), [1], [1]), "group_shrink_: lam must be a finite"),
     ("bad dim", (F64(0, 0.1, 0), [5], [1]), "out of range"),
     ("repeated dim", (F64(0, 0.1, 0), [1, 1], [2]), "more than once"),
-    ("lams of the wrong shape", (torch.ones(3, dtype=torch.float64), [1], [1]), "lams"),
+    ("lams of the wrong size", (torch.ones(4, dtype=torch.float64), [1], [1]), "lams"),
     ("dims do not match", (F64(0, 0.1, 0), [1], [2]), "dim_counts"),
 ])
 def test_raw_op_checks_its_arguments(name, args, fragment):

@@ -38,7 +38,7 @@ def _weight(shape, dtype):
 
 
 def _exact(op) -> bool:
-    return op.name in ("exclusive_shrink_", "cges_shrink_") and op.kwargs.get("exact", True)
+    return fastprox.operators.BY_NAME[op.name].newton(op.kwargs)
 
 
 @pytest.mark.parametrize("shape,dim", LAYOUTS, ids=[f"{s}-{d}" for s, d in LAYOUTS])

@@ -1,18 +1,19 @@
 // foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact, caller, lam_names): the
 // CPU's one in-place kernel, one proximal step per tensor of a list, all in one parallel region.
-// Per tensor i, with (l1, lg, le) = lams[i]:
+// Per tensor i, with (l1, lg, le) = lams[3i : 3i+3]:
 //   W <- soft threshold by l1, then group shrink by lg * c (c = sqrt(n) if size_weighted[i]),
 //        then exclusive shrink by le (exact[i]: exact threshold, else CGES's bound)
 // each sub-step skipped when its lam is 0. The five in-place operators (group_shrink_,
 // soft_threshold_, sparse_group_shrink_, exclusive_shrink_, cges_shrink_) are presets of this
 // step (fastprox/operators.py). Tensor i's groups reduce
 // dims[sum(dim_counts[:i]) : sum(dim_counts[:i+1])]. `caller` and `lam_names` (the caller's names
-// of the three thresholds) name the function and argument in error messages. The per-group step
+// of the three thresholds; default: lam_l1, lam_group, lam_exclusive) name the function and
+// argument in error messages. The per-group step
 // is ProxStep (group_engine.h); the contract is docs/SPEC.md.
 //
 // A tensor whose only step is the soft threshold (lg = le = 0) has no groups: its memory span
-// (or a contiguous copy of a non-dense view) is cut into units of kUnitElems and thresholded
-// elementwise, whatever its dims.
+// (or a contiguous copy of a non-dense view) is cut into units and thresholded elementwise,
+// whatever its dims.
 //
 // Why one region: a model is mostly small tensors, and a call per tensor pays a fixed cost and
 // a thread fork/join per tensor. Work units of all tensors (a few groups of a row-layout tensor,
@@ -34,6 +35,17 @@ namespace fastprox::cpu {
 namespace {
 
 constexpr int64_t kUnitElems = 1 << 18;         // elements per work unit of the shared region
+constexpr int64_t kUnitsWanted = 8;              // ... smaller down to kParallelGrainElems while
+                                                 // a call has fewer units than this
+
+// Elements per work unit for a call moving `total` elements: kUnitElems, or less when that
+// leaves the threads without work (a single 512x512 weight is one unit of 2^18 otherwise).
+// A function of the sizes alone, never of the thread count: results do not depend on it.
+int64_t unit_elems(int64_t total) {
+  int64_t unit = kUnitElems;
+  while (unit > kParallelGrainElems && total < kUnitsWanted * unit) unit /= 2;
+  return unit;
+}
 constexpr int64_t kOwnColumnPathElems = 1 << 16;  // column-layout tensors this large run alone
 
 // [first byte, last byte + 1) of a tensor's elements (empty for an empty tensor).
@@ -62,11 +74,11 @@ void check_group_op(const at::Tensor& weight, at::IntArrayRef dim) {
 
 // The soft threshold alone: elementwise over [0, numel) of a contiguous span.
 template <typename T>
-void add_elementwise_units(T* data, int64_t numel, typename Lanes<T>::A lam,
+void add_elementwise_units(T* data, int64_t numel, typename Lanes<T>::A lam, int64_t unit,
                            std::vector<Unit>& units) {
   using L = Lanes<T>;
-  for (int64_t begin = 0; begin < numel; begin += kUnitElems) {
-    const int64_t end = std::min(numel, begin + kUnitElems);
+  for (int64_t begin = 0; begin < numel; begin += unit) {
+    const int64_t end = std::min(numel, begin + unit);
     units.push_back({[=] {
       const typename L::V tau(lam);
       for (int64_t i = begin; i < end; i += L::kWidth) {
@@ -95,11 +107,12 @@ void with_step(bool l1, bool group, bool excl, F&& f) {
 }
 
 template <typename T, typename Step>
-void add_units(T* data, const GroupShape& s, const Step& step, std::vector<Unit>& units,
+void add_units(T* data, const GroupShape& s, const Step& step, int64_t unit,
+               std::vector<Unit>& units,
                std::vector<std::function<void()>>& alone) {
   if (s.num_groups() == 0 || s.group_size() == 0) return;
   if (uses_chunk_path(s)) {
-    const int64_t per_unit = std::max<int64_t>(1, kUnitElems / s.group_size());
+    const int64_t per_unit = std::max<int64_t>(1, unit / s.group_size());
     for (int64_t g = 0; g < s.num_groups(); g += per_unit) {
       const int64_t end = std::min(s.num_groups(), g + per_unit);
       units.push_back({[=] {
@@ -114,7 +127,7 @@ void add_units(T* data, const GroupShape& s, const Step& step, std::vector<Unit>
   }
   // Tiles of whole groups, at least two vectors wide so that row segments are not scalar.
   constexpr int64_t kMinWidth = 2 * Lanes<T>::kWidth;
-  const int64_t by_size = (kUnitElems + s.group_size() - 1) / s.group_size();
+  const int64_t by_size = (unit + s.group_size() - 1) / s.group_size();
   const int64_t by_width = (std::min(kMinWidth, s.groups * s.inner) + s.inner - 1) / s.inner;
   const int64_t per_unit = std::max<int64_t>({1, by_size, by_width});
   for (int64_t b = 0; b < s.batch; ++b) {
@@ -128,15 +141,17 @@ void add_units(T* data, const GroupShape& s, const Step& step, std::vector<Unit>
 void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArrayRef dims,
                       at::IntArrayRef dim_counts, const c10::List<bool>& size_weighted,
                       const c10::List<bool>& exact, c10::string_view caller,
-                      at::ArrayRef<c10::string_view> lam_names) {
+                      const std::optional<std::vector<c10::string_view>>& names) {
   const int64_t n = static_cast<int64_t>(weights.size());
   TORCH_CHECK_VALUE(dim_counts.size() == weights.size() && size_weighted.size() == weights.size() &&
                         exact.size() == weights.size(),
                     caller, ": dim_counts, size_weighted and exact need one entry per weight");
+  const std::vector<c10::string_view> lam_names =
+      names ? *names : std::vector<c10::string_view>{"lam_l1", "lam_group", "lam_exclusive"};
   TORCH_CHECK_VALUE(lam_names.size() == 3, caller, ": lam_names must name the three thresholds");
-  TORCH_CHECK_VALUE(lams.dim() == 2 && lams.size(0) == n && lams.size(1) == 3 &&
-                        lams.scalar_type() == at::kDouble && lams.device().is_cpu(),
-                    caller, ": lams must be a float64 CPU tensor of shape (len(weights), 3)");
+  TORCH_CHECK_VALUE(lams.numel() == 3 * n && lams.scalar_type() == at::kDouble &&
+                        lams.device().is_cpu(),
+                    caller, ": lams must be a float64 CPU tensor of 3 * len(weights) values");
   // Every check before any memory is touched.
   const at::Tensor lam_values = lams.contiguous();
   const double* lam = lam_values.data_ptr<double>();
@@ -174,6 +189,11 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
   std::vector<GroupLayout> layouts(n);
   std::vector<Unit> units;
   std::vector<std::function<void()>> alone;
+  int64_t total = 0;  // elements the call rewrites
+  for (int64_t i = 0; i < n; ++i) {
+    if (lam[i * 3] != 0 || lam[i * 3 + 1] != 0 || lam[i * 3 + 2] != 0) total += weights[i].numel();
+  }
+  const int64_t unit = unit_elems(total);
   for (int64_t i = 0; i < n; ++i) {
     const double l1 = lam[i * 3], lg = lam[i * 3 + 1], le = lam[i * 3 + 2];
     if (weights[i].numel() == 0 || (l1 == 0 && lg == 0 && le == 0)) continue;  // bit-identical
@@ -184,7 +204,7 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[i].scalar_type(),
                                       "foreach_prox_", [&] {
         add_elementwise_units(flat.work.data_ptr<scalar_t>(), flat.work.numel(),
-                              static_cast<at::opmath_type<scalar_t>>(l1), units);
+                              static_cast<at::opmath_type<scalar_t>>(l1), unit, units);
       });
       continue;
     }
@@ -200,16 +220,16 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
         step.t = static_cast<A>(lg * c);
         step.lam_e = static_cast<A>(le);
         step.exact = exact[i];
-        add_units(layouts[i].work.data_ptr<scalar_t>(), s, step, units, alone);
+        add_units(layouts[i].work.data_ptr<scalar_t>(), s, step, unit, units, alone);
       });
     });
   }
 
   for (const auto& run : alone) run();
   std::atomic<int64_t> next{0};
-  const int64_t total = static_cast<int64_t>(units.size());
-  at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t u = next++; u < total; u = next++) units[u].run();
+  const int64_t count = static_cast<int64_t>(units.size());
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t u = next++; u < count; u = next++) units[u].run();
   });
   for (int64_t i = 0; i < n; ++i) {
     if (layouts[i].work.defined()) finish_groups(weights[i], layouts[i]);
