@@ -16,6 +16,8 @@ def pytest_terminal_summary(terminalreporter, config):
     models: dict[str, dict] = {}
     for bench in session.benchmarks:
         info = bench.extra_info
+        if not bench.stats.data:  # failed before it was timed
+            continue
         into = models if "model" in info else ops
         row = into.setdefault(bench.group, {k: v for k, v in info.items()
                                             if k not in ("impl", "bytes")})

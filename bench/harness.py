@@ -54,6 +54,13 @@ SHAPES_TINY = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("fastprox", "eager", "compiled", "floor")
 
+# Every baseline is a closure of one function (baseline's step): torch.compile keeps at most
+# cache_size_limit compilations of one code object and runs the others eagerly. A run compiles
+# one per case, weight and dtype.
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+torch._dynamo.config.accumulated_cache_size_limit = max(
+    torch._dynamo.config.accumulated_cache_size_limit, 2048)
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import ops
 from ._checks import is_dtensor
 from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED
 
@@ -233,14 +233,14 @@ class Regularizer:
         ``lr`` is the parameter group's current lr of ``optimizer``, or the ``lr`` given (a
         number or a 0-d tensor). All targets on one device go through one ``foreach_prox_``
         call (the dispatcher picks the device's kernel: fused on the CPU and on CUDA with
-        Triton, the reference elsewhere). Sharded targets
-        (DTensor parameters, as under FSDP2's ``fully_shard``) go through one
-        ``fastprox.distributed.foreach_prox_`` call: every rank must take the step."""
+        Triton, the reference elsewhere). Sharded targets (DTensor parameters, as under
+        FSDP2's ``fully_shard``) go through a call of their own, which ``foreach_prox_`` hands
+        to ``fastprox.distributed``: every rank must take the step."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
         lrs = self._lr_of(optimizer) if optimizer is not None else None
         by_device: dict[object, list[Target]] = {}
-        for t in self.targets.values():
+        for t in self.targets.values():  # sharded targets apart: plain ones keep the fast path
             by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
                                  []).append(t)
         for device, targets in by_device.items():
@@ -252,11 +252,7 @@ class Regularizer:
                 dim=[t.dim for t in targets],
                 size_weighted=[t.size_weighted for t in targets],
                 exact=[t.exact for t in targets])
-            weights = [t.param for t in targets]
-            if device == "sharded":
-                distributed.foreach_prox_(weights, **args)
-            else:
-                ops.foreach_prox_(weights, **args)
+            ops.foreach_prox_([t.param for t in targets], **args)
         self.steps += 1
 
     # -- penalty -------------------------------------------------------------------------------

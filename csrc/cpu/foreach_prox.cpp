@@ -81,7 +81,17 @@ void add_elementwise_units(T* data, int64_t numel, typename Lanes<T>::A lam, int
     const int64_t end = std::min(numel, begin + unit);
     units.push_back({[=] {
       const typename L::V tau(lam);
-      for (int64_t i = begin; i < end; i += L::kWidth) {
+      constexpr int64_t kStep = 4 * L::kWidth;  // four independent loads in flight
+      int64_t i = begin;
+      for (; i + kStep <= end; i += kStep) {
+        typename L::V x[4][L::kParts];
+        for (int u = 0; u < 4; ++u) L::load(data + i + u * L::kWidth, L::kWidth, x[u]);
+        for (auto& xs : x) {
+          for (auto& v : xs) v = shrink_magnitude(v, tau);
+        }
+        for (int u = 0; u < 4; ++u) L::store(data + i + u * L::kWidth, L::kWidth, x[u]);
+      }
+      for (; i < end; i += L::kWidth) {
         const int64_t count = std::min(L::kWidth, end - i);
         typename L::V x[L::kParts];
         L::load(data + i, count, x);
@@ -203,8 +213,12 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
       flat.work = flat.is_copy ? weights[i].contiguous() : weights[i];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[i].scalar_type(),
                                       "foreach_prox_", [&] {
+        // Elementwise: no sums, so the split may follow the thread count. One contiguous
+        // span per thread streams best (as an in-place mul_ does).
+        const int64_t threads = at::get_num_threads();
+        const int64_t span = std::max(unit, (flat.work.numel() + threads - 1) / threads);
         add_elementwise_units(flat.work.data_ptr<scalar_t>(), flat.work.numel(),
-                              static_cast<at::opmath_type<scalar_t>>(l1), unit, units);
+                              static_cast<at::opmath_type<scalar_t>>(l1), span, units);
       });
       continue;
     }

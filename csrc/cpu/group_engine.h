@@ -103,11 +103,13 @@ struct Lanes {
 };
 
 // copysign(max(|y| - tau, 0), y): soft threshold of magnitudes. NaN in y or tau gives NaN
-// (at::vec::maximum propagates NaN); the zero result keeps y's sign (-0 for negative y).
+// (clamp_min(a, 0) is max(0, a) with the NaN operand second, so a NaN a is returned: one
+// instruction, where at::vec::maximum needs three); the zero result keeps y's sign (-0 for
+// negative y).
 template <typename V>
 inline V shrink_magnitude(const V& y, const V& tau) {
   using A = typename V::value_type;
-  const V mag = at::vec::maximum(y.abs() - tau, V(A(0)));
+  const V mag = at::vec::clamp_min(y.abs() - tau, V(A(0)));
   return mag | (y & V(A(-0.0)));
 }
 
