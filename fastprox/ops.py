@@ -9,6 +9,8 @@ fastprox/distributed.py. The math contract is docs/SPEC.md.
 
 from __future__ import annotations
 
+import linecache
+
 import torch
 
 from . import _checks, _fused, distributed
@@ -90,7 +92,12 @@ def _write_preset(op: Operator):
                  check_grad=_checks.check_grad, normalize_dim=_checks.normalize_dim,
                  check_flag=_checks.check_flag,
                  preset_table=_fused.preset_table, fused=_fused_op)
-    exec("\n".join(lines) + "\n", scope)  # noqa: S102  (source built from the table above)
+    source = "\n".join(lines) + "\n"
+    # a file name that tracebacks and inspect.getsource() can show (the source is kept in
+    # linecache, as dataclasses' generated methods are not)
+    filename = f"<fastprox.ops: preset {op.name}, generated from its row in operators.py>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), scope)  # noqa: S102  (built from the table above)
     fn = scope[op.name]
     fn.__module__ = __name__
     fn.__qualname__ = op.name

@@ -75,3 +75,12 @@ def test_every_row_is_served():
                     f"fastprox::{row.name}", key), (row.name, key)
         else:  # a preset has no op of its own: it is the fused step
             assert not hasattr(torch.ops.fastprox, row.name), row.name
+
+
+def test_generated_presets_show_their_source():
+    import inspect
+
+    for row in OPERATORS:
+        if row.kind == "preset":
+            source = inspect.getsource(getattr(fastprox, row.name))
+            assert source.startswith(f"def {row.name}(weight, ") and "preset_table" in source
