@@ -48,6 +48,16 @@ def numbers_table(values) -> torch.Tensor:
     return torch.frombuffer(array.array("d", values), dtype=torch.float64)
 
 
+def host_number(value, name: str, weight, fn: str):
+    """A threshold a preset was given, as a Python float where reading it is cheap and safe:
+    a 0-d CPU tensor outside torch.compile (reading it inside a graph would break the graph;
+    one on the GPU would synchronise). Anything else is returned as given."""
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" \
+            and not torch.compiler.is_compiling():
+        return float(_checks.as_threshold(value, name, weight, fn))
+    return value
+
+
 def preset_table(weight, cells, fn: str, names) -> tuple[torch.Tensor, bool]:
     """The table of a preset call (cells[k]: the threshold of column k; 0.0 for a column the
     preset never sets, whose names[k] is ''), and whether the kernel must check (and name) its
@@ -65,10 +75,13 @@ def preset_table(weight, cells, fn: str, names) -> tuple[torch.Tensor, bool]:
             _checks.check_number(value, name, fn)
     if any(v.device.type != "cpu" for _, v in tensors):  # thresholds held on the GPU
         return lam_table([weight], [[v] for v in cells], fn, names), True
-    table = numbers_table([0.0 if isinstance(v, torch.Tensor) else v for v in cells])
-    for k, value in tensors:
-        table[k] = value
-    return table, True
+    given = dict(tensors)
+    return torch.stack([given[k].to(torch.float64) if k in given else
+                        _ZERO if v == 0 else torch.full((), float(v), dtype=torch.float64)
+                        for k, v in enumerate(cells)]), True
+
+
+_ZERO = torch.zeros((), dtype=torch.float64)  # the cells a preset never sets
 
 
 def prox_(weights, columns, dims, size_weighted, exact, named=None) -> None:

@@ -77,6 +77,8 @@ def _write_preset(op: Operator):
         "    check_grad(weight, NAME)",
         "    dims = normalize_dim(dim, weight, NAME)" if op.grouped else "    dims = []",
         *(f"    check_flag({f}, {f!r}, NAME)" for f in op.flags),
+        *(f"    if type({lam}) is not float:\n"
+          f"        {lam} = host_number({lam}, {lam!r}, weight, NAME)" for lam in lams),
         f"    table, named = preset_table(weight, ({cells},), NAME, LAM_NAMES)",
         f"    args = ([weight], table, dims, [len(dims)], "
         f"[{'size_weighted' if 'size_weighted' in op.flags else 'True'}], "
@@ -91,7 +93,8 @@ def _write_preset(op: Operator):
                  sharded=_preset_sharded, check_weight=_checks.check_weight,
                  check_grad=_checks.check_grad, normalize_dim=_checks.normalize_dim,
                  check_flag=_checks.check_flag,
-                 preset_table=_fused.preset_table, fused=_fused_op)
+                 preset_table=_fused.preset_table, host_number=_fused.host_number,
+                 fused=_fused_op)
     source = "\n".join(lines) + "\n"
     # a file name that tracebacks and inspect.getsource() can show (the source is kept in
     # linecache, as dataclasses' generated methods are not)
