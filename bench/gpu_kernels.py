@@ -42,7 +42,8 @@ MODEL_LAM = 1e-6
 def _machine() -> dict:
     import triton
 
-    info = dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version())
+    info = dict(torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version())
     if torch.cuda.is_available() and not INTERPRET:
         props = torch.cuda.get_device_properties(0)
         info.update(name=harness.gpu_machine(), gpu=props.name, sms=props.multi_processor_count,

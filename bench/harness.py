@@ -164,7 +164,7 @@ def model_steps(dims, lam: float) -> dict:
     """Group lasso on every tensor of a parameter list (what Regularizer(model, "group_lasso")
     applies after each step): one foreach_prox_ call, a loop of group_shrink_ calls, the user's
     eager loop."""
-    group = baseline(BY_LABEL["group_shrink_"].scaled(lam / BY_LABEL["group_shrink_"].lams[0]))
+    group = baseline(Case(BY_LABEL["group_shrink_"].row, (lam,), {}))
     return {
         "foreach": lambda ws: fastprox.foreach_prox_(ws, lam_group=lam, dim=dims),
         "loop": lambda ws: [fastprox.group_shrink_(w, lam, d) for w, d in zip(ws, dims)],
@@ -241,7 +241,8 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = ()) 
     ms = lambda r, k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
     lines = [f"Machine: {machine}. Floor: {floor}.", "",
              "| operator | weight | dtype | fastprox ms | GB/s | x floor | floor GB/s | eager ms | "
-             "compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compiled ms | vs eager | vs compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['weight']} | {r['dtype']} | {ms(r, 'fastprox_s')} | "

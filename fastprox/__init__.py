@@ -5,9 +5,9 @@
 
 Operators (in place, return the weight): group_shrink_, soft_threshold_, sparse_group_shrink_,
 exclusive_shrink_, cges_shrink_; foreach_prox_ (any of them on a list of tensors, in one
-call); and group_norms: one row each of the table in fastprox.operators. fastprox.reference
-holds the pure-PyTorch oracle of each. DTensor weights (FSDP2, tensor parallelism) are accepted by every operator:
-fastprox.distributed.
+call); and group_norms: one row each of the table in fastprox.operators.
+fastprox.reference holds the pure-PyTorch oracle of each. DTensor weights (FSDP2, tensor
+parallelism) are accepted by every operator: fastprox.distributed.
 """
 
 from . import distributed, l0, operators, reference

@@ -67,34 +67,19 @@ def preset_table(weight, cells, fn: str, names) -> tuple[torch.Tensor, bool]:
             if name and not 0 <= value < math.inf:
                 raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value}")
         return numbers_table(cells), False
-    tensors = []
-    for k, (value, name) in enumerate(zip(cells, names)):
-        if isinstance(value, torch.Tensor):
-            tensors.append((k, _checks.as_threshold(value, name, weight, fn)))
-        elif name:
+    # other numbers (numpy, SymFloat), tensors on the GPU, or any tensor under torch.compile
+    # (host_number leaves those as given): a table checked by the kernel
+    for value, name in zip(cells, names):
+        if name and not isinstance(value, torch.Tensor):
             _checks.check_number(value, name, fn)
-    if any(v.device.type != "cpu" for _, v in tensors):  # thresholds held on the GPU
-        return lam_table([weight], [[v] for v in cells], fn, names), True
-    given = dict(tensors)
-    return torch.stack([given[k].to(torch.float64) if k in given else
-                        _ZERO if v == 0 else torch.full((), float(v), dtype=torch.float64)
-                        for k, v in enumerate(cells)]), True
+    return lam_table([weight], [[v] for v in cells], fn, names), True
 
 
-_ZERO = torch.zeros((), dtype=torch.float64)  # the cells a preset never sets
-
-
-def prox_(weights, columns, dims, size_weighted, exact, named=None) -> None:
-    """The fused step on checked weights; ``dims`` normalized per weight; ``columns``: per
-    column, one threshold per weight. ``named``: (function, names of the three columns) for
-    the kernel's messages (default: foreach_prox_'s)."""
+def prox_(weights, columns, dims, size_weighted, exact) -> None:
+    """The fused step on checked weights, as foreach_prox_ (its names in errors); ``dims``
+    normalized per weight; ``columns``: per column, one threshold per weight."""
     if not weights:
         return
-    fn, names = named or ("foreach_prox_", COLUMNS)
-    args = (list(weights), lam_table(weights, columns, fn, names),
-            [d for ds in dims for d in ds], [len(ds) for ds in dims], list(size_weighted),
-            list(exact))
-    if named:
-        ops.foreach_prox_(*args, fn, list(names))
-    else:
-        ops.foreach_prox_(*args)
+    ops.foreach_prox_(list(weights), lam_table(weights, columns, "foreach_prox_", COLUMNS),
+                      [d for ds in dims for d in ds], [len(ds) for ds in dims],
+                      list(size_weighted), list(exact))

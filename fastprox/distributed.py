@@ -20,8 +20,8 @@ Values all-reduced per spanning group, in float32 (float64 for float64 weights):
     exclusive, exact                      2   sum of |w|, nonzeros  (+1 with a group step)
                                           then 2 (sum and count above tau) per Newton step
 
-The exact exclusive threshold (docs/SPEC.md's Newton iteration ``tau <- lam S(tau) / (1 + lam k(tau))``)
-all-reduces S and k of the bucket's still-iterating tensors once per step: it rises
+The exact exclusive threshold (docs/SPEC.md's Newton iteration
+``tau <- lam S(tau) / (1 + lam k(tau))``) all-reduces S and k of the bucket's still-iterating tensors once per step: it rises
 monotonically and stops when no group's active set changes (4-15 steps on random data from
 n = 64 to 50257). At ``max_newton_steps`` it stops with a warning; tau is then a lower bound of
 the exact threshold, so the step under-shrinks and never over-shrinks.
@@ -271,7 +271,8 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
 
     for idx in local.values():
         _fused.prox_([_local(weights[i]) for i in idx],
-                     [[column[i] for i in idx] for column in lams], [dims[i] for i in idx], [sizes[i] for i in idx], [exacts[i] for i in idx])
+                     [[column[i] for i in idx] for column in lams], [dims[i] for i in idx],
+                     [sizes[i] for i in idx], [exacts[i] for i in idx])
     for (groups, acc), steps in buckets.items():
         _run_bucket(steps, groups, acc, max_newton_steps)
     return weights

@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from ..operators import COLUMNS
 from . import launch
 
 
 def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
                   caller="foreach_prox_", lam_names=None):
     n = len(weights)
-    lam_names = lam_names or ("lam_l1", "lam_group", "lam_exclusive")
+    lam_names = lam_names or COLUMNS
     if len(dim_counts) != n or len(size_weighted) != n or len(exact) != n:
         raise ValueError(f"{caller}: dim_counts, size_weighted and exact need one entry per "
                          "weight")

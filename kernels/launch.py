@@ -25,7 +25,6 @@ from .layout import GroupLayout, analyze, finish, is_dense, to_kept_shape
 # Set by triton too; read once here, as triton does at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
-LAM_NAMES = ("lam_l1", "lam_group", "lam_exclusive")
 
 TILE_ELEMS = 4096         # elements of a row-like tile (several rows per program when short)
 ONE_TILE_ELEMS = 16384    # a group up to this size is kept in registers: one read, one write

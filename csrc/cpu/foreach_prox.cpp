@@ -8,8 +8,8 @@
 // step (fastprox/operators.py). Tensor i's groups reduce
 // dims[sum(dim_counts[:i]) : sum(dim_counts[:i+1])]. `caller` and `lam_names` (the caller's names
 // of the three thresholds; default: lam_l1, lam_group, lam_exclusive) name the function and
-// argument in error messages. The per-group step
-// is ProxStep (group_engine.h); the contract is docs/SPEC.md.
+// argument in error messages. The per-group step is ProxStep (group_engine.h); the contract is
+// docs/SPEC.md.
 //
 // A tensor whose only step is the soft threshold (lg = le = 0) has no groups: its memory span
 // (or a contiguous copy of a non-dense view) is cut into units and thresholded elementwise,
@@ -37,6 +37,7 @@ namespace {
 constexpr int64_t kUnitElems = 1 << 18;         // elements per work unit of the shared region
 constexpr int64_t kUnitsWanted = 8;              // ... smaller down to kParallelGrainElems while
                                                  // a call has fewer units than this
+constexpr int64_t kOwnColumnPathElems = 1 << 16;  // column-layout tensors this large run alone
 
 // Elements per work unit for a call moving `total` elements: kUnitElems, or less when that
 // leaves the threads without work (a single 512x512 weight is one unit of 2^18 otherwise).
@@ -46,7 +47,6 @@ int64_t unit_elems(int64_t total) {
   while (unit > kParallelGrainElems && total < kUnitsWanted * unit) unit /= 2;
   return unit;
 }
-constexpr int64_t kOwnColumnPathElems = 1 << 16;  // column-layout tensors this large run alone
 
 // [first byte, last byte + 1) of a tensor's elements (empty for an empty tensor).
 std::pair<uintptr_t, uintptr_t> address_range(const at::Tensor& t) {
@@ -211,12 +211,12 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
       GroupLayout& flat = layouts[i];
       flat.is_copy = !weights[i].is_non_overlapping_and_dense();
       flat.work = flat.is_copy ? weights[i].contiguous() : weights[i];
+      // No sums, so the split may follow the thread count: one contiguous span per thread
+      // streams best (as an in-place mul_ does).
+      const int64_t threads = at::get_num_threads();
+      const int64_t span = std::max(unit, (flat.work.numel() + threads - 1) / threads);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[i].scalar_type(),
                                       "foreach_prox_", [&] {
-        // Elementwise: no sums, so the split may follow the thread count. One contiguous
-        // span per thread streams best (as an in-place mul_ does).
-        const int64_t threads = at::get_num_threads();
-        const int64_t span = std::max(unit, (flat.work.numel() + threads - 1) / threads);
         add_elementwise_units(flat.work.data_ptr<scalar_t>(), flat.work.numel(),
                               static_cast<at::opmath_type<scalar_t>>(l1), span, units);
       });
