@@ -10,7 +10,8 @@ fastprox.reference holds the pure-PyTorch oracle of each. DTensor weights (FSDP2
 parallelism) are accepted by every operator: fastprox.distributed.
 """
 
-from . import distributed, l0, operators, reference
+from . import coupled, distributed, l0, operators, reference
+from .coupled import CoupledGroups, Slice
 from .compaction import Compacted, compact
 from .stats import SparsityHistory, SparsityStats, sparsity_stats
 from .regularizer import CGESSchedule, Regularizer, Target
@@ -26,6 +27,9 @@ __all__ = [
     "operators",
     "reference",
     "distributed",
+    "coupled",
+    "CoupledGroups",
+    "Slice",
     "Regularizer",
     "Target",
     "CGESSchedule",

@@ -37,13 +37,11 @@ types, like the kernels), so its results equal the unsharded kernel's within flo
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
-from . import _checks, _fused, reference
+from . import _checks, _fused, _phases
 from ._checks import is_dtensor
-from ._registry import ops
 from .operators import COLUMNS
 
 _FN = "fastprox.distributed.foreach_prox_"
@@ -77,112 +75,6 @@ def _local(weight) -> torch.Tensor:
     return weight.to_local() if is_dtensor(weight) else weight
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _SpanningStep:
-    """The proximal step of one tensor whose groups span shards, in three phases: local sums,
-    (all-reduce by the caller), then per-group scale and threshold, and the rewrite.
-
-    The per-group rules (scale, thresholds, NaN/inf/zero groups) are the reference's
-    (fastprox/reference.py: group_scale, exclusive_tau, newton_tau), applied to sums that are
-    all-reduced across shards."""
-
-    def __init__(self, weight, dims, lam_l1, lam_group, lam_exclusive, size_weighted, exact):
-        self.local = _local(weight)
-        self.dims = dims
-        self.acc = _accumulation_dtype(weight.dtype)
-        n = math.prod(weight.shape[d] for d in dims)  # of the full tensor, not the shard
-        self.l1 = lam_l1
-        self.t = lam_group * (math.sqrt(n) if size_weighted else 1.0)
-        self.lam_e = lam_exclusive
-        self.exact = exact
-        self.want_sq = self.t > 0
-        self.want_abs = self.lam_e > 0
-        self.want_count = self.want_abs and exact
-        self.y = self.m = None  # pre(x) and its magnitudes, while the step runs
-
-    def _sum(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sum(dim=self.dims, keepdim=True, dtype=self.acc)
-
-    def first_sums(self) -> list[torch.Tensor]:
-        """Per group of the local shard: sum of squares, of magnitudes, count of nonzeros (those
-        the step needs) of pre(x), the soft-thresholded values."""
-        local = self.local
-        # group lasso alone on float32/64: the norms of the shard (one pass; the square of a
-        # norm is the sum of squares to an ulp), then one in-place multiply
-        self.fused = self.l1 == 0 and not self.want_abs and local.dtype == self.acc
-        if self.fused:
-            keep = [1 if d in self.dims else s for d, s in enumerate(local.shape)]
-            sums = [ops.group_norms(local, self.dims).square().reshape(keep)]
-            self.shape = sums[0].shape
-            return sums
-        y = local.to(self.acc)
-        if self.l1 > 0:
-            y = reference.shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
-        self.y = y
-        sums = []
-        if self.want_sq:
-            sums.append(self._sum(y * y))
-        if self.want_abs:
-            self.m = y.abs()
-            sums.append(self._sum(self.m))
-            if self.want_count:
-                sums.append(self._sum(self.m > 0))
-        self.shape = sums[0].shape
-        return sums
-
-    def finish(self, sums: list[torch.Tensor]) -> None:
-        """Scale and threshold per group from the all-reduced sums."""
-        sums = list(sums)
-        ones = torch.ones(self.shape, dtype=self.acc)
-        self.scale = ones
-        if self.want_sq:
-            self.scale = reference.group_scale(torch.sqrt(sums.pop(0)), self.t)
-        self.tau = torch.zeros(self.shape, dtype=self.acc)
-        self.iterate = torch.zeros(self.shape, dtype=torch.bool)
-        if not self.want_abs:
-            return
-        l1_norm = sums.pop(0) * self.scale
-        if not self.exact:
-            tau = reference.cges_bound(l1_norm, self.lam_e)
-        else:
-            if self.want_sq:  # the magnitudes the Newton steps look at
-                self.m.mul_(self.scale)
-            self.active = sums.pop(0)
-            tau = reference.newton_tau(l1_norm, self.active, self.lam_e)  # first step from 0
-            self.iterate = (self.active > 0) & torch.isfinite(l1_norm) & (self.scale != 0)
-        self.tau = reference.exclusive_tau(tau, l1_norm, self.scale)
-
-    def newton_sums(self) -> list[torch.Tensor]:
-        """Per group: sum and count of the magnitudes m = |pre(x)| * scale above tau, as
-        sum(max(m - tau, 0)) + tau * count (one temporary)."""
-        excess = (self.m - self.tau).clamp_(min=0)
-        count = self._sum(excess > 0)
-        return [self._sum(excess) + self.tau * count, count]
-
-    def newton(self, sums: list[torch.Tensor]) -> None:
-        total, count = sums
-        # Newton stops for a group when its active set stops shrinking (then tau is exact).
-        go = self.iterate & (count < self.active) & (count > 0)
-        self.tau = torch.where(go, torch.maximum(self.tau, reference.newton_tau(
-            total, count, self.lam_e)), self.tau)
-        self.active = torch.where(go, count, self.active)
-        self.iterate = go
-
-    def write(self) -> None:
-        """The rewrite, stored straight into the shard (rounded once to its dtype)."""
-        if self.fused:
-            self.local.mul_(self.scale)
-        elif not self.want_abs:
-            torch.mul(self.y, self.scale, out=self.local)
-        else:
-            y = self.y * self.scale if self.want_sq else self.y
-            reference.shrink_magnitude(y, self.tau, out=self.local)
-        self.y = self.m = None
-
-
 def _all_reduce(parts: list[list[torch.Tensor]], groups: tuple, acc: torch.dtype) -> list:
     """Sums every tensor of ``parts`` over ``groups`` with one all_reduce per group (a flat
     ``acc`` buffer of the whole bucket), and returns them reshaped as given."""
@@ -201,26 +93,6 @@ def _all_reduce(parts: list[list[torch.Tensor]], groups: tuple, acc: torch.dtype
             offset += p.numel()
         out.append(reduced)
     return out
-
-
-def _run_bucket(steps: list[_SpanningStep], groups: tuple, acc: torch.dtype,
-                max_newton_steps: int) -> None:
-    parts = [s.first_sums() for s in steps]
-    for step, sums in zip(steps, _all_reduce(parts, groups, acc)):
-        step.finish(sums)
-    for _ in range(max_newton_steps):
-        live = [s for s in steps if bool(s.iterate.any())]
-        if not live:
-            break
-        for step, sums in zip(live, _all_reduce([s.newton_sums() for s in live], groups, acc)):
-            step.newton(sums)
-    else:
-        if any(bool(s.iterate.any()) for s in steps):
-            warnings.warn(f"{_FN}: the exact exclusive threshold did not converge in "
-                          f"{max_newton_steps} Newton steps; the step under-shrinks some "
-                          "groups (raise max_newton_steps)", RuntimeWarning, stacklevel=3)
-    for step in steps:
-        step.write()
 
 
 @torch.no_grad()
@@ -258,7 +130,7 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
              enumerate(zip(weights, dims))]
 
     local: dict[torch.device, list[int]] = {}
-    buckets: dict[tuple, list[_SpanningStep]] = {}
+    buckets: dict[tuple, list[_phases.PhasedStep]] = {}
     for i, w in enumerate(weights):
         l1, lg, le = (column[i] for column in lams)
         if l1 == 0 and lg == 0 and le == 0:
@@ -266,7 +138,9 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
         if not spans[i] or (lg == 0 and le == 0):  # groups within the shard, or elementwise
             local.setdefault(_local(w).device, []).append(i)
             continue
-        step = _SpanningStep(w, dims[i], l1, lg, le, sizes[i], exacts[i])
+        n = math.prod(w.shape[d] for d in dims[i])  # of the full tensor, not the shard
+        step = _phases.PhasedStep(_local(w), dims[i], l1, lg, le, exacts[i],
+                                  lg * (math.sqrt(n) if sizes[i] else 1.0))
         buckets.setdefault((spans[i], step.acc), []).append(step)
 
     for idx in local.values():
@@ -274,7 +148,8 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
                      [[column[i] for i in idx] for column in lams], [dims[i] for i in idx],
                      [sizes[i] for i in idx], [exacts[i] for i in idx])
     for (groups, acc), steps in buckets.items():
-        _run_bucket(steps, groups, acc, max_newton_steps)
+        _phases.run(steps, lambda parts, groups=groups, acc=acc: _all_reduce(parts, groups, acc),
+                    max_newton_steps, _FN)
     return weights
 
 

@@ -54,7 +54,9 @@ class Operator:
     """One row of the table.
 
     kind: ``"preset"`` (an in-place operator, a preset of the fused step), ``"fused"`` (the
-    fused step itself, on a list of tensors) or ``"norms"`` (group_norms).
+    fused step itself, on a list of tensors), ``"norms"`` (group_norms) or ``"coupled"`` (the
+    fused step over groups that span several tensors, fastprox/coupled.py: it runs in phases on
+    the ops of the other rows).
     thresholds: (argument name, column of the fused step) per threshold, in argument order.
     flags: keyword-only bool arguments (default True), each a per-tensor flag of the fused step.
     grouped: takes ``dim``. doc: the docstring; ``{dim}`` and ``{edges}`` expand to the shared
@@ -210,6 +212,46 @@ OPERATORS = [
 {edges}
 
     Returns ``weight``. Example: ``fastprox.cges_shrink_(w, 1e-3, 1e-4, dim=0)``.
+"""),
+    Operator(
+        name="coupled_prox_", kind="coupled",
+        thresholds=tuple((c, c) for c in COLUMNS), flags=FLAGS, grouped=False,
+        reference=reference.coupled_prox_,
+        samples=(((0.1, 0.2, 0.05), {}), ((0.0, 0.3, 0.0), {"size_weighted": False}),
+                 ((0.0, 0.0, 0.02), {"exact": False}), ((0.0, 0.1, 0.05), {})),
+        doc="""The proximal step of coupled groups: groups that span slices of several tensors.
+
+    ``groups`` is a ``fastprox.CoupledGroups`` (or a list of them): members
+    ``Slice(tensor, axis, index)``, position ``i`` along ``axis`` of ``tensor`` (a row, a column,
+    a channel, a bias entry) belonging to group ``index[i]``. Group ``g`` is the union of its
+    slices, ``n_g`` its element count. The fused step of ``foreach_prox_`` over those groups::
+
+        W <- soft_threshold(W, lam_l1)                          (elementwise)
+        W_g <- s_g W_g,  s_g = max(1 - lam_group c_g / ||W_g||, 0),  c_g = sqrt(n_g) or 1
+        W_g <- sign(W_g) max(|W_g| - tau_g, 0)                  (exclusive, tau_g over the union)
+
+    so every slice of a group gets the same scale and the same exclusive threshold. Norms and
+    sums of a group add its members' parts in a fixed order: the result is bitwise the same from
+    run to run and for any thread count. Group lasso on float32/float64 tensors takes its sums
+    from the fused ``group_norms`` kernel; the other steps run PyTorch operations per member.
+
+    Args:
+        groups: a ``CoupledGroups`` or a list of them (built and checked by ``CoupledGroups``:
+            ranges, sizes and overlaps are refused there, before anything is written).
+        lam_l1, lam_group, lam_exclusive: numbers or 0-d tensors, finite and >= 0 (read on the
+            host).
+        size_weighted: ``c_g = sqrt(n_g)`` (True) or 1.
+        exact: the exact exclusive threshold (True) or CGES's bound.
+        max_newton_steps: bound on the exact threshold's Newton steps (a warning if reached).
+
+    Edge cases as ``foreach_prox_``'s, per coupled group: every ``lam`` = 0 leaves every member
+    bit-identical; a group containing NaN becomes all NaN; a group of infinite norm keeps its
+    values; a zero group stays zero (never NaN). Members are written in place (views too).
+
+    Returns ``groups``. Example::
+
+        sets = fastprox.groups.channels(model, example_inputs)
+        fastprox.coupled_prox_(sets, lam_group=lr * lam)
 """),
     Operator(
         name="foreach_prox_", kind="fused",

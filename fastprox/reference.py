@@ -164,6 +164,32 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     return weights
 
 
+
+def coupled_prox_(slices, num_groups: int, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
+                  size_weighted=True, exact=True):
+    """Coupled groups (``slices``: ``(tensor, axis, index[, name])``, ``index[i]`` the group of
+    position i along axis): per group, its elements gathered from every slice into one vector,
+    that vector's fused step as one group (``n`` = its length), the result written back."""
+    for g in range(num_groups):
+        views, picks, parts = [], [], []
+        for tensor, axis, index, *_ in slices:
+            view = tensor.movedim(axis, 0)
+            pick = (torch.as_tensor(index).to(tensor.device) == g).nonzero().flatten()
+            views.append(view)
+            picks.append(pick)
+            parts.append(view[pick].reshape(-1))
+        if not parts:
+            continue
+        vector = torch.cat(parts).reshape(1, -1)
+        foreach_prox_([vector], lam_l1=lam_l1, lam_group=lam_group, lam_exclusive=lam_exclusive,
+                      dim=1, size_weighted=size_weighted, exact=exact)
+        offset = 0
+        for view, pick, part in zip(views, picks, parts):
+            chunk = vector[0, offset:offset + part.numel()]
+            view[pick] = chunk.reshape(view[pick].shape).to(view.dtype)
+            offset += part.numel()
+    return slices
+
 # -- the kernels of devices without fused ones (the ops' schemas: csrc/fastprox.cpp) -----------
 
 def group_norms_op(weight: torch.Tensor, dim: list[int]) -> torch.Tensor:

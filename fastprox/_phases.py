@@ -1,0 +1,163 @@
+"""The proximal step of groups whose elements lie in several places, in phases.
+
+Used where a group's elements are not in one tensor that one kernel call sees: groups that span
+shards of a DTensor (fastprox/distributed.py: the places are ranks) and coupled groups that span
+slices of several tensors (fastprox/coupled.py: the places are tensors). Per place, a
+``PhasedStep`` computes the group sums it holds; the caller combines them over the places (an
+all_reduce, or a sum per coupled group); the step turns the combined sums into per-group scale
+and threshold with the reference's rules (fastprox/reference.py: group_scale, cges_bound,
+newton_tau, exclusive_tau), iterates the exact exclusive threshold (one combine per Newton
+step), and rewrites its elements. docs/SPEC.md is the contract.
+
+Sums (in float32, float64 for float64 weights) per group and place::
+
+    group / sparse group shrink           1   sum of squares
+    exclusive, CGES bound (exact=False)   1   sum of |w|            (+1 with a group step)
+    exclusive, exact                      2   sum of |w|, nonzeros  (+1 with a group step)
+                                          then 2 (sum and count above tau) per Newton step
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import reference
+from ._registry import ops
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class PhasedStep:
+    """The proximal step of one tensor (``local``: the part of it this place holds), in phases:
+    ``first_sums``, (combine by the caller), ``finish``, then ``newton_sums``/``newton`` while
+    ``iterate`` has a True entry, and ``write``.
+
+    ``dims``: the dimensions summed within a group (the others index the groups; sums keep them,
+    size 1 in ``dims``). ``t``: the group threshold ``lam_group * c``, a number or a tensor
+    broadcast against the sums (coupled groups: one per group, of its own size)."""
+
+    def __init__(self, local, dims, lam_l1, lam_group, lam_exclusive, exact, t):
+        self.local = local
+        self.dims = dims
+        self.acc = accumulation_dtype(local.dtype)
+        self.l1 = lam_l1
+        self.t = t
+        self.lam_e = lam_exclusive
+        self.exact = exact
+        self.want_sq = lam_group > 0
+        self.want_abs = self.lam_e > 0
+        self.want_count = self.want_abs and exact
+        self.y = self.m = None  # pre(x) and its magnitudes, while the step runs
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dims:  # every element its own slice (sum over [] would sum everything)
+            return x.to(self.acc)
+        return x.sum(dim=self.dims, keepdim=True, dtype=self.acc)
+
+    def first_sums(self) -> list[torch.Tensor]:
+        """Per group of the local part: sum of squares, of magnitudes, count of nonzeros (those
+        the step needs) of pre(x), the soft-thresholded values."""
+        local = self.local
+        # group lasso alone on float32/64: the norms by the fused kernel (one pass; the square
+        # of a norm is the sum of squares to an ulp), then one in-place multiply
+        self.fused = self.l1 == 0 and not self.want_abs and local.dtype == self.acc
+        if self.fused:
+            keep = [1 if d in self.dims else s for d, s in enumerate(local.shape)]
+            sums = [ops.group_norms(local, self.dims).square().reshape(keep)]
+            self.shape = sums[0].shape
+            return sums
+        y = local.to(self.acc)
+        if self.l1 > 0:
+            y = reference.shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
+        self.y = y
+        sums = []
+        if self.want_sq:
+            sums.append(self._sum(y * y))
+        if self.want_abs:
+            self.m = y.abs()
+            sums.append(self._sum(self.m))
+            if self.want_count:
+                sums.append(self._sum(self.m > 0))
+        self.shape = sums[0].shape
+        return sums
+
+    def finish(self, sums: list[torch.Tensor]) -> None:
+        """Scale and threshold per group from the combined sums."""
+        sums = list(sums)
+        ones = torch.ones(self.shape, dtype=self.acc, device=self.local.device)
+        self.scale = ones
+        if self.want_sq:
+            self.scale = reference.group_scale(torch.sqrt(sums.pop(0)), self.t)
+        self.tau = torch.zeros_like(ones)
+        self.iterate = torch.zeros(self.shape, dtype=torch.bool, device=self.local.device)
+        if not self.want_abs:
+            return
+        l1_norm = sums.pop(0) * self.scale
+        if not self.exact:
+            tau = reference.cges_bound(l1_norm, self.lam_e)
+        else:
+            if self.want_sq:  # the magnitudes the Newton steps look at
+                self.m.mul_(self.scale)
+            self.active = sums.pop(0)
+            tau = reference.newton_tau(l1_norm, self.active, self.lam_e)  # first step from 0
+            self.iterate = (self.active > 0) & torch.isfinite(l1_norm) & (self.scale != 0)
+        self.tau = reference.exclusive_tau(tau, l1_norm, self.scale)
+
+    def newton_sums(self) -> list[torch.Tensor]:
+        """Per group: sum and count of the magnitudes m = |pre(x)| * scale above tau, as
+        sum(max(m - tau, 0)) + tau * count (one temporary)."""
+        excess = (self.m - self.tau).clamp_(min=0)
+        count = self._sum(excess > 0)
+        return [self._sum(excess) + self.tau * count, count]
+
+    def newton(self, sums: list[torch.Tensor]) -> None:
+        total, count = sums
+        # Newton stops for a group when its active set stops shrinking (then tau is exact).
+        go = self.iterate & (count < self.active) & (count > 0)
+        self.tau = torch.where(go, torch.maximum(self.tau, reference.newton_tau(
+            total, count, self.lam_e)), self.tau)
+        self.active = torch.where(go, count, self.active)
+        self.iterate = go
+
+    def write(self) -> None:
+        """The rewrite, stored straight into the local part (rounded once to its dtype)."""
+        if self.fused:
+            self.local.mul_(self.scale)
+        elif not self.want_abs:
+            torch.mul(self.y, self.scale, out=self.local)
+        else:
+            y = self.y * self.scale if self.want_sq else self.y
+            reference.shrink_magnitude(y, self.tau, out=self.local)
+        self.y = self.m = None
+
+
+def run(steps: list[PhasedStep], combine, max_newton_steps: int, fn: str,
+        together: bool = False) -> None:
+    """Every phase of ``steps`` together; ``combine(parts)`` sums each step's list of sums over
+    the places (same structure back). Every place decides when to stop from the same combined
+    values, so places that communicate stay in step without another exchange. ``together``:
+    the steps are the places of one set of groups (coupled groups), so each Newton step takes
+    the sums of all of them while any group still iterates."""
+    parts = [s.first_sums() for s in steps]
+    for step, sums in zip(steps, combine(parts)):
+        step.finish(sums)
+    for _ in range(max_newton_steps):
+        live = [s for s in steps if bool(s.iterate.any())]
+        if together and live:
+            live = steps
+        if not live:
+            break
+        for step, sums in zip(live, combine([s.newton_sums() for s in live])):
+            step.newton(sums)
+    else:
+        if any(bool(s.iterate.any()) for s in steps):
+            warnings.warn(f"{fn}: the exact exclusive threshold did not converge in "
+                          f"{max_newton_steps} Newton steps; the step under-shrinks some "
+                          "groups (raise max_newton_steps)", RuntimeWarning, stacklevel=3)
+    for step in steps:
+        step.write()

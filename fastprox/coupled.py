@@ -1,0 +1,339 @@
+"""Coupled groups: groups whose elements lie in slices of several tensors.
+
+A unit of a real network is rarely one row of one tensor. A conv channel is a filter of the conv
+that makes it, an entry of its BatchNorm, and an input channel of every conv that reads it; a
+residual channel is read and written by every block of its stage. An attention head is rows of
+Q, K and V and columns of the output projection; an MLP neuron a row of the up projection and a
+column of the down projection. Removing the unit removes all of them, so its group is all of
+them: a ``CoupledGroups`` set.
+
+A set is a list of ``Slice`` members: ``Slice(tensor, axis, index)`` says that position ``i``
+along ``axis`` of ``tensor`` (a row for ``axis=0``, a column for ``axis=1`` of a 2-D weight, a
+channel, one entry of a 1-D bias or norm weight) belongs to group ``index[i]``. Every position
+of a member belongs to one group; a part of a tensor is given as a view (``w[:, :64]``,
+``w.narrow(0, 3, 5)``), which the step rewrites in place. Group ``g``'s elements are the
+union, over the members, of the slices ``index == g``; ``n_g`` counts them.
+
+``coupled_prox_`` is the proximal step of the whole set (docs/SPEC.md, "Coupled groups"):
+group norms and ``|w|`` sums are taken over the union, and every slice of a group gets the
+group's scale and threshold. It runs in the phases of fastprox/_phases.py: per member, sums per
+slice (group lasso on float32/float64: the fused ``group_norms`` kernel); the slices' sums added
+per group in a fixed order (members in order, a group's slices in position order: deterministic,
+bitwise the same from run to run and for any thread count); the per-group rules; the rewrite of
+each member.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import _checks, _fused, _phases
+
+_FN = "coupled_prox_"
+
+
+class Slice(NamedTuple):
+    """One member of a coupled set: ``index[i]`` is the group of position ``i`` along ``axis``
+    of ``tensor``. ``name`` labels the member in errors and reports (e.g. the parameter name)."""
+
+    tensor: torch.Tensor
+    axis: int
+    index: object
+    name: str = ""
+
+
+def _label(member: Slice, i: int) -> str:
+    return f"slices[{i}] ({member.name})" if member.name else f"slices[{i}]"
+
+
+class CoupledGroups:
+    """A set of ``num_groups`` groups over the ``slices`` (``Slice`` members, or tuples
+    ``(tensor, axis, index[, name])``). Checked when built: a tensor of a float dtype, all on one
+    device; ``axis`` in range; ``index`` a 1-D sequence of ints, one per position along
+    ``axis``, each in ``[0, num_groups)``; no two members sharing memory. Errors name the
+    member. ``name`` labels the set (e.g. the module that makes the unit).
+
+    Attributes: ``slices``, ``num_groups``, ``sizes`` (``n_g`` per group, int64), ``labels``
+    (optional, one per group, e.g. the channel index in the root layer)."""
+
+    def __init__(self, slices: Sequence, num_groups: int, *, name: str = "", labels=None):
+        fn = "CoupledGroups"
+        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) \
+                or num_groups < 0:
+            raise ValueError(f"{fn}: num_groups must be an int >= 0, got {num_groups!r}")
+        if isinstance(slices, (torch.Tensor, Slice)) or not isinstance(slices, (list, tuple)):
+            raise TypeError(f"{fn}: slices must be a list of Slice(tensor, axis, index[, name]), "
+                            f"got {type(slices).__name__}")
+        if not slices:
+            raise ValueError(f"{fn}: slices is empty")
+        self.num_groups = int(num_groups)
+        self.name = name
+        self.labels = labels
+        members = []
+        for i, member in enumerate(slices):
+            if not isinstance(member, Slice):
+                if not isinstance(member, (tuple, list)) or not 3 <= len(member) <= 4:
+                    raise TypeError(f"{fn}: slices[{i}] must be a Slice(tensor, axis, index"
+                                    f"[, name]), got {type(member).__name__}")
+                member = Slice(*member)
+            member = self._check_member(member, i, fn)
+            self._check_range(member, i, fn)
+            members.append(member)
+        device = members[0].tensor.device
+        for i, m in enumerate(members):
+            if m.tensor.device != device:
+                raise ValueError(f"{fn}: {_label(m, i)} is on {m.tensor.device} but slices[0] is "
+                                 f"on {device}")
+        _check_disjoint(members, fn)
+        self.slices = members
+        sizes = torch.zeros(self.num_groups, dtype=torch.int64)
+        self._gathers = []
+        for m in members:
+            per_position = m.tensor.numel() // max(m.tensor.shape[m.axis], 1)
+            counts = torch.bincount(m.index, minlength=self.num_groups)
+            sizes += counts * per_position
+            self._gathers.append(_gather_table(m.index, counts, self.num_groups).to(device))
+        self.sizes = sizes
+        self._index = [m.index.to(device) for m in members]
+
+    @staticmethod
+    def _check_member(member: Slice, i: int, fn: str) -> Slice:
+        tensor, axis, index, name = member
+        where = _label(member, i)
+        _checks.check_weight(tensor, fn, f"{where}.tensor")
+        if any(s == 0 for s in tensor.stride()) and tensor.numel() > 1:
+            raise ValueError(f"{fn}: {where}.tensor has elements that share memory (an expanded "
+                             "view); it cannot be written in place")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) \
+                or not -tensor.dim() <= axis < tensor.dim():
+            raise ValueError(f"{fn}: {where}.axis must be an int in [{-tensor.dim()}, "
+                             f"{tensor.dim() - 1}] for a tensor of shape {tuple(tensor.shape)}, "
+                             f"got {axis!r}")
+        axis = int(axis) % tensor.dim()
+        if isinstance(index, torch.Tensor):
+            if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+                raise TypeError(f"{fn}: {where}.index must hold integers, got {index.dtype}")
+            index = index.detach().to("cpu", torch.int64).clone()
+        else:
+            try:
+                index = torch.as_tensor(list(index), dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"{fn}: {where}.index must be a 1-D sequence of ints") from e
+        if index.dim() != 1 or index.numel() != tensor.shape[axis]:
+            raise ValueError(f"{fn}: {where}.index has shape {tuple(index.shape)}, expected one "
+                             f"group per position along axis {axis}: ({tensor.shape[axis]},)")
+        return Slice(tensor, axis, index, name)
+
+    def _check_range(self, member: Slice, i: int, fn: str) -> None:
+        if member.index.numel() and (int(member.index.min()) < 0
+                                     or int(member.index.max()) >= self.num_groups):
+            raise ValueError(f"{fn}: {_label(member, i)}.index has groups "
+                             f"{int(member.index.min())}..{int(member.index.max())}, outside "
+                             f"[0, {self.num_groups})")
+
+    def __len__(self) -> int:
+        return self.num_groups
+
+    def __repr__(self) -> str:
+        members = ", ".join(f"{m.name or '?'}[axis {m.axis}]" for m in self.slices)
+        return f"CoupledGroups({self.name!r}: {self.num_groups} groups over {members})"
+
+    @property
+    def device(self) -> torch.device:
+        return self.slices[0].tensor.device
+
+    # -- sums ----------------------------------------------------------------------------------
+    def combine(self, parts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Per member, sums per slice (shaped like the member with size 1 off its axis) ->
+        per member, the sums of each slice's group (same shapes). A group's total adds its
+        members in order, each member's slices in position order."""
+        acc = torch.float64 if any(p.dtype == torch.float64 for ps in parts for p in ps) \
+            else torch.float32
+        count = len(parts[0])
+        totals = []
+        for k in range(count):
+            total = None
+            for member, gather, ps in zip(self.slices, self._gathers, parts):
+                per_slice = ps[k].reshape(-1).to(acc)
+                padded = torch.cat([per_slice, per_slice.new_zeros(1)])
+                part = padded[gather].sum(dim=1)
+                total = part if total is None else total + part
+            totals.append(total)
+        out = []
+        for member, index, ps in zip(self.slices, self._index, parts):
+            out.append([t[index].reshape(p.shape).to(p.dtype) for t, p in zip(totals, ps)])
+        return out
+
+    def norms(self) -> torch.Tensor:
+        """``||W_g||_2`` per group over the union of its slices (float32, float64 when a member
+        is float64); differentiable, with gradient 0 (never NaN) at a zero group."""
+        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in self.slices) \
+            else torch.float32
+        total = torch.zeros(self.num_groups, dtype=acc, device=self.device)
+        for m, gather in zip(self.slices, self._gathers):
+            dims = [d for d in range(m.tensor.dim()) if d != m.axis]
+            per_slice = m.tensor.to(acc).square().sum(dim=dims) if dims else \
+                m.tensor.to(acc).square()
+            total = total + torch.cat([per_slice, per_slice.new_zeros(1)])[gather].sum(dim=1)
+        positive = total > 0
+        return torch.where(positive, torch.sqrt(torch.where(positive, total, 1.0)), 0.0)
+
+    def abs_sums(self) -> torch.Tensor:
+        """``||W_g||_1`` per group over the union of its slices; differentiable."""
+        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in self.slices) \
+            else torch.float32
+        total = torch.zeros(self.num_groups, dtype=acc, device=self.device)
+        for m, gather in zip(self.slices, self._gathers):
+            dims = [d for d in range(m.tensor.dim()) if d != m.axis]
+            per_slice = m.tensor.to(acc).abs().sum(dim=dims) if dims else m.tensor.to(acc).abs()
+            total = total + torch.cat([per_slice, per_slice.new_zeros(1)])[gather].sum(dim=1)
+        return total
+
+    @torch.no_grad()
+    def alive(self) -> torch.Tensor:
+        """Per group, whether any of its elements is nonzero (bool, on the CPU)."""
+        alive = torch.zeros(self.num_groups, dtype=torch.bool)
+        for m in self.slices:
+            dims = [d for d in range(m.tensor.dim()) if d != m.axis]
+            nonzero = (m.tensor != 0).any(dim=dims) if dims else m.tensor != 0
+            alive.index_put_((m.index,), nonzero.cpu(), accumulate=True)
+        return alive
+
+    def penalty(self, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
+                size_weighted: bool = True) -> torch.Tensor:
+        """``lam_l1 ||W||_1 + lam_group sum_g c_g ||W_g||_2 + (lam_exclusive/2) sum_g ||W_g||_1^2``
+        over the set (``c_g = sqrt(n_g)`` when ``size_weighted``), differentiable."""
+        total = torch.zeros((), device=self.device)
+        if lam_group > 0:
+            c = self.sizes.to(self.device).sqrt() if size_weighted else 1.0
+            total = total + lam_group * (c * self.norms()).sum()
+        if lam_l1 > 0 or lam_exclusive > 0:
+            l1 = self.abs_sums()
+            if lam_l1 > 0:
+                total = total + lam_l1 * l1.sum()
+            if lam_exclusive > 0:
+                total = total + 0.5 * lam_exclusive * (l1 * l1).sum()
+        return total
+
+
+def _gather_table(index: torch.Tensor, counts: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[num_groups, most slices of one group] positions of each group's slices in position order,
+    padded with len(index) (the position of an appended zero)."""
+    width = int(counts.max()) if counts.numel() else 0
+    table = torch.full((num_groups, max(width, 1)), len(index), dtype=torch.int64)
+    if index.numel():
+        order = torch.sort(index, stable=True).indices
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(index)) - starts[index[order]]
+        table[index[order], rank] = order
+    return table
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [lo, hi) a tensor's elements occupy in its storage."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = t.storage_offset()
+    hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st > 0) + 1
+    lo += sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
+    return lo * t.element_size(), hi * t.element_size()
+
+
+def _check_disjoint(members: list[Slice], fn: str) -> None:
+    """No two members may share memory: views of one storage must cover disjoint address ranges
+    (``w[:3]`` and ``w[3:]``; interleaved ones like ``w[:, :3]`` and ``w[:, 3:]`` are refused)."""
+    seen: dict[int, list[tuple[int, int, int]]] = {}
+    for i, m in enumerate(members):
+        t = m.tensor
+        if t.numel() == 0:
+            continue
+        base = t.untyped_storage().data_ptr()
+        lo, hi = _span(t)
+        for j, jlo, jhi in seen.get(base, []):
+            if lo < jhi and jlo < hi:
+                raise ValueError(f"{fn}: {_label(m, i)} and {_label(members[j], j)} share memory "
+                                 "(a tensor may be one member only; give disjoint views)")
+        seen.setdefault(base, []).append((i, lo, hi))
+
+
+def _threshold(value, name: str, fn: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{fn}: {name} must be a number or a 0-d real tensor")
+        value = float(value)
+    else:
+        _checks.check_number(value, name, fn)
+        value = float(value)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_set(groups, fn: str = _FN, name: str = "groups") -> list:
+    """A CoupledGroups or a list of them (their members were checked when they were built)."""
+    sets = [groups] if isinstance(groups, CoupledGroups) else groups
+    if not isinstance(sets, (list, tuple)) or not all(isinstance(g, CoupledGroups)
+                                                      for g in sets):
+        raise TypeError(f"{fn}: {name} must be a CoupledGroups or a list of them, got "
+                        f"{type(groups).__name__}")
+    return list(sets)
+
+
+def coupled_prox_(groups, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
+                  size_weighted: bool = True, exact: bool = True, max_newton_steps: int = 64):
+    fn = _FN
+    sets = check_set(groups, fn)
+    values = []
+    for name, value in (("lam_l1", lam_l1), ("lam_group", lam_group),
+                        ("lam_exclusive", lam_exclusive)):
+        values.append(_threshold(value, name, fn))
+    l1, lg, le = values
+    _checks.check_flag(size_weighted, "size_weighted", fn)
+    _checks.check_flag(exact, "exact", fn)
+    if isinstance(max_newton_steps, bool) or not isinstance(max_newton_steps, int) \
+            or max_newton_steps < 1:
+        raise ValueError(f"{fn}: max_newton_steps must be an int >= 1, got {max_newton_steps!r}")
+    for g in sets:
+        for i, m in enumerate(g.slices):
+            _checks.check_grad(m.tensor, fn, f"{_label(m, i)}.tensor")
+    if l1 == 0 and lg == 0 and le == 0:
+        return groups
+    if len(sets) > 1:
+        _check_disjoint([m for g in sets for m in g.slices], fn)
+    with torch.no_grad():
+        for g in sets:
+            _step_set(g, l1, lg, le, size_weighted, exact, max_newton_steps)
+    return groups
+
+
+def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_steps) -> None:
+    if lg == 0 and le == 0:  # the soft threshold alone: elementwise, no groups
+        count = len(g.slices)
+        _fused.prox_([m.tensor for m in g.slices], [[l1] * count, [0.0] * count, [0.0] * count],
+                     [[]] * count, [True] * count, [True] * count)
+        return
+    c = g.sizes.to(torch.float64).sqrt() if size_weighted else torch.ones(g.num_groups,
+                                                                          dtype=torch.float64)
+    steps = []
+    for m, index in zip(g.slices, g._index):
+        if m.tensor.numel() == 0:
+            continue
+        dims = [d for d in range(m.tensor.dim()) if d != m.axis]
+        keep = [s if d == m.axis else 1 for d, s in enumerate(m.tensor.shape)]
+        acc = _phases.accumulation_dtype(m.tensor.dtype)
+        t = (lg * c).to(device=index.device, dtype=acc)[index].reshape(keep)
+        steps.append(_phases.PhasedStep(m.tensor, dims, l1, lg, le, exact, t))
+    if not steps:
+        return
+    live = [m for m in g.slices if m.tensor.numel()]
+    sub = g if len(live) == len(g.slices) else _without_empty(g)
+    _phases.run(steps, sub.combine, max_newton_steps, _FN, together=True)
+
+
+def _without_empty(g: CoupledGroups) -> CoupledGroups:
+    kept = [m for m in g.slices if m.tensor.numel()]
+    return CoupledGroups(kept, g.num_groups, name=g.name, labels=g.labels)
