@@ -10,11 +10,12 @@ fastprox.reference holds the pure-PyTorch oracle of each. DTensor weights (FSDP2
 parallelism) are accepted by every operator: fastprox.distributed.
 """
 
-from . import coupled, distributed, l0, operators, reference
+from . import coupled, distributed, groups, l0, operators, reference
+from ._attention import HeadPrunedAttention
 from .coupled import CoupledGroups, Slice
-from .compaction import Compacted, compact
+from .compaction import Compacted, compact, load_compact, save_compact, save_pretrained_compact
 from .stats import SparsityHistory, SparsityStats, sparsity_stats
-from .regularizer import CGESSchedule, Regularizer, Target
+from .regularizer import CGESSchedule, CoupledTarget, Regularizer, Target
 from . import ops as _ops
 
 # the operators, one per row of the table (fastprox/operators.py)
@@ -32,9 +33,15 @@ __all__ = [
     "Slice",
     "Regularizer",
     "Target",
+    "CoupledTarget",
     "CGESSchedule",
     "compact",
     "Compacted",
+    "groups",
+    "save_compact",
+    "load_compact",
+    "save_pretrained_compact",
+    "HeadPrunedAttention",
     "l0",
     "sparsity_stats",
     "SparsityStats",

@@ -7,16 +7,31 @@ its row/filter in the layer that makes it and its BatchNorm entries, leaves the 
 unchanged. Input features whose column in the first layer is zero are removed too: the compact
 model reads ``x[:, kept_inputs]``.
 
-Supported: ``nn.Sequential`` (nested ones are flattened) of Linear, Conv1d/2d/3d (groups=1), the
-BatchNorm of those layers, elementwise activations, Dropout, pooling, Flatten, Identity, and
-``fastprox.l0.L0Gate`` modules (a unit whose test-time gate is exactly 0 is dead too).
-Other graphs (residual blocks, attention) need a dependency graph: see ``README.md``.
+Two paths:
+
+* ``compact(model)`` on an ``nn.Sequential`` (nested ones are flattened) of Linear,
+  Conv1d/2d/3d (groups=1), the BatchNorm of those layers, elementwise activations, Dropout,
+  pooling, Flatten, Identity, and ``fastprox.l0.L0Gate`` modules (a unit whose test-time gate is
+  exactly 0 is dead too). It also removes input features (``kept_inputs``) and units made dead
+  by per-tensor presets (a zero column of the next layer).
+* ``compact(model, groups)`` on any model the coupled groups of ``fastprox.groups`` cover
+  (ResNets, ``nn.TransformerEncoder``, Hugging Face GPT-2 and Llama): every coupled group whose
+  elements are all zero (a channel, a neuron, a head) is removed from every tensor it spans,
+  through Torch-Pruning's pruning functions (channels, neurons; BatchNorm statistics included)
+  or the attention module's own layout (heads: ``num_heads``, ``split_size`` fixed; an
+  ``nn.MultiheadAttention`` becomes a ``fastprox.HeadPrunedAttention``). The model's inputs
+  and outputs keep their size.
+
+``save_compact`` / ``load_compact`` save a compacted model small and rebuild it with
+``torch.load(weights_only=True)``; ``save_pretrained_compact`` writes a Hugging Face model whose
+layers are uniform with ``save_pretrained`` and an updated config.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 
 import torch
@@ -46,11 +61,16 @@ class Compacted:
     first layer) the compact model reads: ``compact_model(x[:, kept_inputs])`` (if the model
     starts with a Flatten, they index the flattened input: ``x.flatten(1)[:, kept_inputs]``).
     ``kept_units``: per weight layer (by its name in the original model), the indices of its
-    output units kept."""
+    output units kept. On the coupled path: per coupled set (by its name, e.g.
+    ``heads:layers.0.self_attn``; module names are the compacted model's), the indices of the
+    groups kept; ``kept_inputs`` is None (inputs are never removed) and ``plan`` is what
+    ``save_compact`` stores."""
 
-    model: nn.Sequential
-    kept_inputs: torch.Tensor
+    model: nn.Module
+    kept_inputs: torch.Tensor | None
     kept_units: dict[str, torch.Tensor]
+    plan: dict | None = None
+    example_inputs: object = None
 
     def parameters_before_after(self, original: nn.Module) -> tuple[int, int]:
         return (sum(p.numel() for p in original.parameters()),
@@ -138,17 +158,35 @@ def _at_least_one_channel(layer: nn.Module, alive: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def compact(model: nn.Sequential) -> Compacted:
-    """A new, smaller ``nn.Sequential`` whose outputs equal ``model``'s on the kept inputs.
+def compact(model: nn.Module, groups=None, *, example_inputs=None,
+            forward_fn=None) -> Compacted:
+    """A new, smaller model whose outputs equal ``model``'s (the original is not modified).
 
-    The original model is not modified. BatchNorm's statistics are per channel, so outputs match
-    in train and eval mode; L0 gates are taken at their test-time values (compare in eval mode).
+    ``groups`` None: ``model`` must be an ``nn.Sequential`` (the Sequential path, see the module
+    docstring). Otherwise the coupled path: ``groups`` is a ``fastprox.groups.Found``, a
+    ``Regularizer`` built with a coupled preset, or a list of discovered ``CoupledGroups``; the
+    ``channels`` sets trace the model again (``example_inputs``, ``forward_fn``: those of the
+    discovery unless given).
+
+    BatchNorm's statistics are per channel, so outputs match in train and eval mode; L0 gates
+    are taken at their test-time values (compare in eval mode).
 
     Example::
 
         small = fastprox.compact(model)
         small.model(x[:, small.kept_inputs])   # == model(x)
+
+        found = fastprox.groups.channels(resnet, x)      # or reg = Regularizer(..., "channels")
+        small = fastprox.compact(resnet, found)
+        small.model(x)                                     # == resnet(x)
     """
+    if groups is not None:
+        return _compact_coupled(model, groups, example_inputs, forward_fn)
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            f"compact: {type(model).__name__} is not an nn.Sequential; give its coupled groups: "
+            "compact(model, fastprox.groups.discover(model, ...)) or the Regularizer built "
+            "with a coupled preset")
     layers, kept_inputs, kept_units = plan(model)
     incoming = kept_inputs  # kept indices of the units flowing into the current module
     spatial = 1             # features per channel once flattened
@@ -217,3 +255,224 @@ def _slice_batchnorm(m, keep: torch.Tensor):
         if b is not None:
             setattr(new, attr, _index(b, keep, 0))
     return new
+
+
+# -- the coupled path ----------------------------------------------------------------------------
+def _found_sets(groups) -> tuple[list, object, object]:
+    """(sets, example_inputs, forward_fn) of what ``compact`` was given."""
+    from .coupled import CoupledGroups
+    from .groups import Found
+
+    if isinstance(groups, Found):
+        return groups.sets, groups.example_inputs, groups.forward_fn
+    found = getattr(groups, "found", None)  # a Regularizer
+    if isinstance(found, Found):
+        return found.sets, found.example_inputs, found.forward_fn
+    if isinstance(groups, CoupledGroups):
+        groups = [groups]
+    if isinstance(groups, (list, tuple)) and all(isinstance(g, CoupledGroups) for g in groups):
+        return list(groups), None, None
+    raise TypeError("compact: groups must be a fastprox.groups.Found, a Regularizer built with a "
+                    f"coupled preset, or a list of CoupledGroups, got {type(groups).__name__}")
+
+
+def make_plan(sets) -> dict:
+    """What compaction removes, as data (``torch.load(weights_only=True)`` reads it back): per
+    coupled set, its unit and the indices of the groups kept (at least one: layers cannot be
+    empty; a dead group kept is all zero, so outputs do not change)."""
+    out = {}
+    for s in sets:
+        if s.unit is None:
+            raise ValueError(f"compact: {s.name or s} has no unit (it was not discovered from a "
+                             "model by fastprox.groups): nothing says how to remove its groups")
+        alive = s.alive()
+        if not alive.any() and alive.numel():
+            alive[0] = True
+        out[s.name] = dict(dataclasses.asdict(s.unit), groups=s.num_groups,
+                           kept=alive.nonzero().flatten())
+    return out
+
+
+def _compact_coupled(model, groups, example_inputs, forward_fn) -> Compacted:
+    sets, found_inputs, found_forward = _found_sets(groups)
+    plan_ = make_plan(sets)
+    small = copy.deepcopy(model)
+    apply_plan(small, plan_, example_inputs if example_inputs is not None else found_inputs,
+               forward_fn or found_forward)
+    inputs = example_inputs if example_inputs is not None else found_inputs
+    return Compacted(small, None, {name: p["kept"] for name, p in plan_.items()}, plan_, inputs)
+
+
+def apply_plan(model: nn.Module, plan_: dict, example_inputs=None, forward_fn=None) -> nn.Module:
+    """Removes from ``model`` (in place) the groups ``plan_`` does not keep. Channels first (one
+    dependency graph of the whole model), then neurons (one per MLP), then heads."""
+    from . import groups as G
+
+    order = {"channels": 0, "neurons": 1, "heads": 2}
+    items = sorted(plan_.items(), key=lambda kv: order[kv[1]["kind"]])
+    graph = None
+    for name, p in items:
+        dead = sorted(set(range(p["groups"])) - set(p["kept"].tolist()))
+        if not dead:
+            continue
+        if p["kind"] == "channels":
+            if graph is None:
+                if example_inputs is None:
+                    raise ValueError("compact: channel groups trace the model: give "
+                                     "example_inputs")
+                graph = G.dependency_graph(model, example_inputs, forward_fn)
+            _prune_root(graph, model.get_submodule(p["root"]), dead)
+        elif p["kind"] == "neurons":
+            owner = model.get_submodule(p["module"]) if p["module"] else model
+            mlp = G._FeedForward(owner) if p["family"] == "ffn" else owner
+            param = next(mlp.parameters())
+            x = torch.zeros(1, 2, G._in_features(mlp), dtype=param.dtype, device=param.device)
+            _prune_root(G.dependency_graph(mlp, x), model.get_submodule(p["root"]), dead)
+        else:
+            _prune_heads(model, p["module"], p["family"], p["kept"])
+    return model
+
+
+def _prune_root(graph, root: nn.Module, dead: list[int]) -> None:
+    pruner = graph.get_pruner_of_module(root)
+    with torch.enable_grad():
+        graph.get_pruning_group(root, pruner.prune_out_channels, dead).prune()
+
+
+def _prune_heads(model: nn.Module, name: str, family: str, kept: torch.Tensor) -> None:
+    from . import groups as G
+    from ._attention import HeadPrunedAttention
+
+    module = model.get_submodule(name)
+    q, kv, hd = G.attention_layout(module, name)
+    if family == "mha":
+        new = HeadPrunedAttention.from_attention(module, kept)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        return
+    rows = (kept[:, None] * hd + torch.arange(hd)).flatten()
+    if family == "gpt2":
+        split = module.split_size
+        packed = torch.cat([rows, rows + split, rows + 2 * split])
+        _take(module.c_attn, "weight", 1, packed)
+        _take(module.c_attn, "bias", 0, packed)
+        module.c_attn.nf = len(packed)
+        _take(module.c_proj, "weight", 0, rows)
+        module.num_heads = len(kept)
+        module.split_size = len(rows)
+        module.embed_dim = module.c_proj.weight.shape[1]
+        return
+    rep = q // kv
+    q_rows = (kept[:, None] * (hd * rep) + torch.arange(hd * rep)).flatten()
+    for proj, take in (("q_proj", q_rows), ("k_proj", rows), ("v_proj", rows)):
+        layer = getattr(module, proj)
+        _take(layer, "weight", 0, take)
+        _take(layer, "bias", 0, take)
+        layer.out_features = len(take)
+    _take(module.o_proj, "weight", 1, q_rows)
+    module.o_proj.in_features = len(q_rows)
+    for attr, value in (("num_heads", len(kept) * rep), ("num_key_value_heads", len(kept))):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, value)
+
+
+def _take(module: nn.Module, pname: str, axis: int, index: torch.Tensor) -> None:
+    p = getattr(module, pname, None)
+    if p is None:
+        return
+    data = p.detach().index_select(axis, index.to(p.device)).clone()
+    setattr(module, pname, nn.Parameter(data, requires_grad=p.requires_grad))
+
+
+# -- saving and reloading a compacted model -----------------------------------------------------
+def save_compact(compacted: Compacted, path) -> None:
+    """Saves a model compacted on the coupled path small: its state dict, the plan (per coupled
+    set: its unit and the kept group indices, by the compacted model's module names) and the
+    discovery's example inputs when they are tensors. Everything is read back by
+    ``torch.load(weights_only=True)``; ``load_compact`` rebuilds the model."""
+    if compacted.plan is None:
+        raise ValueError("save_compact: this model was compacted on the Sequential path; save "
+                         "compacted.model with torch.save (it is a plain nn.Sequential)")
+    torch.save({"state_dict": compacted.model.state_dict(), "plan": compacted.plan,
+                "example_inputs": _tensors_only(compacted)}, path)
+
+
+def _tensors_only(compacted):
+    """The example inputs if they are tensors (a tensor, or a tuple/list/dict of them), else
+    None (load_compact then needs them again)."""
+    x = compacted.example_inputs
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(t.detach().cpu() for t in x)
+    if isinstance(x, dict) and all(isinstance(t, torch.Tensor) for t in x.values()):
+        return {k: t.detach().cpu() for k, t in x.items()}
+    return None
+
+
+def load_compact(path, build, *, example_inputs=None, forward_fn=None,
+                 map_location=None) -> nn.Module:
+    """The model ``save_compact`` wrote: ``build()`` makes the dense model (same class and
+    configuration as the one compacted, any weights), the saved plan removes the same groups,
+    and the saved weights are loaded (strictly). ``example_inputs``: for channel groups, what
+    the model is called with (the saved ones by default)."""
+    saved = torch.load(path, weights_only=True, map_location=map_location)
+    model = build()
+    inputs = example_inputs if example_inputs is not None else saved.get("example_inputs")
+    with torch.no_grad():
+        apply_plan(model, saved["plan"], inputs, forward_fn)
+    model.load_state_dict(saved["state_dict"])
+    return model
+
+
+def save_pretrained_compact(model: nn.Module, directory: str | os.PathLike) -> None:
+    """``model.save_pretrained(directory)`` for a compacted Hugging Face GPT-2 or Llama model
+    whose layers are uniform (the same MLP width and head counts in every layer), with its
+    config updated (``n_inner`` / ``intermediate_size``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``head_dim``). Raises ValueError naming the layers when they are
+    not uniform (use ``save_compact``), or when the config cannot say it (GPT-2 derives its
+    head size from ``n_embd / n_head``: heads removed from GPT-2 need ``save_compact``)."""
+    from . import groups as G
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "save_pretrained"):
+        raise TypeError(f"save_pretrained_compact: {type(model).__name__} is not a Hugging Face "
+                        "model")
+    widths, heads = {}, {}
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("MLP"):
+            dense = [c for c in module.children() if isinstance(c, G._dense_types())]
+            out = dense[0].weight.shape[G._out_axis(dense[0])]
+            widths[name] = out
+        family = G._attention_family(module)
+        if family is not None:
+            heads[name] = G.attention_layout(module, name)
+    for what, values in (("MLP widths", widths), ("attention heads (query, KV, head dim)",
+                                                   heads)):
+        if len(set(values.values())) > 1:
+            raise ValueError(
+                f"save_pretrained_compact: the layers are not uniform ({what}: "
+                + ", ".join(f"{n}={v}" for n, v in values.items())
+                + "); a config cannot describe them: use fastprox.save_compact")
+    config = copy.deepcopy(config)
+    if widths:
+        width = next(iter(widths.values()))
+        for attr in ("intermediate_size", "n_inner"):
+            if hasattr(config, attr):
+                setattr(config, attr, width)
+    if heads:
+        q, kv, hd = next(iter(heads.values()))
+        if config.model_type == "gpt2":
+            if q != config.n_head:
+                raise ValueError("save_pretrained_compact: GPT-2's config derives the head size "
+                                 "from n_embd / n_head, so it cannot describe removed heads; "
+                                 "use fastprox.save_compact")
+        else:
+            config.num_attention_heads, config.num_key_value_heads = q, kv
+            config.head_dim = hd
+    original = model.config
+    model.config = config
+    try:
+        model.save_pretrained(directory)
+    finally:
+        model.config = original

@@ -73,6 +73,7 @@ class CoupledGroups:
         self.num_groups = int(num_groups)
         self.name = name
         self.labels = labels
+        self.unit = None  # what the set removes, when discovered from a model (fastprox.groups)
         members = []
         for i, member in enumerate(slices):
             if not isinstance(member, Slice):

@@ -13,23 +13,31 @@ A ``Regularizer`` holds one ``Target`` per regularized tensor. Each target's pen
   zero group.
 
 Presets follow the seed methods (docs/SPEC.md): ``group_lasso`` / ``sparse_group_lasso``
-(Scardapane et al. 2017), ``lasso``, ``exclusive``, ``cges`` (Yoon & Hwang 2017).
+(Scardapane et al. 2017), ``lasso``, ``exclusive``, ``cges`` (Yoon & Hwang 2017), each on the
+input units of every Linear, conv, Hugging Face ``Conv1D`` and packed attention projection
+(``nn.MultiheadAttention.in_proj_weight``). The coupled presets ``channels``, ``neurons`` and
+``heads`` (fastprox/groups.py) regularize what a model can lose as a whole: group lasso on
+coupled groups (``CoupledTarget``), whose units ``fastprox.compact`` then removes. Every
+parameter a preset leaves out is listed in ``reg.skipped`` with the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from . import ops
+from . import _checks, groups as _groups, ops
 from ._checks import is_dtensor
 from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED
+from .coupled import CoupledGroups
 
 PRESETS = ("group_lasso", "sparse_group_lasso", "lasso", "exclusive", "cges")
+COUPLED_PRESETS = _groups.PRESETS  # channels, neurons, heads
 
 
 @dataclasses.dataclass
@@ -49,6 +57,27 @@ class Target:
     def config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("name", "param")}
+
+
+@dataclasses.dataclass
+class CoupledTarget:
+    """One coupled set (fastprox.groups) and its thresholds: the penalty
+    ``lam_l1 ||W||_1 + lam_group sum_g c_g ||W_g|| + (lam_exclusive/2) sum_g ||W_g||_1^2`` over
+    its groups (``c_g = sqrt(n_g)`` when ``size_weighted``). ``params``: the parameters its
+    members are slices of (one learning rate must hold for all of them)."""
+
+    name: str
+    groups: CoupledGroups
+    params: list
+    lam_l1: float = 0.0
+    lam_group: float = 0.0
+    lam_exclusive: float = 0.0
+    size_weighted: bool = True
+    exact: bool = True
+
+    def config(self) -> dict:
+        return {f: getattr(self, f) for f in ("lam_l1", "lam_group", "lam_exclusive",
+                                               "size_weighted", "exact")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,19 +113,23 @@ class CGESSchedule:
 def _preset_dim(kind: str, weight: torch.Tensor, module: nn.Module | None):
     """The groups a preset regularizes: the outgoing weights of each input unit.
 
-    Linear (out, in): columns, dim=0. Conv (O, I, k...): group lasso takes input channels
-    (0, 2, 3...); exclusive and CGES take each input position across filters, dim=0 (CGES)."""
+    Linear (out, in): columns, dim=0; Hugging Face Conv1D (in, out): rows, dim=1. Conv
+    (O, I, k...): group lasso takes input channels (0, 2, 3...); exclusive and CGES take each
+    input position across filters, dim=0 (CGES)."""
     is_conv = isinstance(module, _CONV) if module is not None else weight.dim() > 2
     if kind == "lasso":
         return None
+    if module is not None and _groups._out_axis(module) == 1:
+        return 1
     if is_conv and kind in ("group_lasso", "sparse_group_lasso"):
         return (0, *range(2, weight.dim()))
     return 0
 
 
 def _check_lam(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"Regularizer: {name} must be a number, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"Regularizer: {name} must be a finite number >= 0, got {value}")
     return float(value)
@@ -106,11 +139,14 @@ class Regularizer:
     """Structured-sparsity regularizer of a model's Linear and conv weights.
 
     Args:
-        model: an ``nn.Module`` (its Linear and Conv1d/2d/3d weights are regularized), or an
-            iterable of ``(name, parameter)`` pairs (2-D tensors are treated as Linear weights,
-            3-D and more as conv weights; 1-D ones are left out).
+        model: an ``nn.Module`` (its Linear, Conv1d/2d/3d, Hugging Face Conv1D weights and
+            packed attention projections are regularized), or an iterable of
+            ``(name, parameter)`` pairs (2-D tensors are treated as Linear weights, 3-D and more
+            as conv weights; 1-D ones are left out).
         preset: ``"group_lasso"``, ``"sparse_group_lasso"``, ``"lasso"``, ``"exclusive"`` or
-            ``"cges"``; or None to start empty and ``add`` targets by hand.
+            ``"cges"``; a coupled preset ``"channels"``, ``"neurons"``, ``"heads"`` or a tuple of
+            them (group lasso, lam_group = lam, on the coupled groups of fastprox.groups; an
+            ``nn.Module`` only); or None to start empty and ``add`` targets by hand.
         lam: the preset's strength. ``group_lasso``: lam_group = lam (size-weighted, Scardapane);
             ``sparse_group_lasso``: lam_group = lam and lam_l1 = ``lam_l1`` (default: lam);
             ``lasso``: lam_l1 = lam; ``exclusive``: lam_exclusive = lam (exact prox);
@@ -125,6 +161,12 @@ class Regularizer:
         bias_l1: lam of an L1 penalty on the biases of the regularized layers (default: biases
             are left out, as in the seeds' code).
         schedule: ``CGESSchedule`` for the ``cges`` preset.
+        example_inputs, forward_fn: what the model is called with, for the ``channels``
+            preset's trace (``fastprox.groups.channels``).
+
+    Everything is checked here, not at the first step: unknown names in ``exclude`` and
+    ``overrides``, a ``dim`` that does not fit its tensor, thresholds (numbers, numpy scalars
+    included). ``reg.skipped`` lists every parameter left out, with the reason.
 
     Example::
 
@@ -136,17 +178,28 @@ class Regularizer:
     def __init__(self, model, preset: str | None = "group_lasso", lam: float = 1e-3, *,
                  lam_l1: float | None = None, exclude: Iterable[str] = (),
                  overrides: Mapping[str, Mapping] | None = None, bias_l1: float | None = None,
-                 schedule: CGESSchedule | None = None):
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"Regularizer: preset must be one of {PRESETS} or None, got "
-                             f"{preset!r}")
+                 schedule: CGESSchedule | None = None, example_inputs=None, forward_fn=None):
+        coupled = _coupled_kinds(preset)
+        if preset is not None and preset not in PRESETS and not coupled:
+            raise ValueError(f"Regularizer: preset must be one of {PRESETS}, one of "
+                             f"{COUPLED_PRESETS} (or a tuple of them) or None, got {preset!r}")
         lam = _check_lam(lam, "lam")
         lam_l1 = lam if lam_l1 is None else _check_lam(lam_l1, "lam_l1")
         self.targets: dict[str, Target] = {}
+        self.coupled: dict[str, CoupledTarget] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.found = None  # the coupled presets' discovery (fastprox.groups.Found)
         self.steps = 0
         if preset is None:
             return
+        if isinstance(exclude, str):
+            exclude = (exclude,)
         exclude = set(exclude)
+        _check_names(model, exclude, "exclude")
+        if coupled:
+            self._build_coupled(model, coupled, lam, exclude, overrides, example_inputs,
+                                forward_fn)
+            return
         schedule = schedule or CGESSchedule()
         overrides = dict(overrides or {})
         used = set()
@@ -175,6 +228,7 @@ class Regularizer:
                                     schedule)
             layer += 1
             _apply_override(target, settings)
+            _check_dim(target)
             self.targets[pname] = target
             if bias_l1 is not None and module is not None and getattr(module, "bias", None) \
                     is not None and not matches(f"{module_name}.bias", exclude):
@@ -185,6 +239,37 @@ class Regularizer:
         if unknown:
             raise ValueError(f"Regularizer: overrides name no regularized parameter: "
                              f"{sorted(unknown)}")
+        if isinstance(model, nn.Module):
+            kept = {id(t.param) for t in self.targets.values()}
+            for pname, param in model.named_parameters():
+                if id(param) not in kept:
+                    self.skipped.append((pname, _why_skipped(model, pname, param, exclude)))
+
+    def _build_coupled(self, model, kinds, lam, exclude, overrides, example_inputs, forward_fn):
+        if not isinstance(model, nn.Module):
+            raise TypeError("Regularizer: the coupled presets need an nn.Module (its groups are "
+                            "discovered from the model)")
+        found = _groups.discover(model, kinds, example_inputs=example_inputs,
+                                 forward_fn=forward_fn, exclude=tuple(exclude))
+        params = dict(model.named_parameters())
+        overrides = dict(overrides or {})
+        used = set()
+        for coupled in found.sets:
+            names = sorted({m.name.split("[")[0] for m in coupled.slices})
+            target = CoupledTarget(coupled.name, coupled, [params[n] for n in names],
+                                   lam_group=lam)
+            for key in sorted(overrides):
+                if key == coupled.name or key == coupled.unit.module or any(
+                        n == key or n.startswith(key + ".") for n in names):
+                    used.add(key)
+                    _apply_coupled_override(target, overrides[key])
+            self.coupled[coupled.name] = target
+        unknown = set(overrides) - used
+        if unknown:
+            raise ValueError(f"Regularizer: overrides name no coupled set or module: "
+                             f"{sorted(unknown)}")
+        self.found = found
+        self.skipped = list(found.skipped)
 
     # -- building ------------------------------------------------------------------------------
     def add(self, name: str, param: torch.Tensor, *, kind: str = "custom", lam_l1: float = 0.0,
@@ -196,15 +281,18 @@ class Regularizer:
         target = Target(name, param, kind, _check_lam(lam_l1, "lam_l1"),
                         _check_lam(lam_group, "lam_group"),
                         _check_lam(lam_exclusive, "lam_exclusive"), dim, size_weighted, exact)
+        _check_dim(target)
         self.targets[name] = target
         return target
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.targets) + len(self.coupled)
 
     def __repr__(self) -> str:
         lines = [f"  {t.name}: {t.kind} lam_l1={t.lam_l1:g} lam_group={t.lam_group:g} "
                  f"lam_exclusive={t.lam_exclusive:g} dim={t.dim}" for t in self.targets.values()]
+        lines += [f"  {t.name}: {t.groups.num_groups} coupled groups lam_group={t.lam_group:g}"
+                  for t in self.coupled.values()]
         return "Regularizer(\n" + "\n".join(lines) + "\n)"
 
     # -- proximal ------------------------------------------------------------------------------
@@ -222,6 +310,8 @@ class Regularizer:
             for p in group["params"]:
                 lrs[id(p)] = group["lr"]
         missing = [t.name for t in self.targets.values() if id(t.param) not in lrs]
+        missing += [t.name for t in self.coupled.values()
+                    if any(id(p) not in lrs for p in t.params)]
         if missing:
             raise ValueError(f"Regularizer: {missing} are not parameters of the optimizer")
         return lrs
@@ -253,6 +343,19 @@ class Regularizer:
                 size_weighted=[t.size_weighted for t in targets],
                 exact=[t.exact for t in targets])
             ops.foreach_prox_([t.param for t in targets], **args)
+        for t in self.coupled.values():
+            rate = lr
+            if lrs is not None:
+                rates = {id(p): lrs[id(p)] for p in t.params}
+                values = list(rates.values())
+                if any(v is not values[0] and v != values[0] for v in values[1:]):
+                    raise ValueError(f"Regularizer.prox_step: the parameters of {t.name} are in "
+                                     "parameter groups with different learning rates; a coupled "
+                                     "group needs one")
+                rate = values[0]
+            ops.coupled_prox_(t.groups, lam_l1=rate * t.lam_l1, lam_group=rate * t.lam_group,
+                              lam_exclusive=rate * t.lam_exclusive,
+                              size_weighted=t.size_weighted, exact=t.exact)
         self.steps += 1
 
     # -- penalty -------------------------------------------------------------------------------
@@ -265,6 +368,10 @@ class Regularizer:
             term = _penalty(t)
             if term is not None:
                 total = term if total is None else total + term
+        for t in self.coupled.values():
+            term = t.groups.penalty(lam_l1=t.lam_l1, lam_group=t.lam_group,
+                                    lam_exclusive=t.lam_exclusive, size_weighted=t.size_weighted)
+            total = term if total is None else total + term
         if total is None:
             return torch.zeros(())
         return total
@@ -272,8 +379,11 @@ class Regularizer:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Thresholds and groups of every target (by name) and the count of proximal steps."""
-        return {"steps": self.steps,
-                "targets": {name: t.config() for name, t in self.targets.items()}}
+        state = {"steps": self.steps,
+                 "targets": {name: t.config() for name, t in self.targets.items()}}
+        if self.coupled:
+            state["coupled"] = {name: t.config() for name, t in self.coupled.items()}
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restores what ``state_dict`` saved; the target names must match."""
@@ -282,8 +392,17 @@ class Regularizer:
             raise ValueError(
                 "Regularizer.load_state_dict: targets differ; missing "
                 f"{sorted(set(self.targets) - names)}, unexpected {sorted(names - set(self.targets))}")
+        coupled = state.get("coupled", {})
+        if set(coupled) != set(self.coupled):
+            raise ValueError(
+                "Regularizer.load_state_dict: coupled sets differ; missing "
+                f"{sorted(set(self.coupled) - set(coupled))}, unexpected "
+                f"{sorted(set(coupled) - set(self.coupled))}")
         for name, config in state["targets"].items():
             _apply_override(self.targets[name], config)
+            _check_dim(self.targets[name])
+        for name, config in coupled.items():
+            _apply_coupled_override(self.coupled[name], config)
         self.steps = int(state["steps"])
 
 
@@ -317,12 +436,87 @@ def _apply_override(target: Target, values: Mapping) -> None:
         setattr(target, key, value)
 
 
+def _coupled_kinds(preset) -> tuple:
+    """The coupled presets named by ``preset`` (a name or a tuple of names), else ()."""
+    kinds = (preset,) if isinstance(preset, str) else preset
+    if isinstance(kinds, (tuple, list)) and kinds and all(
+            isinstance(k, str) and k in COUPLED_PRESETS for k in kinds):
+        return tuple(kinds)
+    if isinstance(preset, (tuple, list)):
+        raise ValueError(f"Regularizer: a tuple preset names coupled presets "
+                         f"{COUPLED_PRESETS}, got {preset!r}")
+    return ()
+
+
+def _names_of(model) -> set[str]:
+    if isinstance(model, nn.Module):
+        names = {n for n, _ in model.named_modules() if n}
+        return names | {n for n, _ in model.named_parameters()}
+    names = set()
+    for pname, _ in model:
+        parts = pname.split(".")
+        names.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return names
+
+
+def _check_names(model, keys, what: str) -> None:
+    if not keys:
+        return
+    if not isinstance(model, nn.Module):
+        model = list(model)
+    unknown = sorted(k for k in keys if k not in _names_of(model))
+    if unknown:
+        raise ValueError(f"Regularizer: {what} names no module or parameter of the model: "
+                         f"{unknown}")
+
+
+def _check_dim(target: Target) -> None:
+    """A target's dim must fit its tensor (checked when the regularizer is built, not inside
+    optimizer.step())."""
+    if target.dim is not None and not _checks.is_dim_spec(target.dim):
+        raise TypeError(f"Regularizer: {target.name}: dim must be None, an int or a tuple, got "
+                        f"{target.dim!r}")
+    _checks.normalize_dim(target.dim, target.param, f"Regularizer: {target.name}")
+    for flag in ("size_weighted", "exact"):
+        _checks.check_flag(getattr(target, flag), flag, f"Regularizer: {target.name}")
+
+
+def _apply_coupled_override(target: CoupledTarget, values: Mapping) -> None:
+    fields = set(target.config())
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"Regularizer: unknown setting {key!r} for {target.name} "
+                             f"(expected one of {sorted(fields)})")
+        if key.startswith("lam"):
+            value = _check_lam(value, f"{target.name}.{key}")
+        else:
+            _checks.check_flag(value, key, f"Regularizer: {target.name}")
+        setattr(target, key, value)
+
+
+def _why_skipped(model: nn.Module, pname: str, param, exclude) -> str:
+    mname = pname.rsplit(".", 1)[0] if "." in pname else ""
+    if any(pname == k or pname.startswith(k + ".") or mname == k or mname.startswith(k + ".")
+           for k in exclude):
+        return "excluded"
+    module = model.get_submodule(mname) if mname else model
+    if param.dim() < 2:
+        return f"a 1-D {pname.rsplit('.', 1)[-1]} of {type(module).__name__} (biases: bias_l1)"
+    return f"not a Linear/conv/Conv1D weight or packed attention projection " \
+           f"({type(module).__name__})"
+
+
 def _weights(model):
     """(module name, module, parameter name, weight) of every regularizable weight."""
     if isinstance(model, nn.Module):
+        dense = _groups._dense_types()
         for mname, module in model.named_modules():
-            if isinstance(module, _WEIGHTED):
-                yield mname, module, (f"{mname}.weight" if mname else "weight"), module.weight
+            prefix = f"{mname}." if mname else ""
+            if isinstance(module, (*_WEIGHTED, *dense)):
+                yield mname, module, prefix + "weight", module.weight
+            elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+                # the packed q, k, v projections: a Linear weight (3 * embed_dim, embed_dim)
+                yield mname, None, prefix + "in_proj_weight", module.in_proj_weight
         return
     for pname, param in model:
         if not isinstance(param, torch.Tensor):
