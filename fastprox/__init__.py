@@ -14,7 +14,7 @@ from . import coupled, distributed, groups, l0, operators, reference
 from ._attention import HeadPrunedAttention
 from .coupled import CoupledGroups, Slice
 from .compaction import Compacted, compact, load_compact, save_compact, save_pretrained_compact
-from .stats import SparsityHistory, SparsityStats, sparsity_stats
+from .stats import CoupledStats, SparsityHistory, SparsityStats, coupled_stats, sparsity_stats
 from .regularizer import CGESSchedule, CoupledTarget, Regularizer, Target
 from . import ops as _ops
 
@@ -46,4 +46,6 @@ __all__ = [
     "sparsity_stats",
     "SparsityStats",
     "SparsityHistory",
+    "coupled_stats",
+    "CoupledStats",
 ]

@@ -8,6 +8,11 @@ positions, known when ``example_input`` is given). For an ``nn.Sequential`` the 
 ``fastprox.compact``: a unit is kept when the next layer reads it, and remaining FLOPs are those
 of the compacted model. Totals: input features kept (of the first layer), hidden units kept (the
 inputs of every later layer), nonzero weights, FLOPs.
+
+For coupled groups (fastprox.groups: ResNet channels, transformer neurons and heads),
+``coupled_stats`` counts per group: a residual channel is one unit however many layers read it;
+FLOPs before and after compaction come from ``torch.utils.flop_counter`` and latency is
+measured.
 """
 
 from __future__ import annotations
@@ -245,3 +250,135 @@ class SparsityHistory:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+# -- coupled groups ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SetStats:
+    """One coupled set: what it removes (``kind``: channels, neurons, heads), where (``module``),
+    and its groups alive / total."""
+
+    name: str
+    kind: str
+    module: str
+    alive: int
+    total: int
+
+
+@dataclasses.dataclass
+class CoupledStats:
+    """What can be removed, counted per coupled group: every unit (a channel, residual ones
+    included, a neuron, a head) is one group of one set, so it is counted once however many
+    layers read it. With a compacted model and example inputs: parameters, FLOPs (from
+    ``torch.utils.flop_counter``, one forward pass) and measured CPU latency (median of
+    ``repeats`` forward passes, after a warm-up), dense against compacted."""
+
+    sets: list[SetStats]
+    params_dense: int | None = None
+    params_compact: int | None = None
+    flops_dense: int | None = None
+    flops_compact: int | None = None
+    latency_dense_ms: float | None = None
+    latency_compact_ms: float | None = None
+    device: str | None = None
+
+    def units(self) -> dict[str, tuple[int, int]]:
+        """Per kind: (units alive, units total)."""
+        out: dict[str, tuple[int, int]] = {}
+        for s in self.sets:
+            a, t = out.get(s.kind, (0, 0))
+            out[s.kind] = (a + s.alive, t + s.total)
+        return out
+
+    def as_dict(self) -> dict:
+        return {"sets": [dataclasses.asdict(s) for s in self.sets], "units": self.units(),
+                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name != "sets"}}
+
+    def to_markdown(self) -> str:
+        rows = ["| coupled set | kind | alive / total |", "|---|---|---|"]
+        rows += [f"| {s.name} | {s.kind} | {s.alive}/{s.total} |" for s in self.sets]
+        for kind, (a, t) in self.units().items():
+            rows.append(f"| all {kind} | {kind} | {a}/{t} |")
+        if self.params_dense is not None:
+            rows.append(f"\nparameters {self.params_compact}/{self.params_dense}")
+        if self.flops_dense is not None:
+            rows.append(f"FLOPs per forward pass {self.flops_compact}/{self.flops_dense} "
+                        "(torch.utils.flop_counter)")
+        if self.latency_dense_ms is not None:
+            rows.append(f"latency {self.latency_compact_ms:.3f} ms / {self.latency_dense_ms:.3f} "
+                        f"ms dense ({self.device}, median)")
+        return "\n".join(rows)
+
+
+def _call(model, inputs, forward_fn):
+    if forward_fn is not None:
+        return forward_fn(model, inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, inputs, forward_fn=None) -> int:
+    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _call(model, inputs, forward_fn)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, inputs, forward_fn=None, repeats: int = 20) -> float:
+    """Median wall time of one forward pass in milliseconds (after two warm-up passes)."""
+    import statistics
+    import time
+
+    for _ in range(2):
+        _call(model, inputs, forward_fn)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _call(model, inputs, forward_fn)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def coupled_stats(groups, model: nn.Module | None = None, compacted=None, example_inputs=None,
+                  *, forward_fn=None, repeats: int = 20) -> CoupledStats:
+    """Counts per coupled set of ``groups`` (a ``fastprox.groups.Found``, a ``Regularizer`` built
+    with a coupled preset, or a list of ``CoupledGroups``); with ``model`` (dense),
+    ``compacted`` (a ``Compacted`` or the small model) and ``example_inputs``: parameters,
+    FLOPs and latency of both (both put in eval mode for the measurement, then restored)."""
+    from .compaction import _found_sets
+
+    sets, found_inputs, found_forward = _found_sets(groups)
+    stats = CoupledStats([SetStats(s.name, s.unit.kind if s.unit else "", s.unit.module
+                                   if s.unit else "", int(s.alive().sum()), s.num_groups)
+                          for s in sets])
+    if model is None or compacted is None:
+        return stats
+    small = getattr(compacted, "model", compacted)
+    stats.params_dense = sum(p.numel() for p in model.parameters())
+    stats.params_compact = sum(p.numel() for p in small.parameters())
+    inputs = example_inputs if example_inputs is not None else found_inputs
+    forward_fn = forward_fn or found_forward
+    if inputs is None:
+        return stats
+    modes = (model.training, small.training)
+    model.eval()
+    small.eval()
+    try:
+        stats.flops_dense = count_flops(model, inputs, forward_fn)
+        stats.flops_compact = count_flops(small, inputs, forward_fn)
+        stats.latency_dense_ms = measure_latency(model, inputs, forward_fn, repeats)
+        stats.latency_compact_ms = measure_latency(small, inputs, forward_fn, repeats)
+        stats.device = str(next(model.parameters()).device)
+    finally:
+        model.train(modes[0])
+        small.train(modes[1])
+    return stats

@@ -359,3 +359,25 @@ def test_save_pretrained_says_when_it_cannot(tmp_path):
     _kill_uniform(found)
     with pytest.raises(ValueError, match="GPT-2's config derives the head size"):
         fastprox.save_pretrained_compact(fastprox.compact(gpt, found).model, tmp_path / "y")
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def test_coupled_stats_count_units_once_and_measure():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = M.randomize_batchnorm(RESNETS["basic"]()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    found = G.channels(model, x)
+    dead = sum(len(M.kill(s, 0.5)) for s in found.sets)
+    small = fastprox.compact(model, found)
+    stats = fastprox.coupled_stats(found, model, small, repeats=3)
+    total = sum(s.num_groups for s in found.sets)
+    assert stats.units() == {"channels": (total - dead, total)}
+    assert total == 72  # 8 + 16 residual channels counted once, not once per reading layer
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        small.model(x)
+    assert stats.flops_compact == counter.get_total_flops() < stats.flops_dense
+    assert stats.params_compact < stats.params_dense
+    assert stats.latency_dense_ms > 0 and stats.latency_compact_ms > 0
+    assert "channels:conv1" in stats.to_markdown()
