@@ -154,7 +154,8 @@ class Regularizer:
             as published; ``exact=True`` in ``overrides`` gives the exact prox).
         exclude: module or parameter names to leave out (e.g. the last layer).
         overrides: ``{module or parameter name: {setting: value}}``; a module name applies to
-            all its regularized parameters. ``kind`` (a preset name) and ``lam`` rebuild the
+            all its regularized parameters. With a coupled preset, a key is a kind
+            (``"heads"``: every set of it), a set's name, or its module's or a member's name. ``kind`` (a preset name) and ``lam`` rebuild the
             target as that preset with that strength; then any field of ``Target``
             (``lam_l1``, ``lam_group``, ``lam_exclusive``, ``dim``, ``size_weighted``,
             ``exact``) is set as given.
@@ -258,9 +259,11 @@ class Regularizer:
             names = sorted({m.name.split("[")[0] for m in coupled.slices})
             target = CoupledTarget(coupled.name, coupled, [params[n] for n in names],
                                    lam_group=lam)
-            for key in sorted(overrides):
-                if key == coupled.name or key == coupled.unit.module or any(
-                        n == key or n.startswith(key + ".") for n in names):
+            for key in sorted(overrides, key=lambda k: k not in COUPLED_PRESETS):
+                # a kind (every set of it) first, then a set, its module, or a parameter name
+                if key == coupled.unit.kind or key == coupled.name or \
+                        key == coupled.unit.module or any(
+                            n == key or n.startswith(key + ".") for n in names):
                     used.add(key)
                     _apply_coupled_override(target, overrides[key])
             self.coupled[coupled.name] = target

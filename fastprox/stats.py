@@ -323,12 +323,20 @@ def _call(model, inputs, forward_fn):
 
 @torch.no_grad()
 def count_flops(model: nn.Module, inputs, forward_fn=None) -> int:
-    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+    PyTorch's fused fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
+    (eval mode) is one op the counter has no formula for, so it is switched off while counting:
+    the same computation, counted op by op."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     counter = FlopCounterMode(display=False)
-    with counter:
-        _call(model, inputs, forward_fn)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            _call(model, inputs, forward_fn)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops())
 
 

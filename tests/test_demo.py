@@ -57,8 +57,15 @@ def test_table_structure(quick_run):
     assert len(body) == sum(m.task == "digits" for m in experiments.METHODS)
     header, body = tables["diabetes regression, MLP 10-20-15-1"]
     assert "R² (MSE)" in header and len(body) == 3
-    for r in results:  # every run's row names its units, e.g. "| 64-40-20 |"
-        assert f"| {'-'.join(str(k) for k, _ in r.units)} |" in text
+    for r in results:  # every run's row names its units, e.g. "| 64-40-20 |" or "| 4, 29 |"
+        sep = ", " if r.kinds else "-"
+        assert f"| {sep.join(str(k) for k, _ in r.units)} |" in text
+    for task, title in report.COUPLED_TITLES.items():
+        section = text.split(f"**{title}**")[1].split("**")[0]
+        rows = [line for line in section.splitlines() if line.startswith("|")]
+        header, rule, *body = rows
+        assert "FLOPs compact / dense" in header and "CPU latency compact / dense" in header
+        assert len(body) == sum(m.task == task for m in experiments.METHODS)
 
 
 def test_compaction_preserves_predictions(quick_run):
@@ -71,11 +78,22 @@ def test_compaction_preserves_predictions(quick_run):
 
 def test_units_are_counted_per_layer(quick_run):
     _, results = quick_run
-    totals = {"digits": [64, 40, 20], "diabetes": [10, 20, 15], "cnn": [1, 16, 32, 64]}
+    totals = {"digits": [64, 40, 20], "diabetes": [10, 20, 15], "cnn": [1, 16, 32, 64],
+              "resnet": [48], "transformer": [8, 128]}
     for r in results:
         assert [t for _, t in r.units] == totals[r.method.task]
         assert all(0 <= k <= t for k, t in r.units)
         assert r.history.steps[0] == 0 and r.history.steps[-1] == r.epochs
+
+
+def test_coupled_tasks_measure_the_compacted_model(quick_run):
+    _, results = quick_run
+    coupled = [r for r in results if r.kinds]
+    assert {r.method.task for r in coupled} == {"resnet", "transformer"}
+    for r in coupled:
+        assert r.flops[0] <= r.flops[1] and r.params[0] <= r.params[1]
+        assert r.latency_ms[0] > 0 and r.latency_ms[1] > 0
+        assert r.kinds == (("channels",) if r.method.task == "resnet" else ("heads", "neurons"))
 
 
 def test_proximal_group_lasso_removes_units_on_digits():

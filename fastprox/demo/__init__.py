@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a few epochs only: checks that everything runs (seconds)")
     parser.add_argument("--methods", default="all",
-                        help="comma-separated method names or tasks (digits, diabetes, cnn); "
+                        help="comma-separated method names or tasks (digits, diabetes, cnn, resnet, "
+                             "transformer); "
                              "default: all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo-out"),

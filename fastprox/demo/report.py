@@ -38,6 +38,31 @@ def _optimizer(result: Result) -> str:
     return f"Adam {m.lr:g}" if m.optimizer == "adam" else f"SGD {m.lr:g}"
 
 
+COUPLED_TITLES = {
+    "resnet": "DIGITS 8x8 images, ResNet (BasicBlocks 8-16, BatchNorm, downsample shortcut)",
+    "transformer": "DIGITS, transformer (each image row a token; 2 layers, d 32, 4 heads, MLP 64)",
+}
+
+
+def _coupled_table(task: str, rows: list[Result]) -> str:
+    kinds = rows[0].kinds
+    totals = ", ".join(f"{k} (of {t})" for k, (_, t) in zip(kinds, rows[0].units))
+    head = (f"| method | optimizer | λ | epochs | test acc. | as trained | kept: {totals} | "
+            "compact params | FLOPs compact / dense | CPU latency compact / dense | "
+            "compact = model |")
+    lines = [f"**{COUPLED_TITLES[task]}**", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lam = "—" if r.method.update == "none" else f"{r.method.lam:.3g}"
+        kept = ", ".join(str(a) for a, _ in r.units)
+        check = ("yes" if r.same_predictions else "**NO**") + f" ({r.max_diff:.0e})"
+        flops = f"{r.flops[0] / 1e6:.2f} M / {r.flops[1] / 1e6:.2f} M"
+        latency = f"{r.latency_ms[0]:.2f} / {r.latency_ms[1]:.2f} ms"
+        lines.append(f"| {r.method.label} | {_optimizer(r)} | {lam} | {r.epochs} | "
+                     f"{100 * r.metric:.1f} % | {100 * r.metric_dense:.1f} % | {kept} | "
+                     f"{r.params[0]} / {r.params[1]} | {flops} | {latency} | {check} |")
+    return "\n".join(lines)
+
+
 def table(results: list[Result]) -> str:
     """One Markdown table per task."""
     blocks = []
@@ -69,6 +94,10 @@ def table(results: list[Result]) -> str:
                 f"{trained} | {_units(r)} | {100 * kept / total:.1f} % | "
                 f"{r.params[0]} / {r.params[1]} | {r.zeros} | {check} |")
         blocks.append("\n".join(lines))
+    for task in COUPLED_TITLES:
+        rows = [r for r in results if r.method.task == task]
+        if rows:
+            blocks.append(_coupled_table(task, rows))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -79,7 +108,8 @@ def as_json(results: list[Result]) -> list[dict]:
                  seconds=round(r.seconds, 3), metric=r.metric, metric_as_trained=r.metric_dense,
                  mse=r.mse, units=r.units, weights_kept=r.weights_kept, params=r.params,
                  zeros=r.zeros, max_diff=r.max_diff, same_predictions=r.same_predictions,
-                 kept_inputs=None if r.kept_inputs is None else r.kept_inputs.tolist())
+                 kept_inputs=None if r.kept_inputs is None else r.kept_inputs.tolist(),
+                 kinds=list(r.kinds), flops=r.flops, latency_ms=r.latency_ms)
             for r in results]
 
 
@@ -112,6 +142,8 @@ def plot_run(result: Result, path: pathlib.Path) -> pathlib.Path:
     for k, name in enumerate(names):
         label = "inputs" if k == 0 else f"hidden {k}" if result.method.task != "cnn" \
             else f"channels {k}"
+        if result.kinds:  # coupled tasks: one curve per kind of unit
+            label = name
         total = result.units[k][1]
         ax.plot(h.steps, h.units[name], label=f"{label} (of {total})")
     ax.set_xlabel("epoch")
