@@ -233,10 +233,12 @@ def derive(row: dict) -> dict:
     return row
 
 
-def report(machine: str, floor: str, rows: list[dict], models: list[dict] = ()) -> str:
+def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
+           coupled: list[dict] = ()) -> str:
     """One markdown format for every run. rows: derive()d operator rows (op, weight, dtype);
     models: whole-model rows (model, dtype, tensors, foreach_s, loop_s, eager_s, floor_s,
-    bytes, optional launches)."""
+    bytes, optional launches); coupled: coupled-group rows (coupled_model, groups, sets,
+    tensors, coupled_s, bytes, per_tensor_s, per_tensor_bytes, floor_s, floor_bytes)."""
     get = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
     ms = lambda r, k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
     lines = [f"Machine: {machine}. Floor: {floor}.", "",
@@ -262,4 +264,42 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = ()) 
                 f"{t * 1e3:.3f} | {r['bytes'] / t / 1e9:.1f} | "
                 f"{t / r['floor_s']:.2f} | {ms(r, 'loop_s')} | {ratio('loop_s')} | "
                 f"{ms(r, 'eager_s')} | {ratio('eager_s')} |")
+    if coupled:
+        lines += ["", "Coupled groups (group lasso on every coupled set of the model, "
+                  "coupled_prox_; against group lasso per tensor on its Linear/conv weights, "
+                  "foreach_prox_, and the floor on the tensors the sets touch):", "",
+                  "| model | groups | sets | tensors | coupled ms | GB/s | x floor | "
+                  "per-tensor ms | per-tensor GB/s | floor ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in coupled:
+            t = r["coupled_s"]
+            lines.append(
+                f"| {r['coupled_model']} | {r['groups']} | {r['sets']} | {r['tensors']} | "
+                f"{t * 1e3:.2f} | {r['bytes'] / t / 1e9:.1f} | {t / r['floor_s']:.2f} | "
+                f"{ms(r, 'per_tensor_s')} | "
+                f"{get(r, 'per_tensor_gbps', '{:.1f}')} | {ms(r, 'floor_s')} |")
     return "\n".join(lines) + "\n"
+
+
+# -- coupled groups of whole models --------------------------------------------------------------
+
+def coupled_model(name: str):
+    """(sets, dense per-tensor step's tensors and dims) of a real model: a ResNet-50 (torchvision's
+    layout, Bottleneck blocks 3-4-6-3; a 3x3 stem) with channel groups, or GPT-2 small
+    (Hugging Face, built from its config) with head and neuron groups."""
+    from fastprox import Regularizer, groups
+    from fastprox.demo.models import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    if name == "resnet50":
+        model = ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), in_ch=3, classes=1000)
+        found = groups.channels(model, torch.randn(1, 3, 32, 32))
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config())
+        found = groups.discover(model, ("heads", "neurons"))
+    touched = {id(m.tensor.untyped_storage()) for s in found.sets for m in s.slices}
+    per_tensor = [t for t in Regularizer(model, "group_lasso").targets.values()
+                  if id(t.param.untyped_storage()) in touched]
+    return model, found.sets, per_tensor

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastprox
 import harness
 from model_shapes import gpt2_small_weights, resnet50_weights
 
@@ -97,3 +98,50 @@ def test_model_step(benchmark, model, dtype_name, impl):
         bytes=2 * sum(w.numel() * w.element_size() for w in work))
     _time(benchmark, fn, work, lambda: (torch._foreach_copy_(work, source), None)[1],
           impl == "eager")
+
+
+COUPLED_MODELS = ["resnet50", "gpt2-small"]
+COUPLED_IMPLS = ["coupled", "per_tensor", "floor"]
+
+
+@pytest.mark.parametrize("impl", COUPLED_IMPLS)
+@pytest.mark.parametrize("model", COUPLED_MODELS)
+def test_coupled_step(benchmark, model, impl):
+    """Group lasso on a real model's coupled groups (ResNet-50 channels; GPT-2 small heads and
+    neurons) against group lasso per tensor on the same weights and the floor (one mul_ of
+    every tensor the sets touch), float32."""
+    pytest.importorskip("torch_pruning")
+    if model == "gpt2-small":
+        pytest.importorskip("transformers")
+    net, sets, per_tensor = _cached(("coupled", model), lambda g: harness.coupled_model(model))
+    tensors = list({id(m.tensor.untyped_storage()): p for s in sets for m in s.slices
+                    for p in [_base(net, m.tensor)]}.values())
+    source = [t.detach().clone() for t in tensors]
+    lam = MODEL_LAM
+    if impl == "coupled":
+        fn = lambda ws: [fastprox.coupled_prox_(s, lam_group=lam) for s in sets]  # noqa: E731
+        moved = tensors
+    elif impl == "per_tensor":
+        params = [t.param for t in per_tensor]
+        dims = [t.dim for t in per_tensor]
+        fn = lambda ws: fastprox.foreach_prox_(params, lam_group=lam, dim=dims)  # noqa: E731
+        moved = params
+    else:
+        fn = lambda ws: torch._foreach_mul_(tensors, 0.999)  # noqa: E731
+        moved = tensors
+    benchmark.group = f"coupled {model}"
+    benchmark.extra_info.update(
+        coupled_model=model, impl=impl, sets=len(sets), tensors=len(tensors),
+        groups=sum(s.num_groups for s in sets),
+        bytes=2 * sum(t.numel() * t.element_size() for t in moved))
+    with torch.no_grad():
+        _time(benchmark, fn, tensors,
+              lambda: (torch._foreach_copy_(tensors, source), None)[1], False)
+
+
+def _base(model, tensor):
+    """The parameter of ``model`` whose storage ``tensor`` (a member, maybe a view) uses."""
+    for p in model.parameters():
+        if p.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            return p
+    raise LookupError("a member that is no parameter of the model")

@@ -31,7 +31,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import _checks, _fused, _phases
+from . import _checks, _fused, _phases, reference
+from ._registry import ops
 
 _FN = "coupled_prox_"
 
@@ -100,6 +101,13 @@ class CoupledGroups:
             self._gathers.append(_gather_table(m.index, counts, self.num_groups).to(device))
         self.sizes = sizes
         self._index = [m.index.to(device) for m in members]
+        # every member's slices one after another: one gather per set for the group lasso step
+        joined = torch.cat([m.index for m in members])
+        self._joined = _gather_table(joined, torch.bincount(joined, minlength=self.num_groups),
+                                     self.num_groups).to(device)
+        self._keep = [[s if d == m.axis else 1 for d, s in enumerate(m.tensor.shape)]
+                      for m in members]
+        self._dims = [[d for d in range(m.tensor.dim()) if d != m.axis] for m in members]
 
     @staticmethod
     def _check_member(member: Slice, i: int, fn: str) -> Slice:
@@ -319,6 +327,10 @@ def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_ste
         return
     c = g.sizes.to(torch.float64).sqrt() if size_weighted else torch.ones(g.num_groups,
                                                                           dtype=torch.float64)
+    if l1 == 0 and le == 0 and all(m.tensor.dtype in (torch.float32, torch.float64)
+                                   for m in g.slices):
+        _group_lasso(g, lg * c)
+        return
     steps = []
     for m, index in zip(g.slices, g._index):
         if m.tensor.numel() == 0:
@@ -333,6 +345,29 @@ def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_ste
     live = [m for m in g.slices if m.tensor.numel()]
     sub = g if len(live) == len(g.slices) else _without_empty(g)
     _phases.run(steps, sub.combine, max_newton_steps, _FN, together=True)
+
+
+def _group_lasso(g: CoupledGroups, t: torch.Tensor) -> None:
+    """Group lasso alone on float32/float64 members: the slices' norms by the fused group_norms
+    kernel (the square of a norm is the sum of squares to an ulp), their squares added per group
+    in one gather (members in order, each member's slices in position order), one scale per
+    group, one in-place multiply per member."""
+    acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in g.slices) \
+        else torch.float32
+    parts = []
+    for m, dims in zip(g.slices, g._dims):
+        if m.tensor.numel() == 0:
+            parts.append(torch.zeros(m.tensor.shape[m.axis], dtype=acc, device=g.device))
+        elif dims:
+            parts.append(ops.group_norms(m.tensor, dims).to(acc).square())
+        else:
+            parts.append(m.tensor.to(acc).square())
+    squares = torch.cat(parts + [parts[0].new_zeros(1)])
+    norms = torch.sqrt(squares[g._joined].sum(dim=1))
+    scale = reference.group_scale(norms, t.to(device=norms.device, dtype=acc))
+    for m, index, keep in zip(g.slices, g._index, g._keep):
+        if m.tensor.numel():
+            m.tensor.mul_(scale[index].reshape(keep))
 
 
 def _without_empty(g: CoupledGroups) -> CoupledGroups:
