@@ -19,7 +19,6 @@ Sums (in float32, float64 for float64 weights) per group and place::
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch

@@ -154,8 +154,7 @@ class Regularizer:
             as published; ``exact=True`` in ``overrides`` gives the exact prox).
         exclude: module or parameter names to leave out (e.g. the last layer).
         overrides: ``{module or parameter name: {setting: value}}``; a module name applies to
-            all its regularized parameters. With a coupled preset, a key is a kind
-            (``"heads"``: every set of it), a set's name, or its module's or a member's name. ``kind`` (a preset name) and ``lam`` rebuild the
+            all its regularized parameters. ``kind`` (a preset name) and ``lam`` rebuild the
             target as that preset with that strength; then any field of ``Target``
             (``lam_l1``, ``lam_group``, ``lam_exclusive``, ``dim``, ``size_weighted``,
             ``exact``) is set as given.
@@ -164,6 +163,10 @@ class Regularizer:
         schedule: ``CGESSchedule`` for the ``cges`` preset.
         example_inputs, forward_fn: what the model is called with, for the ``channels``
             preset's trace (``fastprox.groups.channels``).
+
+    With a coupled preset, an ``overrides`` key is a kind (``"heads"``: every set of it), a
+    set's name, or its module's or a member's name, and sets ``lam_l1``, ``lam_group``,
+    ``lam_exclusive``, ``size_weighted`` or ``exact`` of the ``CoupledTarget``.
 
     Everything is checked here, not at the first step: unknown names in ``exclude`` and
     ``overrides``, a ``dim`` that does not fit its tensor, thresholds (numbers, numpy scalars
@@ -265,7 +268,7 @@ class Regularizer:
                         key == coupled.unit.module or any(
                             n == key or n.startswith(key + ".") for n in names):
                     used.add(key)
-                    _apply_coupled_override(target, overrides[key])
+                    _apply_override(target, overrides[key])
             self.coupled[coupled.name] = target
         unknown = set(overrides) - used
         if unknown:
@@ -405,7 +408,7 @@ class Regularizer:
             _apply_override(self.targets[name], config)
             _check_dim(self.targets[name])
         for name, config in coupled.items():
-            _apply_coupled_override(self.coupled[name], config)
+            _apply_override(self.coupled[name], config)
         self.steps = int(state["steps"])
 
 
@@ -428,14 +431,20 @@ def _preset_target(kind: str, name: str, param, module, lam: float, lam_l1: floa
     return target
 
 
-def _apply_override(target: Target, values: Mapping) -> None:
-    fields = {f.name for f in dataclasses.fields(Target)} - {"name", "param"}
+def _apply_override(target, values: Mapping) -> None:
+    """Sets the given fields of a Target or a CoupledTarget, checked (thresholds are numbers,
+    a coupled target's flags bools; a Target's dim and flags are checked by _check_dim)."""
+    coupled = isinstance(target, CoupledTarget)
+    fields = set(target.config()) if coupled else \
+        {f.name for f in dataclasses.fields(Target)} - {"name", "param"}
     for key, value in values.items():
         if key not in fields:
             raise ValueError(f"Regularizer: unknown setting {key!r} for {target.name} "
                              f"(expected one of {sorted(fields)})")
         if key.startswith("lam"):
             value = _check_lam(value, f"{target.name}.{key}")
+        elif coupled:
+            _checks.check_flag(value, key, f"Regularizer: {target.name}")
         setattr(target, key, value)
 
 
@@ -482,19 +491,6 @@ def _check_dim(target: Target) -> None:
     _checks.normalize_dim(target.dim, target.param, f"Regularizer: {target.name}")
     for flag in ("size_weighted", "exact"):
         _checks.check_flag(getattr(target, flag), flag, f"Regularizer: {target.name}")
-
-
-def _apply_coupled_override(target: CoupledTarget, values: Mapping) -> None:
-    fields = set(target.config())
-    for key, value in values.items():
-        if key not in fields:
-            raise ValueError(f"Regularizer: unknown setting {key!r} for {target.name} "
-                             f"(expected one of {sorted(fields)})")
-        if key.startswith("lam"):
-            value = _check_lam(value, f"{target.name}.{key}")
-        else:
-            _checks.check_flag(value, key, f"Regularizer: {target.name}")
-        setattr(target, key, value)
 
 
 def _why_skipped(model: nn.Module, pname: str, param, exclude) -> str:

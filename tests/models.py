@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastprox.demo.models import BasicBlock, Bottleneck, ResNet  # noqa: F401  (used by tests)
+from fastprox.demo.models import BasicBlock, Bottleneck, ResNet  # noqa: F401  (for the tests)
 
 
 def randomize_batchnorm(model: nn.Module) -> nn.Module:

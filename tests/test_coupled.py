@@ -3,9 +3,6 @@ sets, optimality (KKT) without a reference, edge cases, bad input and determinis
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 

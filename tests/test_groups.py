@@ -152,15 +152,21 @@ TRANSFORMERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
-def test_compact_transformers(name):
+def _transformer_with_dead_units(name):
+    """(build, call, x, model, found, outputs): a model with half its heads and neurons zeroed,
+    its sets, and its outputs on x."""
     if name != "encoder":
         pytest.importorskip("transformers")
     build, call, inputs = TRANSFORMERS[name]
     model = build().eval()
     x = inputs()
     found = G.discover(model, ("heads", "neurons"))
-    expected = _zero_fraction_outputs(model, call, x, found.sets)
+    return build, call, x, model, found, _zero_fraction_outputs(model, call, x, found.sets)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_compact_transformers(name):
+    build, call, x, model, found, expected = _transformer_with_dead_units(name)
     small = fastprox.compact(model, found)
     with torch.no_grad():
         torch.testing.assert_close(call(small.model.eval(), x), expected, rtol=1e-4, atol=1e-5)
@@ -304,13 +310,7 @@ def test_save_and_reload_resnet(tmp_path):
 
 @pytest.mark.parametrize("name", ["encoder", "gpt2"])
 def test_save_and_reload_transformers(name, tmp_path):
-    if name != "encoder":
-        pytest.importorskip("transformers")
-    build, call, inputs = TRANSFORMERS[name]
-    model = build().eval()
-    x = inputs()
-    found = G.discover(model, ("heads", "neurons"))
-    expected = _zero_fraction_outputs(model, call, x, found.sets)
+    build, call, x, model, found, expected = _transformer_with_dead_units(name)
     path = tmp_path / "small.pt"
     fastprox.save_compact(fastprox.compact(model, found), path)
     again = fastprox.load_compact(path, build).eval()

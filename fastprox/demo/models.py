@@ -8,6 +8,13 @@ import torch
 from torch import nn
 
 
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """The downsample shortcut (1x1 conv + BatchNorm) when a block changes shape, else None."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -18,10 +25,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+        self.downsample = _shortcut(cin, cout, stride)
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -41,10 +45,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+        self.downsample = _shortcut(cin, cout, stride)
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
