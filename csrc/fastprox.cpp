@@ -1,5 +1,6 @@
-// Schemas of fastprox's two operators, defined once: group_norms and the fused in-place step
-// foreach_prox_, of which the public in-place operators are presets (fastprox/operators.py).
+// Schemas of fastprox's operators, defined once: group_norms and the fused in-place step
+// foreach_prox_, of which the public in-place operators are presets (fastprox/operators.py),
+// and the two phases (group_sums, group_rewrite_) of steps whose groups span several tensors.
 // Kernels register per device: csrc/cpu/*.cpp (CPU), kernels/*.py (CUDA), and the reference
 // (fastprox/reference.py) for every other device. Fake (meta) implementations live in
 // fastprox/_registry.py; the math contract is docs/SPEC.md.
@@ -25,6 +26,15 @@ TORCH_LIBRARY(fastprox, m) {
       "foreach_prox_(Tensor(a!)[] weights, Tensor lams, int[] dims, int[] dim_counts, "
       "bool[] size_weighted, bool[] exact, str caller=\"foreach_prox_\", "
       "str[]? lam_names=None) -> ()");
+  // The phases of a step whose groups lie in several places (coupled groups across tensors,
+  // groups across shards; fastprox/_phases.py): per-group sums of soft(W, lam_l1) (what: 1 sum
+  // of squares, 2 sum of magnitudes and nonzero count, 3 both; float32, float64 for float64
+  // weights, stacked on a first dimension), and the rewrite with given per-group scale and
+  // threshold. csrc/cpu/group_phases.cpp.
+  m.def("group_sums(Tensor weight, int[] dim, float lam_l1, int what) -> Tensor");
+  m.def(
+      "group_rewrite_(Tensor(a!) weight, int[] dim, float lam_l1, Tensor? scale, Tensor? tau) "
+      "-> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight
@@ -53,6 +63,7 @@ static void bump_mutated_versions(const c10::OperatorHandle& op, c10::DispatchKe
 
 TORCH_LIBRARY_IMPL(fastprox, ADInplaceOrView, m) {
   m.impl("foreach_prox_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
+  m.impl("group_rewrite_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
 }
 
 // A Python module only so that `import fastprox._C` loads the library and runs the registrations

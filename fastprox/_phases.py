@@ -3,11 +3,12 @@
 Used where a group's elements are not in one tensor that one kernel call sees: groups that span
 shards of a DTensor (fastprox/distributed.py: the places are ranks) and coupled groups that span
 slices of several tensors (fastprox/coupled.py: the places are tensors). Per place, a
-``PhasedStep`` computes the group sums it holds; the caller combines them over the places (an
+``PhasedStep`` computes the group sums it holds (the ``group_sums`` op: one fused pass); the caller combines them over the places (an
 all_reduce, or a sum per coupled group); the step turns the combined sums into per-group scale
 and threshold with the reference's rules (fastprox/reference.py: group_scale, cges_bound,
 newton_tau, exclusive_tau), iterates the exact exclusive threshold (one combine per Newton
-step), and rewrites its elements. docs/SPEC.md is the contract.
+step; these passes are PyTorch operations), and rewrites its elements (the ``group_rewrite_``
+op: one fused pass). docs/SPEC.md is the contract.
 
 Sums (in float32, float64 for float64 weights) per group and place::
 
@@ -51,39 +52,23 @@ class PhasedStep:
         self.want_sq = lam_group > 0
         self.want_abs = self.lam_e > 0
         self.want_count = self.want_abs and exact
-        self.y = self.m = None  # pre(x) and its magnitudes, while the step runs
+        self.m = None  # the magnitudes |pre(x)| * scale, while the Newton steps run
 
-    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:  # the Newton steps' sums
         if not self.dims:  # every element its own slice (sum over [] would sum everything)
             return x.to(self.acc)
         return x.sum(dim=self.dims, keepdim=True, dtype=self.acc)
 
     def first_sums(self) -> list[torch.Tensor]:
         """Per group of the local part: sum of squares, of magnitudes, count of nonzeros (those
-        the step needs) of pre(x), the soft-thresholded values."""
+        the step needs) of pre(x), the soft-thresholded values: one pass of the fused
+        ``group_sums`` kernel."""
         local = self.local
-        # group lasso alone on float32/64: the norms by the fused kernel (one pass; the square
-        # of a norm is the sum of squares to an ulp), then one in-place multiply
-        self.fused = self.l1 == 0 and not self.want_abs and local.dtype == self.acc
-        if self.fused:
-            keep = [1 if d in self.dims else s for d, s in enumerate(local.shape)]
-            sums = [ops.group_norms(local, self.dims).square().reshape(keep)]
-            self.shape = sums[0].shape
-            return sums
-        y = local.to(self.acc)
-        if self.l1 > 0:
-            y = reference.shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
-        self.y = y
-        sums = []
-        if self.want_sq:
-            sums.append(self._sum(y * y))
-        if self.want_abs:
-            self.m = y.abs()
-            sums.append(self._sum(self.m))
-            if self.want_count:
-                sums.append(self._sum(self.m > 0))
-        self.shape = sums[0].shape
-        return sums
+        what = (1 if self.want_sq else 0) | (2 if self.want_abs else 0)
+        self.shape = [1 if d in self.dims else s for d, s in enumerate(local.shape)]
+        sums = ops.group_sums(local, self.dims, self.l1, what)
+        sums = [row.reshape(self.shape) for row in sums.unbind(0)]
+        return sums if self.want_count or not self.want_abs else sums[:-1]
 
     def finish(self, sums: list[torch.Tensor]) -> None:
         """Scale and threshold per group from the combined sums."""
@@ -100,8 +85,11 @@ class PhasedStep:
         if not self.exact:
             tau = reference.cges_bound(l1_norm, self.lam_e)
         else:
-            if self.want_sq:  # the magnitudes the Newton steps look at
-                self.m.mul_(self.scale)
+            # the magnitudes the Newton steps look at (PyTorch: the steps are few)
+            y = self.local.to(self.acc)
+            if self.l1 > 0:
+                y = reference.shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
+            self.m = y.abs().mul_(self.scale) if self.want_sq else y.abs()
             self.active = sums.pop(0)
             tau = reference.newton_tau(l1_norm, self.active, self.lam_e)  # first step from 0
             self.iterate = (self.active > 0) & torch.isfinite(l1_norm) & (self.scale != 0)
@@ -124,15 +112,13 @@ class PhasedStep:
         self.iterate = go
 
     def write(self) -> None:
-        """The rewrite, stored straight into the local part (rounded once to its dtype)."""
-        if self.fused:
-            self.local.mul_(self.scale)
-        elif not self.want_abs:
-            torch.mul(self.y, self.scale, out=self.local)
-        else:
-            y = self.y * self.scale if self.want_sq else self.y
-            reference.shrink_magnitude(y, self.tau, out=self.local)
-        self.y = self.m = None
+        """The rewrite of the local part by the fused ``group_rewrite_`` kernel (one read and
+        one write; rounded once to its dtype)."""
+        kept = [s for d, s in enumerate(self.local.shape) if d not in self.dims]
+        ops.group_rewrite_(self.local, self.dims, self.l1,
+                           self.scale.reshape(kept) if self.want_sq else None,
+                           self.tau.reshape(kept) if self.want_abs else None)
+        self.m = None
 
 
 def run(steps: list[PhasedStep], combine, max_newton_steps: int, fn: str,

@@ -327,9 +327,8 @@ def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_ste
         return
     c = g.sizes.to(torch.float64).sqrt() if size_weighted else torch.ones(g.num_groups,
                                                                           dtype=torch.float64)
-    if l1 == 0 and le == 0 and all(m.tensor.dtype in (torch.float32, torch.float64)
-                                   for m in g.slices):
-        _group_lasso(g, lg * c)
+    if le == 0 or not exact:  # no Newton steps: sums, rules and rewrite over the whole set
+        _one_pass_set(g, l1, lg * c, lg > 0, le)
         return
     steps = []
     for m, index in zip(g.slices, g._index):
@@ -347,27 +346,37 @@ def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_ste
     _phases.run(steps, sub.combine, max_newton_steps, _FN, together=True)
 
 
-def _group_lasso(g: CoupledGroups, t: torch.Tensor) -> None:
-    """Group lasso alone on float32/float64 members: the slices' norms by the fused group_norms
-    kernel (the square of a norm is the sum of squares to an ulp), their squares added per group
-    in one gather (members in order, each member's slices in position order), one scale per
-    group, one in-place multiply per member."""
+def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam_e: float):
+    """A step without Newton iterations (group lasso, sparse group lasso, CGES's bound): per
+    member, the sums of its slices by the fused ``group_sums`` kernel; each statistic of every
+    member's slices added per group in one gather (members in order, each member's slices in
+    position order); the per-group rules; per member, the fused ``group_rewrite_``."""
     acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in g.slices) \
         else torch.float32
-    parts = []
+    what = (1 if group else 0) | (2 if lam_e > 0 else 0)
+    count = (1 if group else 0) + (1 if lam_e > 0 else 0)  # the nonzero count is not used
+    columns: list[list[torch.Tensor]] = [[] for _ in range(count)]
     for m, dims in zip(g.slices, g._dims):
-        if m.tensor.numel() == 0:
-            parts.append(torch.zeros(m.tensor.shape[m.axis], dtype=acc, device=g.device))
-        elif dims:
-            parts.append(ops.group_norms(m.tensor, dims).to(acc).square())
-        else:
-            parts.append(m.tensor.to(acc).square())
-    squares = torch.cat(parts + [parts[0].new_zeros(1)])
-    norms = torch.sqrt(squares[g._joined].sum(dim=1))
-    scale = reference.group_scale(norms, t.to(device=norms.device, dtype=acc))
-    for m, index, keep in zip(g.slices, g._index, g._keep):
+        sums = ops.group_sums(m.tensor, dims, l1, what).to(acc)
+        for k in range(count):
+            columns[k].append(sums[k].reshape(-1))
+    totals = []
+    for parts in columns:
+        joined = torch.cat(parts + [parts[0].new_zeros(1)])
+        totals.append(joined[g._joined].sum(dim=1))
+    scale = tau = None
+    if group:
+        scale = reference.group_scale(torch.sqrt(totals[0]), t.to(device=g.device, dtype=acc))
+    if lam_e > 0:
+        s = scale if scale is not None else torch.ones_like(totals[-1])
+        l1_norm = totals[-1] * s
+        tau = reference.exclusive_tau(reference.cges_bound(l1_norm, lam_e), l1_norm, s)
+    for m, index, dims in zip(g.slices, g._index, g._dims):
         if m.tensor.numel():
-            m.tensor.mul_(scale[index].reshape(keep))
+            kept = m.tensor.shape[m.axis]
+            ops.group_rewrite_(m.tensor, dims, l1,
+                               None if scale is None else scale[index].reshape(kept),
+                               None if tau is None else tau[index].reshape(kept))
 
 
 def _without_empty(g: CoupledGroups) -> CoupledGroups:

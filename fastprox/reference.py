@@ -223,3 +223,52 @@ def fused_step(weights, lams, dims, dim_counts, size_weighted, exact, caller="fo
                       size_weighted=sw, exact=ex)
         if work is not w:
             w.copy_(work)
+
+
+def _per_group(values: torch.Tensor, weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """Per-group values (shaped like the kept dimensions) broadcast against the weight."""
+    for d in sorted(dims):
+        values = values.unsqueeze(d)
+    return values
+
+
+def group_sums_op(weight: torch.Tensor, dim: list[int], lam_l1: float, what: int) -> torch.Tensor:
+    """``torch.ops.fastprox.group_sums`` by the reference: per group of y = soft(W, lam_l1),
+    the sum of squares (what & 1), the sum of magnitudes and the count of nonzero magnitudes
+    (what & 2), stacked; float32 (float64 for float64 weights)."""
+    if not (math.isfinite(lam_l1) and lam_l1 >= 0):
+        raise ValueError(f"group_sums: lam_l1 must be a finite number >= 0, got {lam_l1}")
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dims = sorted(d % weight.dim() for d in dim)
+    y = weight.to(acc)
+    if lam_l1 > 0:
+        y = shrink_magnitude(y, torch.tensor(lam_l1, dtype=acc))
+
+    def total(x):
+        return x.sum(dim=dims, dtype=acc) if dims else x.to(acc)
+
+    out = []
+    if what & 1:
+        out.append(total(y * y))
+    if what & 2:
+        out += [total(y.abs()), total(y.abs() > 0)]
+    return torch.stack(out)
+
+
+def group_rewrite_op(weight: torch.Tensor, dim: list[int], lam_l1: float, scale, tau) -> None:
+    """``torch.ops.fastprox.group_rewrite_`` by the reference: W <- shrink(soft(W, lam_l1) *
+    scale_g, tau_g), computed in float32 (float64 for float64 weights), rounded once."""
+    if not (math.isfinite(lam_l1) and lam_l1 >= 0):
+        raise ValueError(f"group_rewrite_: lam_l1 must be a finite number >= 0, got {lam_l1}")
+    if weight.numel() == 0 or (scale is None and tau is None and lam_l1 == 0):
+        return
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dims = sorted(d % weight.dim() for d in dim)
+    y = weight.to(acc)
+    if lam_l1 > 0:
+        y = shrink_magnitude(y, torch.tensor(lam_l1, dtype=acc))
+    if scale is not None:
+        y = y * _per_group(scale.to(acc), weight, dims)
+    if tau is not None:
+        y = shrink_magnitude(y, _per_group(tau.to(acc), weight, dims))
+    weight.copy_(y)

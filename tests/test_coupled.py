@@ -252,3 +252,47 @@ def test_numpy_thresholds():
     fastprox.coupled_prox_(CoupledGroups([(a, 0, [0, 1, 2])], 3), lam_group=np.float32(0.3))
     fastprox.group_shrink_(b, float(np.float32(0.3)), dim=1)
     torch.testing.assert_close(a, b)
+
+
+# -- the phase ops (csrc/cpu/group_phases.cpp) against their reference -------------------------
+PHASE_LAYOUTS = [((64, 33), [1]), ((64, 33), [0]), ((8, 6, 3, 3), [0, 2, 3]),
+                 ((8, 6, 3, 3), [1, 2, 3]), ((17,), []), ((5, 300), [0]), ((0, 4), [1])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", PHASE_LAYOUTS, ids=str)
+def test_phase_ops_match_reference(dtype, shape, dim):
+    ops = torch.ops.fastprox
+    w = torch.randn(shape).to(dtype)
+    if w.numel():
+        w.view(-1)[0] = float("nan")  # NaN stays in its group's sums
+    views = [w, torch.randn(shape[::-1]).to(dtype).t() if len(shape) == 2 else w]
+    for x in views:
+        for l1 in (0.0, 0.3):
+            for what in (1, 2, 3):
+                torch.testing.assert_close(ops.group_sums(x, dim, l1, what),
+                                           reference.group_sums_op(x, dim, l1, what),
+                                           rtol=1e-5, atol=1e-5, equal_nan=True)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            kept = reference.group_sums_op(x, dim, 0.0, 1)[0].shape
+            scale, tau = torch.rand(kept, dtype=acc), torch.rand(kept, dtype=acc) * 0.5
+            for s, t in ((scale, None), (None, tau), (scale, tau)):
+                mine, ref = x.clone(), x.clone()
+                ops.group_rewrite_(mine, dim, l1, s, t)
+                reference.group_rewrite_op(ref, dim, l1, s, t)
+                torch.testing.assert_close(mine, ref, **TOLERANCES[dtype], equal_nan=True)
+
+
+def test_phase_ops_opcheck_and_bad_input():
+    ops = torch.ops.fastprox
+    w = torch.randn(6, 5)
+    torch.library.opcheck(ops.group_sums, (w, [1], 0.1, 3))
+    torch.library.opcheck(ops.group_rewrite_, (w.clone(), [0], 0.1, torch.rand(5), None))
+    before = w.clone()
+    with pytest.raises(ValueError, match="group_rewrite_: lam_l1"):
+        ops.group_rewrite_(w, [1], -1.0, None, None)
+    with pytest.raises(ValueError, match="group_rewrite_: scale has 5 values for 6 groups"):
+        ops.group_rewrite_(w, [1], 0.0, torch.rand(5), None)
+    with pytest.raises(ValueError, match="group_sums: what"):
+        ops.group_sums(w, [1], 0.0, 4)
+    assert torch.equal(w, before)

@@ -263,6 +263,75 @@ struct NormStep {
   V rewrite(const V& x, const V&, const V&) const { return x; }
 };
 
+// The phases of a step whose groups lie in several places (coupled groups spanning tensors,
+// groups spanning shards; fastprox/_phases.py): per-group sums of pre(x) = soft(x, l1), to be
+// combined over the places by the caller ...
+template <typename A, bool kL1, bool kSq, bool kAbs>
+struct SumsStep {
+  using V = at::vec::Vectorized<A>;
+  static constexpr bool kWantSumSq = kSq;
+  static constexpr bool kWantAbs = kAbs;
+  static constexpr bool kRewrite = false;
+  static constexpr bool kScales = false;
+  A l1 = 0;
+  A* sum_sq = nullptr;   // [groups], group order
+  A* sum_abs = nullptr;
+  A* nonzero = nullptr;
+
+  V pre(const V& x) const {
+    if constexpr (kL1) {
+      return shrink_magnitude(x, V(l1));
+    } else {
+      return x;
+    }
+  }
+  GroupParams<A> finish(int64_t group, A sq, A abs, A nz) const {
+    if constexpr (kSq) sum_sq[group] = sq;
+    if constexpr (kAbs) {
+      sum_abs[group] = abs;
+      nonzero[group] = nz;
+    }
+    return {};
+  }
+  void newton(GroupParams<A>&, A, A) const {}
+  V rewrite(const V& x, const V&, const V&) const { return x; }
+};
+
+// ... and the rewrite with the per-group scale and threshold computed from the combined sums:
+// y = pre(x) * scale (kScale), then shrink_magnitude(y, tau) (kTau). No sums are taken.
+template <typename A, bool kL1, bool kScale, bool kTau>
+struct RewriteStep {
+  using V = at::vec::Vectorized<A>;
+  static constexpr bool kWantSumSq = false;
+  static constexpr bool kWantAbs = false;
+  static constexpr bool kRewrite = true;
+  static constexpr bool kScales = kScale;
+  A l1 = 0;
+  const A* scale = nullptr;  // [groups], group order
+  const A* tau = nullptr;
+
+  V pre(const V& x) const {
+    if constexpr (kL1) {
+      return shrink_magnitude(x, V(l1));
+    } else {
+      return x;
+    }
+  }
+  GroupParams<A> finish(int64_t group, A, A, A) const {
+    GroupParams<A> p;
+    if constexpr (kScale) p.scale = scale[group];
+    if constexpr (kTau) p.tau = tau[group];
+    return p;
+  }
+  void newton(GroupParams<A>&, A, A) const {}
+  V rewrite(const V& x, const V& s, const V& t) const {
+    V y = pre(x);
+    if constexpr (kScale) y = y * s;
+    if constexpr (kTau) y = shrink_magnitude(y, t);
+    return y;
+  }
+};
+
 namespace detail {
 
 template <typename A>
@@ -354,9 +423,12 @@ void chunk_group(T* data, const GroupShape& s, const Step& step, int64_t gi) {
   const int64_t b = gi / s.groups, g = gi % s.groups;
   T* group = data + b * s.outer * s.groups * s.inner + g * s.inner;
 
-  // Pass 1: a = sum of squares, b = sum of magnitudes, c = nonzero count.
-  const Sums<A> first =
-      fold_group(group, s, [&](Sums<A>& acc, const V& x) { add_first_pass(step, acc, x); });
+  // Pass 1: a = sum of squares, b = sum of magnitudes, c = nonzero count (none for a rewrite
+  // with given parameters).
+  Sums<A> first;
+  if constexpr (Step::kWantSumSq || Step::kWantAbs) {
+    first = fold_group(group, s, [&](Sums<A>& acc, const V& x) { add_first_pass(step, acc, x); });
+  }
   // (horizontal sums only of what the step uses: they are a per-group cost)
   GroupParams<A> p = step.finish(gi, Step::kWantSumSq ? reduce_sum(first.a) : A(0),
                                  Step::kWantAbs ? reduce_sum(first.b) : A(0),
@@ -555,7 +627,9 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
     };
 
     // Pass 1.
-    stream_blocks([&](Sums<A>& acc, const V& x, int64_t) { add_first_pass(step, acc, x); });
+    if constexpr (kSq || kAbs) {
+      stream_blocks([&](Sums<A>& acc, const V& x, int64_t) { add_first_pass(step, acc, x); });
+    }
     reduce([&](int64_t g, const A* sums) {
       params[g] = step.finish(b * s.groups + g, sums[0], sums[1], sums[2]);
     });
@@ -663,7 +737,9 @@ void column_tile(T* data, const GroupShape& s, const Step& step, int64_t b, int6
     spread_over_columns(out, g_end - g_begin, s.inner, value_of_group);
   };
 
-  stream([&](Sums<A>& acc, const V& x, int64_t) { add_first_pass(step, acc, x); });
+  if constexpr (kSq || kAbs) {
+    stream([&](Sums<A>& acc, const V& x, int64_t) { add_first_pass(step, acc, x); });
+  }
   for_each_group([&](int64_t g, const A* sums) {
     params[g] = step.finish(b * s.groups + g_begin + g, sums[0], sums[1], sums[2]);
   });
