@@ -266,8 +266,10 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
                 f"{ms(r, 'eager_s')} | {ratio('eager_s')} |")
     if coupled:
         lines += ["", "Coupled groups (group lasso on every coupled set of the model, "
-                  "coupled_prox_; against group lasso per tensor on its Linear/conv weights, "
-                  "foreach_prox_, and the floor on the tensors the sets touch):", "",
+                  "coupled_prox_, GB/s counting one read of each member for the sums and one "
+                  "read and write for the rewrite; against group lasso per tensor on its "
+                  "Linear/conv weights, foreach_prox_, and the floor on the tensors the sets "
+                  "touch):", "",
                   "| model | groups | sets | tensors | coupled ms | GB/s | x floor | "
                   "per-tensor ms | per-tensor GB/s | floor ms |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,6 +1,7 @@
 // Schemas of fastprox's operators, defined once: group_norms and the fused in-place step
 // foreach_prox_, of which the public in-place operators are presets (fastprox/operators.py),
-// and the two phases (group_sums, group_rewrite_) of steps whose groups span several tensors.
+// and the two phases (foreach_group_sums, foreach_group_rewrite_) of steps whose groups span
+// several tensors.
 // Kernels register per device: csrc/cpu/*.cpp (CPU), kernels/*.py (CUDA), and the reference
 // (fastprox/reference.py) for every other device. Fake (meta) implementations live in
 // fastprox/_registry.py; the math contract is docs/SPEC.md.
@@ -31,10 +32,12 @@ TORCH_LIBRARY(fastprox, m) {
   // of squares, 2 sum of magnitudes and nonzero count, 3 both; float32, float64 for float64
   // weights, stacked on a first dimension), and the rewrite with given per-group scale and
   // threshold. csrc/cpu/group_phases.cpp.
-  m.def("group_sums(Tensor weight, int[] dim, float lam_l1, int what) -> Tensor");
   m.def(
-      "group_rewrite_(Tensor(a!) weight, int[] dim, float lam_l1, Tensor? scale, Tensor? tau) "
-      "-> ()");
+      "foreach_group_sums(Tensor[] weights, int[] dims, int[] dim_counts, float[] lam_l1, "
+      "int what) -> Tensor[]");
+  m.def(
+      "foreach_group_rewrite_(Tensor(a!)[] weights, int[] dims, int[] dim_counts, "
+      "float[] lam_l1, Tensor?[] scales, Tensor?[] taus) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight
@@ -63,7 +66,8 @@ static void bump_mutated_versions(const c10::OperatorHandle& op, c10::DispatchKe
 
 TORCH_LIBRARY_IMPL(fastprox, ADInplaceOrView, m) {
   m.impl("foreach_prox_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
-  m.impl("group_rewrite_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
+  m.impl("foreach_group_rewrite_",
+         torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
 }
 
 // A Python module only so that `import fastprox._C` loads the library and runs the registrations

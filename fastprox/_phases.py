@@ -34,8 +34,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class PhasedStep:
     """The proximal step of one tensor (``local``: the part of it this place holds), in phases:
-    ``first_sums``, (combine by the caller), ``finish``, then ``newton_sums``/``newton`` while
-    ``iterate`` has a True entry, and ``write``.
+    the first sums (``first_sums`` of a list of steps), (combine by the caller), ``finish``,
+    then ``newton_sums``/``newton`` while ``iterate`` has a True entry, and the rewrite
+    (``write`` of a list of steps).
 
     ``dims``: the dimensions summed within a group (the others index the groups; sums keep them,
     size 1 in ``dims``). ``t``: the group threshold ``lam_group * c``, a number or a tensor
@@ -59,14 +60,16 @@ class PhasedStep:
             return x.to(self.acc)
         return x.sum(dim=self.dims, keepdim=True, dtype=self.acc)
 
-    def first_sums(self) -> list[torch.Tensor]:
-        """Per group of the local part: sum of squares, of magnitudes, count of nonzeros (those
-        the step needs) of pre(x), the soft-thresholded values: one pass of the fused
-        ``group_sums`` kernel."""
-        local = self.local
-        what = (1 if self.want_sq else 0) | (2 if self.want_abs else 0)
-        self.shape = [1 if d in self.dims else s for d, s in enumerate(local.shape)]
-        sums = ops.group_sums(local, self.dims, self.l1, what)
+    @property
+    def what(self) -> int:
+        """The statistics the first pass takes (foreach_group_sums' ``what``)."""
+        return (1 if self.want_sq else 0) | (2 if self.want_abs else 0)
+
+    def take_sums(self, sums: torch.Tensor) -> list[torch.Tensor]:
+        """The first pass's sums of this place (``foreach_group_sums``' tensor for it), as the
+        list ``finish`` takes after combining: sum of squares, of magnitudes, count of nonzeros
+        (those the step needs), each shaped like the local part with size 1 in ``dims``."""
+        self.shape = [1 if d in self.dims else s for d, s in enumerate(self.local.shape)]
         sums = [row.reshape(self.shape) for row in sums.unbind(0)]
         return sums if self.want_count or not self.want_abs else sums[:-1]
 
@@ -111,14 +114,42 @@ class PhasedStep:
         self.active = torch.where(go, count, self.active)
         self.iterate = go
 
-    def write(self) -> None:
-        """The rewrite of the local part by the fused ``group_rewrite_`` kernel (one read and
-        one write; rounded once to its dtype)."""
-        kept = [s for d, s in enumerate(self.local.shape) if d not in self.dims]
-        ops.group_rewrite_(self.local, self.dims, self.l1,
-                           self.scale.reshape(kept) if self.want_sq else None,
-                           self.tau.reshape(kept) if self.want_abs else None)
-        self.m = None
+def _by_device(steps: list[PhasedStep], key=lambda s: ()) -> dict:
+    out: dict = {}
+    for i, s in enumerate(steps):
+        out.setdefault((s.local.device, key(s)), []).append(i)
+    return out
+
+
+def _dims_of(steps: list[PhasedStep], idx: list[int]) -> tuple[list[int], list[int]]:
+    return [d for i in idx for d in steps[i].dims], [len(steps[i].dims) for i in idx]
+
+
+def first_sums(steps: list[PhasedStep]) -> list[list[torch.Tensor]]:
+    """The first pass of every step: one fused ``foreach_group_sums`` call per device (and set
+    of statistics)."""
+    out: list = [None] * len(steps)
+    for (_, what), idx in _by_device(steps, lambda s: s.what).items():
+        sums = ops.foreach_group_sums([steps[i].local for i in idx], *_dims_of(steps, idx),
+                                      [float(steps[i].l1) for i in idx], what)
+        for i, part in zip(idx, sums):
+            out[i] = steps[i].take_sums(part)
+    return out
+
+
+def write(steps: list[PhasedStep]) -> None:
+    """The rewrite of every step's local part, stored straight into it (rounded once to its
+    dtype): one fused ``foreach_group_rewrite_`` call per device."""
+    for _, idx in _by_device(steps).items():
+        scales, taus = [], []
+        for i in idx:
+            s = steps[i]
+            kept = [n for d, n in enumerate(s.local.shape) if d not in s.dims]
+            scales.append(s.scale.reshape(kept) if s.want_sq else None)
+            taus.append(s.tau.reshape(kept) if s.want_abs else None)
+            s.m = None
+        ops.foreach_group_rewrite_([steps[i].local for i in idx], *_dims_of(steps, idx),
+                                   [float(steps[i].l1) for i in idx], scales, taus)
 
 
 def run(steps: list[PhasedStep], combine, max_newton_steps: int, fn: str,
@@ -128,7 +159,7 @@ def run(steps: list[PhasedStep], combine, max_newton_steps: int, fn: str,
     values, so places that communicate stay in step without another exchange. ``together``:
     the steps are the places of one set of groups (coupled groups), so each Newton step takes
     the sums of all of them while any group still iterates."""
-    parts = [s.first_sums() for s in steps]
+    parts = first_sums(steps)
     for step, sums in zip(steps, combine(parts)):
         step.finish(sums)
     for _ in range(max_newton_steps):
@@ -144,5 +175,4 @@ def run(steps: list[PhasedStep], combine, max_newton_steps: int, fn: str,
             warnings.warn(f"{fn}: the exact exclusive threshold did not converge in "
                           f"{max_newton_steps} Newton steps; the step under-shrinks some "
                           "groups (raise max_newton_steps)", RuntimeWarning, stacklevel=3)
-    for step in steps:
-        step.write()
+    write(steps)

@@ -1,7 +1,7 @@
 """Loads the operator library and registers what PyTorch needs beyond its C++ kernels.
 
 Schemas: csrc/fastprox.cpp (defined once: group_norms, the fused step foreach_prox_, and the
-phases group_sums / group_rewrite_ of steps whose groups span several tensors). CPU kernels: csrc/cpu/. CUDA kernels: kernels/ (Triton, installed as
+phases foreach_group_sums / foreach_group_rewrite_ of steps whose groups span several tensors). CPU kernels: csrc/cpu/. CUDA kernels: kernels/ (Triton, installed as
 fastprox.kernels), registered here when CUDA and Triton are there. Every other device (CUDA
 without Triton, MPS, XPU, ...) gets the reference (fastprox/reference.py) as its kernel, as the
 default backend of the dispatcher: the dispatcher alone picks the kernel. Here too: the fake
@@ -84,18 +84,25 @@ for _row in OPERATORS:
         torch.library.register_kernel(f"fastprox::{_row.name}", None, _default)
 
 
-def _group_sums_fake(weight, dim, lam_l1, what):
+def _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, what):
     count = (1 if what & 1 else 0) + (2 if what & 2 else 0)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    return weight.new_empty([count, *kept_shape(weight, dim)], dtype=acc)
+    out, offset = [], 0
+    for w, n in zip(weights, dim_counts):
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        out.append(w.new_empty([count, *kept_shape(w, list(dims[offset:offset + n]))],
+                               dtype=acc))
+        offset += n
+    return out
 
 
 # The phases of steps whose groups span several tensors (fastprox/_phases.py): ops of their own,
 # not rows of the table (the coupled row runs on them).
-torch.library.register_fake("fastprox::group_sums")(_group_sums_fake)
-torch.library.register_kernel("fastprox::group_sums", None, reference.group_sums_op)
-torch.library.register_fake("fastprox::group_rewrite_")(_no_output)
-torch.library.register_kernel("fastprox::group_rewrite_", None, reference.group_rewrite_op)
+torch.library.register_fake("fastprox::foreach_group_sums")(_foreach_group_sums_fake)
+torch.library.register_kernel("fastprox::foreach_group_sums", None,
+                              reference.foreach_group_sums_op)
+torch.library.register_fake("fastprox::foreach_group_rewrite_")(_no_output)
+torch.library.register_kernel("fastprox::foreach_group_rewrite_", None,
+                              reference.foreach_group_rewrite_op)
 
 
 def _group_norms_setup_context(ctx, inputs, output):

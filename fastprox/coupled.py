@@ -16,11 +16,12 @@ union, over the members, of the slices ``index == g``; ``n_g`` counts them.
 
 ``coupled_prox_`` is the proximal step of the whole set (docs/SPEC.md, "Coupled groups"):
 group norms and ``|w|`` sums are taken over the union, and every slice of a group gets the
-group's scale and threshold. It runs in the phases of fastprox/_phases.py: per member, sums per
-slice (group lasso on float32/float64: the fused ``group_norms`` kernel); the slices' sums added
-per group in a fixed order (members in order, a group's slices in position order: deterministic,
-bitwise the same from run to run and for any thread count); the per-group rules; the rewrite of
-each member.
+group's scale and threshold. It runs in phases: the sums per slice of every member (one call of
+the fused ``foreach_group_sums``); the slices' sums added per group in a fixed order (members in
+order, a group's slices in position order: deterministic, bitwise the same from run to run and
+for any thread count); the per-group rules; the rewrite of every member (one call of the fused
+``foreach_group_rewrite_``). The exact exclusive threshold iterates in the phases of
+fastprox/_phases.py (Newton steps in PyTorch operations).
 """
 
 from __future__ import annotations
@@ -347,21 +348,23 @@ def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_ste
 
 
 def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam_e: float):
-    """A step without Newton iterations (group lasso, sparse group lasso, CGES's bound): per
-    member, the sums of its slices by the fused ``group_sums`` kernel; each statistic of every
-    member's slices added per group in one gather (members in order, each member's slices in
-    position order); the per-group rules; per member, the fused ``group_rewrite_``."""
+    """A step without Newton iterations (group lasso, sparse group lasso, CGES's bound): the
+    sums of every member's slices in one fused ``foreach_group_sums`` call; each statistic
+    added per group in one gather (members in order, each member's slices in position order);
+    the per-group rules; the rewrite of every member in one fused ``foreach_group_rewrite_``
+    call."""
     acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in g.slices) \
         else torch.float32
     what = (1 if group else 0) | (2 if lam_e > 0 else 0)
     count = (1 if group else 0) + (1 if lam_e > 0 else 0)  # the nonzero count is not used
-    columns: list[list[torch.Tensor]] = [[] for _ in range(count)]
-    for m, dims in zip(g.slices, g._dims):
-        sums = ops.group_sums(m.tensor, dims, l1, what).to(acc)
-        for k in range(count):
-            columns[k].append(sums[k].reshape(-1))
+    tensors = [m.tensor for m in g.slices]
+    dims = [d for ds in g._dims for d in ds]
+    counts = [len(ds) for ds in g._dims]
+    l1s = [float(l1)] * len(tensors)
+    sums = ops.foreach_group_sums(tensors, dims, counts, l1s, what)
     totals = []
-    for parts in columns:
+    for k in range(count):
+        parts = [part[k].reshape(-1).to(acc) for part in sums]
         joined = torch.cat(parts + [parts[0].new_zeros(1)])
         totals.append(joined[g._joined].sum(dim=1))
     scale = tau = None
@@ -371,12 +374,9 @@ def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam
         s = scale if scale is not None else torch.ones_like(totals[-1])
         l1_norm = totals[-1] * s
         tau = reference.exclusive_tau(reference.cges_bound(l1_norm, lam_e), l1_norm, s)
-    for m, index, dims in zip(g.slices, g._index, g._dims):
-        if m.tensor.numel():
-            kept = m.tensor.shape[m.axis]
-            ops.group_rewrite_(m.tensor, dims, l1,
-                               None if scale is None else scale[index].reshape(kept),
-                               None if tau is None else tau[index].reshape(kept))
+    scales = [None if scale is None else scale[index] for index in g._index]
+    taus = [None if tau is None else tau[index] for index in g._index]
+    ops.foreach_group_rewrite_(tensors, dims, counts, l1s, scales, taus)
 
 
 def _without_empty(g: CoupledGroups) -> CoupledGroups:

@@ -19,6 +19,10 @@ Presets, each a function ``(model, ...) -> Found``:
   query heads that read it. Attention heads are not found by the dependency graph (it does not
   follow the reshapes into heads): they come from the module's own layout.
 
+A tensor can be a member of several sets along different axes (a conv weight: its rows in its
+output channels' set, its columns in its input channels' set); each set's step is applied in
+turn (``Regularizer.prox_step`` steps the sets one after another).
+
 A ``Found`` holds the ``CoupledGroups`` sets (each with its ``unit``: what it removes, for
 ``fastprox.compact``), and ``skipped``: every parameter of the model no set covers, with the
 reason. Discovery that fails on a model raises an error naming the module.

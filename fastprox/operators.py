@@ -232,8 +232,10 @@ OPERATORS = [
 
     so every slice of a group gets the same scale and the same exclusive threshold. Norms and
     sums of a group add its members' parts in a fixed order: the result is bitwise the same from
-    run to run and for any thread count. Group lasso on float32/float64 tensors takes its sums
-    from the fused ``group_norms`` kernel; the other steps run PyTorch operations per member.
+    run to run and for any thread count. The sums of every member and the rewrite of every
+    member are one call each of the fused phase ops (``foreach_group_sums``,
+    ``foreach_group_rewrite_``: C++ on the CPU, the reference elsewhere); the Newton steps of the
+    exact exclusive threshold are PyTorch operations.
 
     Args:
         groups: a ``CoupledGroups`` or a list of them (built and checked by ``CoupledGroups``:

@@ -232,12 +232,42 @@ def _per_group(values: torch.Tensor, weight: torch.Tensor, dims: list[int]) -> t
     return values
 
 
+def _split_dims(dims, dim_counts) -> list[list[int]]:
+    out, offset = [], 0
+    for count in dim_counts:
+        out.append(list(dims[offset:offset + count]))
+        offset += count
+    return out
+
+
+def foreach_group_sums_op(weights, dims, dim_counts, lam_l1, what: int) -> list[torch.Tensor]:
+    """``torch.ops.fastprox.foreach_group_sums`` by the reference (group_sums_op per tensor)."""
+    if what not in (1, 2, 3):
+        raise ValueError(f"foreach_group_sums: what must be 1, 2 or 3, got {what}")
+    for i, lam in enumerate(lam_l1):
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"foreach_group_sums: lam_l1[{i}] must be a finite number >= 0, "
+                             f"got {lam}")
+    return [group_sums_op(w, d, lam, what)
+            for w, d, lam in zip(weights, _split_dims(dims, dim_counts), lam_l1)]
+
+
+def foreach_group_rewrite_op(weights, dims, dim_counts, lam_l1, scales, taus) -> None:
+    """``torch.ops.fastprox.foreach_group_rewrite_`` by the reference (every threshold checked
+    before any tensor is written)."""
+    for i, lam in enumerate(lam_l1):
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"foreach_group_rewrite_: lam_l1[{i}] must be a finite number >= 0, "
+                             f"got {lam}")
+    for w, d, lam, scale, tau in zip(weights, _split_dims(dims, dim_counts), lam_l1, scales,
+                                     taus):
+        group_rewrite_op(w, d, lam, scale, tau)
+
+
 def group_sums_op(weight: torch.Tensor, dim: list[int], lam_l1: float, what: int) -> torch.Tensor:
-    """``torch.ops.fastprox.group_sums`` by the reference: per group of y = soft(W, lam_l1),
-    the sum of squares (what & 1), the sum of magnitudes and the count of nonzero magnitudes
-    (what & 2), stacked; float32 (float64 for float64 weights)."""
-    if not (math.isfinite(lam_l1) and lam_l1 >= 0):
-        raise ValueError(f"group_sums: lam_l1 must be a finite number >= 0, got {lam_l1}")
+    """Per group of y = soft(W, lam_l1): the sum of squares (what & 1), the sum of magnitudes
+    and the count of nonzero magnitudes (what & 2), stacked; float32 (float64 for float64
+    weights)."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     dims = sorted(d % weight.dim() for d in dim)
     y = weight.to(acc)
@@ -256,10 +286,8 @@ def group_sums_op(weight: torch.Tensor, dim: list[int], lam_l1: float, what: int
 
 
 def group_rewrite_op(weight: torch.Tensor, dim: list[int], lam_l1: float, scale, tau) -> None:
-    """``torch.ops.fastprox.group_rewrite_`` by the reference: W <- shrink(soft(W, lam_l1) *
-    scale_g, tau_g), computed in float32 (float64 for float64 weights), rounded once."""
-    if not (math.isfinite(lam_l1) and lam_l1 >= 0):
-        raise ValueError(f"group_rewrite_: lam_l1 must be a finite number >= 0, got {lam_l1}")
+    """W <- shrink(soft(W, lam_l1) * scale_g, tau_g), computed in float32 (float64 for float64
+    weights), rounded once."""
     if weight.numel() == 0 or (scale is None and tau is None and lam_l1 == 0):
         return
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32

@@ -260,39 +260,57 @@ PHASE_LAYOUTS = [((64, 33), [1]), ((64, 33), [0]), ((8, 6, 3, 3), [0, 2, 3]),
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,dim", PHASE_LAYOUTS, ids=str)
-def test_phase_ops_match_reference(dtype, shape, dim):
+def test_phase_ops_match_reference(dtype):
+    """Every layout in one call (one parallel region), and each alone; views included."""
     ops = torch.ops.fastprox
-    w = torch.randn(shape).to(dtype)
-    if w.numel():
-        w.view(-1)[0] = float("nan")  # NaN stays in its group's sums
-    views = [w, torch.randn(shape[::-1]).to(dtype).t() if len(shape) == 2 else w]
-    for x in views:
-        for l1 in (0.0, 0.3):
-            for what in (1, 2, 3):
-                torch.testing.assert_close(ops.group_sums(x, dim, l1, what),
-                                           reference.group_sums_op(x, dim, l1, what),
-                                           rtol=1e-5, atol=1e-5, equal_nan=True)
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            kept = reference.group_sums_op(x, dim, 0.0, 1)[0].shape
-            scale, tau = torch.rand(kept, dtype=acc), torch.rand(kept, dtype=acc) * 0.5
-            for s, t in ((scale, None), (None, tau), (scale, tau)):
-                mine, ref = x.clone(), x.clone()
-                ops.group_rewrite_(mine, dim, l1, s, t)
-                reference.group_rewrite_op(ref, dim, l1, s, t)
-                torch.testing.assert_close(mine, ref, **TOLERANCES[dtype], equal_nan=True)
+    weights, dims = [], []
+    for shape, dim in PHASE_LAYOUTS:
+        w = torch.randn(shape).to(dtype)
+        if w.numel():
+            w.view(-1)[0] = float("nan")  # NaN stays in its group's sums
+        weights.append(w)
+        dims.append(dim)
+        if len(shape) == 2:
+            weights.append(torch.randn(shape[::-1]).to(dtype).t())  # a transposed view
+            dims.append(dim)
+    flat, counts = [d for ds in dims for d in ds], [len(ds) for ds in dims]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for l1 in (0.0, 0.3):
+        lams = [l1] * len(weights)
+        for what in (1, 2, 3):
+            mine = ops.foreach_group_sums(weights, flat, counts, lams, what)
+            ref = reference.foreach_group_sums_op(weights, flat, counts, lams, what)
+            for a, b in zip(mine, ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+        kept = [reference.group_sums_op(w, d, 0.0, 1)[0].shape for w, d in zip(weights, dims)]
+        scales = [torch.rand(k, dtype=acc) for k in kept]
+        taus = [torch.rand(k, dtype=acc) * 0.5 for k in kept]
+        for ss, ts in ((scales, [None] * len(kept)), ([None] * len(kept), taus), (scales, taus)):
+            mine = [w.clone() for w in weights]
+            ref = [w.clone() for w in weights]
+            ops.foreach_group_rewrite_(mine, flat, counts, lams, ss, ts)
+            reference.foreach_group_rewrite_op(ref, flat, counts, lams, ss, ts)
+            for a, b in zip(mine, ref):
+                torch.testing.assert_close(a, b, **TOLERANCES[dtype], equal_nan=True)
 
 
 def test_phase_ops_opcheck_and_bad_input():
     ops = torch.ops.fastprox
-    w = torch.randn(6, 5)
-    torch.library.opcheck(ops.group_sums, (w, [1], 0.1, 3))
-    torch.library.opcheck(ops.group_rewrite_, (w.clone(), [0], 0.1, torch.rand(5), None))
-    before = w.clone()
-    with pytest.raises(ValueError, match="group_rewrite_: lam_l1"):
-        ops.group_rewrite_(w, [1], -1.0, None, None)
-    with pytest.raises(ValueError, match="group_rewrite_: scale has 5 values for 6 groups"):
-        ops.group_rewrite_(w, [1], 0.0, torch.rand(5), None)
-    with pytest.raises(ValueError, match="group_sums: what"):
-        ops.group_sums(w, [1], 0.0, 4)
-    assert torch.equal(w, before)
+    w, v = torch.randn(6, 5), torch.randn(3, 4)
+    torch.library.opcheck(ops.foreach_group_sums, ([w, v], [1, 0], [1, 1], [0.1, 0.0], 3))
+    torch.library.opcheck(ops.foreach_group_rewrite_,
+                          ([w.clone(), v.clone()], [0, 1], [1, 1], [0.1, 0.0],
+                           [torch.rand(5), None], [None, torch.rand(3)]))
+    before = w.clone(), v.clone()
+    with pytest.raises(ValueError, match="foreach_group_rewrite_: lam_l1\\[1\\]"):
+        ops.foreach_group_rewrite_([w, v], [1, 1], [1, 1], [0.0, -1.0], [None, None],
+                                   [None, None])
+    with pytest.raises(ValueError, match="scales\\[1\\] has 5 values for 3 groups"):
+        ops.foreach_group_rewrite_([w, v], [1, 1], [1, 1], [0.0, 0.0],
+                                   [torch.rand(6), torch.rand(5)], [None, None])
+    with pytest.raises(ValueError, match="share memory"):
+        ops.foreach_group_rewrite_([w, w[:2]], [1, 1], [1, 1], [0.0, 0.0],
+                                   [torch.rand(6), torch.rand(2)], [None, None])
+    with pytest.raises(ValueError, match="foreach_group_sums: what"):
+        ops.foreach_group_sums([w], [1], [1], [0.0], 4)
+    assert torch.equal(w, before[0]) and torch.equal(v, before[1])

@@ -15,12 +15,7 @@
 // (or a contiguous copy of a non-dense view) is cut into units and thresholded elementwise,
 // whatever its dims.
 //
-// Why one region: a model is mostly small tensors, and a call per tensor pays a fixed cost and
-// a thread fork/join per tensor. Work units of all tensors (a few groups of a row-layout tensor,
-// a small column-layout tensor whole) are handed out to the threads dynamically. Column-layout
-// tensors of kOwnColumnPathElems or more take the single-tensor column path (its own parallel
-// regions) before the shared region: splitting them into column tiles, one per unit, measured
-// 2-3x slower than streaming whole rows (bench/RESULTS.md).
+// The work units and the shared parallel region: multi_tensor.h.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -30,40 +25,10 @@
 
 #include "cpu/group_engine.h"
 #include "cpu/group_layout.h"
+#include "cpu/multi_tensor.h"
 
 namespace fastprox::cpu {
 namespace {
-
-constexpr int64_t kUnitElems = 1 << 18;         // elements per work unit of the shared region
-constexpr int64_t kUnitsWanted = 8;              // ... smaller down to kParallelGrainElems while
-                                                 // a call has fewer units than this
-constexpr int64_t kOwnColumnPathElems = 1 << 16;  // column-layout tensors this large run alone
-
-// Elements per work unit for a call moving `total` elements: kUnitElems, or less when that
-// leaves the threads without work (a single 512x512 weight is one unit of 2^18 otherwise).
-// A function of the sizes alone, never of the thread count: results do not depend on it.
-int64_t unit_elems(int64_t total) {
-  int64_t unit = kUnitElems;
-  while (unit > kParallelGrainElems && total < kUnitsWanted * unit) unit /= 2;
-  return unit;
-}
-
-// [first byte, last byte + 1) of a tensor's elements (empty for an empty tensor).
-std::pair<uintptr_t, uintptr_t> address_range(const at::Tensor& t) {
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  if (t.numel() == 0) return {begin, begin};
-  int64_t lo = 0, hi = 0;  // element offsets from data_ptr (strides may be negative in C++)
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    const int64_t span = (t.size(d) - 1) * t.stride(d);
-    (span < 0 ? lo : hi) += span;
-  }
-  const int64_t item = static_cast<int64_t>(t.element_size());
-  return {begin + lo * item, begin + (hi + 1) * item};
-}
-
-struct Unit {
-  std::function<void()> run;
-};
 
 // Checks of one weight, in the order the Python API checks them.
 void check_group_op(const at::Tensor& weight, at::IntArrayRef dim) {
@@ -114,38 +79,6 @@ void with_step(bool l1, bool group, bool excl, F&& f) {
   if (!l1 && !group && excl) return f(N{}, N{}, T{});
   if (!l1 && group && excl) return f(N{}, T{}, T{});
   return f(T{}, T{}, T{});
-}
-
-template <typename T, typename Step>
-void add_units(T* data, const GroupShape& s, const Step& step, int64_t unit,
-               std::vector<Unit>& units,
-               std::vector<std::function<void()>>& alone) {
-  if (s.num_groups() == 0 || s.group_size() == 0) return;
-  if (uses_chunk_path(s)) {
-    const int64_t per_unit = std::max<int64_t>(1, unit / s.group_size());
-    for (int64_t g = 0; g < s.num_groups(); g += per_unit) {
-      const int64_t end = std::min(s.num_groups(), g + per_unit);
-      units.push_back({[=] {
-        for (int64_t gi = g; gi < end; ++gi) detail::chunk_group(data, s, step, gi);
-      }});
-    }
-    return;
-  }
-  if (s.batch * s.outer * s.groups * s.inner >= kOwnColumnPathElems) {
-    alone.push_back([=] { detail::column_path(data, s, step); });
-    return;
-  }
-  // Tiles of whole groups, at least two vectors wide so that row segments are not scalar.
-  constexpr int64_t kMinWidth = 2 * Lanes<T>::kWidth;
-  const int64_t by_size = (unit + s.group_size() - 1) / s.group_size();
-  const int64_t by_width = (std::min(kMinWidth, s.groups * s.inner) + s.inner - 1) / s.inner;
-  const int64_t per_unit = std::max<int64_t>({1, by_size, by_width});
-  for (int64_t b = 0; b < s.batch; ++b) {
-    for (int64_t g = 0; g < s.groups; g += per_unit) {
-      const int64_t end = std::min(s.groups, g + per_unit);
-      units.push_back({[=] { detail::column_tile(data, s, step, b, g, end); }});
-    }
-  }
 }
 
 void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArrayRef dims,
@@ -239,12 +172,7 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
     });
   }
 
-  for (const auto& run : alone) run();
-  std::atomic<int64_t> next{0};
-  const int64_t count = static_cast<int64_t>(units.size());
-  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t u = next++; u < count; u = next++) units[u].run();
-  });
+  run_units(units, alone);
   for (int64_t i = 0; i < n; ++i) {
     if (layouts[i].work.defined()) finish_groups(weights[i], layouts[i]);
   }

@@ -1,16 +1,18 @@
 // The phases of a proximal step whose groups lie in several places (fastprox/_phases.py: groups
 // coupled across tensors, groups spanning shards), fused per tensor:
 //
-//   group_sums(W, dim, lam_l1, what) -> (k, *kept)   per group of W, over y = soft(W, lam_l1):
-//       what & 1: sum of y^2;  what & 2: sum of |y| and the count of nonzero y
-//       (k = the statistics asked for, in that order), float32 (float64 for float64 weights)
-//   group_rewrite_(W, dim, lam_l1, scale, tau)       per group g, in place:
+//   foreach_group_sums(Ws, dims, dim_counts, lam_l1, what) -> per W, (k, *kept): per group of W,
+//       over y = soft(W, lam_l1): what & 1: sum of y^2; what & 2: sum of |y| and the count of
+//       nonzero y (k = the statistics asked for, in that order), float32 (float64 for float64)
+//   foreach_group_rewrite_(Ws, dims, dim_counts, lam_l1, scales, taus): per W and group g,
 //       W_g <- shrink_magnitude(soft(W_g, lam_l1) * scale_g, tau_g)
-//       (scale / tau: per group, shaped like the kept dimensions; an undefined one is skipped)
+//       (scale / tau: per group, shaped like the kept dimensions; None skips that part)
 //
 // The caller combines the sums of one group over its places (in a fixed order) and applies the
 // per-group rules of docs/SPEC.md between the two. One read of W for the sums, one read and one
-// write for the rewrite, in the traversals of group_engine.h (deterministic sums).
+// write for the rewrite, in the traversals of group_engine.h (deterministic sums); all tensors
+// of a call in one parallel region (multi_tensor.h). Tensor i's groups reduce the next
+// dim_counts[i] entries of dims.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +22,7 @@
 
 #include "cpu/group_engine.h"
 #include "cpu/group_layout.h"
+#include "cpu/multi_tensor.h"
 
 namespace fastprox::cpu {
 namespace {
@@ -55,57 +58,102 @@ void with_flags(bool a, bool b, bool c, F&& f) {
   }
 }
 
-void check_lam(double lam_l1, const char* op) {
-  TORCH_CHECK_VALUE(std::isfinite(lam_l1) && lam_l1 >= 0, op,
-                    ": lam_l1 must be a finite number >= 0, got ", lam_l1);
+// Checks every weight, its dims and its lam_l1 (before any memory is touched); returns the dims
+// of each weight.
+std::vector<at::IntArrayRef> check_list(const char* op, at::TensorList weights,
+                                        at::IntArrayRef dims, at::IntArrayRef dim_counts,
+                                        at::ArrayRef<double> lam_l1, bool writes) {
+  const size_t n = weights.size();
+  TORCH_CHECK_VALUE(dim_counts.size() == n && lam_l1.size() == n, op,
+                    ": dim_counts and lam_l1 need one entry per weight");
+  std::vector<at::IntArrayRef> out;
+  int64_t offset = 0;
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(dim_counts[i] >= 0 && offset + dim_counts[i] <= int64_t(dims.size()), op,
+                      ": dim_counts do not match dims");
+    out.push_back(dims.slice(offset, dim_counts[i]));
+    offset += dim_counts[i];
+    check_weight(weights[i]);
+    reduced_mask(weights[i], out.back());
+    if (writes) check_writable(weights[i]);
+    TORCH_CHECK_VALUE(weights[i].device() == weights[0].device(), op, ": weights[", i,
+                      "] is on ", weights[i].device(), " but weights[0] is on ",
+                      weights[0].device());
+    TORCH_CHECK_VALUE(std::isfinite(lam_l1[i]) && lam_l1[i] >= 0, op, ": lam_l1[", i,
+                      "] must be a finite number >= 0, got ", lam_l1[i]);
+  }
+  TORCH_CHECK_VALUE(offset == int64_t(dims.size()), op, ": dim_counts do not match dims");
+  return out;
 }
 
-at::Tensor group_sums_cpu(const at::Tensor& weight, at::IntArrayRef dim, double lam_l1,
-                          int64_t what) {
-  check_weight(weight);
-  check_lam(lam_l1, "group_sums");
-  TORCH_CHECK_VALUE(what >= 1 && what <= 3, "group_sums: what must be 1, 2 or 3, got ", what);
-  const std::vector<bool> reduced = reduced_mask(weight, dim);
+std::vector<at::Tensor> foreach_group_sums_cpu(at::TensorList weights, at::IntArrayRef dims,
+                                               at::IntArrayRef dim_counts,
+                                               at::ArrayRef<double> lam_l1, int64_t what) {
+  const char* op = "foreach_group_sums";
+  TORCH_CHECK_VALUE(what >= 1 && what <= 3, op, ": what must be 1, 2 or 3, got ", what);
+  const std::vector<at::IntArrayRef> tensor_dims =
+      check_list(op, weights, dims, dim_counts, lam_l1, false);
+  const int64_t n = static_cast<int64_t>(weights.size());
   const bool sq = what & 1, abs = what & 2;
   const int64_t k = (sq ? 1 : 0) + (abs ? 2 : 0);
-  std::vector<int64_t> shape = kept_shape(weight, reduced);
-  const auto options = weight.options().dtype(accumulation_type(weight));
-  if (weight.numel() == 0) {
-    shape.insert(shape.begin(), k);
-    return at::zeros(shape, options);
-  }
-  const GroupLayout layout = analyze_groups(weight, dim);
-  const int64_t groups = layout.shape.num_groups();
-  at::Tensor out = at::empty({k, groups}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "group_sums",
-                                  [&] {
-    using A = at::opmath_type<scalar_t>;
-    with_flags(lam_l1 > 0, sq, abs, [&](auto kL1, auto kSq, auto kAbs) {
-      SumsStep<A, decltype(kL1)::value, decltype(kSq)::value, decltype(kAbs)::value> step;
-      step.l1 = static_cast<A>(lam_l1);
-      A* base = out.data_ptr<A>();
-      step.sum_sq = sq ? base : nullptr;
-      step.sum_abs = abs ? base + (sq ? groups : 0) : nullptr;
-      step.nonzero = abs ? base + (sq ? 2 : 1) * groups : nullptr;
-      run_groups(layout.work.data_ptr<scalar_t>(), layout.shape, step);
+  std::vector<GroupLayout> layouts(n);
+  std::vector<at::Tensor> sums(n);
+  std::vector<Unit> units;
+  std::vector<std::function<void()>> alone;
+  int64_t total = 0;
+  for (const at::Tensor& w : weights) total += w.numel();
+  const int64_t unit = unit_elems(total);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& w = weights[i];
+    const auto options = w.options().dtype(accumulation_type(w));
+    if (w.numel() == 0) continue;
+    layouts[i] = analyze_groups(w, tensor_dims[i]);
+    const int64_t groups = layouts[i].shape.num_groups();
+    sums[i] = at::empty({k, groups}, options);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(),
+                                    "foreach_group_sums", [&] {
+      using A = at::opmath_type<scalar_t>;
+      with_flags(lam_l1[i] > 0, sq, abs, [&](auto kL1, auto kSq, auto kAbs) {
+        SumsStep<A, decltype(kL1)::value, decltype(kSq)::value, decltype(kAbs)::value> step;
+        step.l1 = static_cast<A>(lam_l1[i]);
+        A* base = sums[i].data_ptr<A>();
+        step.sum_sq = sq ? base : nullptr;
+        step.sum_abs = abs ? base + (sq ? groups : 0) : nullptr;
+        step.nonzero = abs ? base + (sq ? 2 : 1) * groups : nullptr;
+        add_units(layouts[i].work.data_ptr<scalar_t>(), layouts[i].shape, step, unit, units,
+                  alone);
+      });
     });
-  });
-  std::vector<at::Tensor> rows;
-  for (int64_t i = 0; i < k; ++i) rows.push_back(to_kept_shape(out[i], weight, dim, layout));
-  return at::stack(rows).reshape([&] {
-    std::vector<int64_t> full = shape;
-    full.insert(full.begin(), k);
-    return full;
-  }());
+  }
+  run_units(units, alone);
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& w = weights[i];
+    std::vector<int64_t> shape = kept_shape(w, reduced_mask(w, tensor_dims[i]));
+    shape.insert(shape.begin(), k);
+    if (w.numel() == 0) {  // groups of no elements: sums 0
+      out.push_back(at::zeros(shape, w.options().dtype(accumulation_type(w))));
+      continue;
+    }
+    std::vector<at::Tensor> rows;
+    for (int64_t r = 0; r < k; ++r) {
+      rows.push_back(to_kept_shape(sums[i][r], w, tensor_dims[i], layouts[i]));
+    }
+    out.push_back(at::stack(rows).reshape(shape));
+  }
+  return out;
 }
 
 // Per-group values given in the kept dimensions' logical order, in the kernel's group order.
 at::Tensor in_group_order(const at::Tensor& values, const at::Tensor& weight, at::IntArrayRef dim,
-                          const GroupLayout& layout, at::ScalarType acc, const char* name) {
+                          const GroupLayout& layout, at::ScalarType acc, const char* name,
+                          int64_t i) {
   const int64_t groups = layout.shape.num_groups();
-  TORCH_CHECK_VALUE(values.numel() == groups, "group_rewrite_: ", name, " has ", values.numel(),
-                    " values for ", groups, " groups");
-  // position of each group (in group order) among the kept dimensions in logical order
+  TORCH_CHECK_VALUE(values.numel() == groups, "foreach_group_rewrite_: ", name, "[", i, "] has ",
+                    values.numel(), " values for ", groups, " groups");
+  TORCH_CHECK_VALUE(values.device().is_cpu(), "foreach_group_rewrite_: ", name, "[", i,
+                    "] must be on the CPU");
+  // the group id (in group order) at each position of the kept dimensions in logical order
   const at::Tensor ids = at::arange(groups, weight.options().dtype(at::kLong));
   const at::Tensor logical = to_kept_shape(ids, weight, dim, layout).reshape({-1});
   at::Tensor ordered = at::empty({groups}, values.options().dtype(acc));
@@ -113,41 +161,71 @@ at::Tensor in_group_order(const at::Tensor& values, const at::Tensor& weight, at
   return ordered;
 }
 
-void group_rewrite_cpu(const at::Tensor& weight, at::IntArrayRef dim, double lam_l1,
-                       const std::optional<at::Tensor>& scale,
-                       const std::optional<at::Tensor>& tau) {
-  check_weight(weight);
-  check_lam(lam_l1, "group_rewrite_");
-  reduced_mask(weight, dim);
-  check_writable(weight);
-  const bool has_scale = scale.has_value() && scale->defined();
-  const bool has_tau = tau.has_value() && tau->defined();
-  if (weight.numel() == 0 || (!has_scale && !has_tau && lam_l1 == 0)) return;
-  const GroupLayout layout = analyze_groups(weight, dim);
-  const at::ScalarType acc = accumulation_type(weight);
-  const at::Tensor s = has_scale ? in_group_order(*scale, weight, dim, layout, acc, "scale")
-                                 : at::Tensor();
-  const at::Tensor t = has_tau ? in_group_order(*tau, weight, dim, layout, acc, "tau")
-                               : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
-                                  "group_rewrite_", [&] {
-    using A = at::opmath_type<scalar_t>;
-    with_flags(lam_l1 > 0, has_scale, has_tau, [&](auto kL1, auto kScale, auto kTau) {
-      RewriteStep<A, decltype(kL1)::value, decltype(kScale)::value, decltype(kTau)::value> step;
-      step.l1 = static_cast<A>(lam_l1);
-      step.scale = has_scale ? s.data_ptr<A>() : nullptr;
-      step.tau = has_tau ? t.data_ptr<A>() : nullptr;
-      run_groups(layout.work.data_ptr<scalar_t>(), layout.shape, step);
+void foreach_group_rewrite_cpu(at::TensorList weights, at::IntArrayRef dims,
+                               at::IntArrayRef dim_counts, at::ArrayRef<double> lam_l1,
+                               const c10::List<std::optional<at::Tensor>>& scales,
+                               const c10::List<std::optional<at::Tensor>>& taus) {
+  const char* op = "foreach_group_rewrite_";
+  const std::vector<at::IntArrayRef> tensor_dims =
+      check_list(op, weights, dims, dim_counts, lam_l1, true);
+  const int64_t n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK_VALUE(int64_t(scales.size()) == n && int64_t(taus.size()) == n, op,
+                    ": scales and taus need one entry (or None) per weight");
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  for (const at::Tensor& w : weights) ranges.push_back(address_range(w));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < i; ++j) {
+      TORCH_CHECK_VALUE(ranges[i].first >= ranges[j].second || ranges[j].first >= ranges[i].second,
+                        op, ": weights[", j, "] and weights[", i, "] share memory");
+    }
+  }
+  std::vector<GroupLayout> layouts(n);
+  std::vector<at::Tensor> scale(n), tau(n);
+  for (int64_t i = 0; i < n; ++i) {  // every check (value counts) before any write
+    const at::Tensor& w = weights[i];
+    const std::optional<at::Tensor> s = scales[i], t = taus[i];
+    const bool has_scale = s.has_value() && s->defined(), has_tau = t.has_value() && t->defined();
+    if (w.numel() == 0 || (!has_scale && !has_tau && lam_l1[i] == 0)) continue;
+    layouts[i] = analyze_groups(w, tensor_dims[i]);
+    const at::ScalarType acc = accumulation_type(w);
+    if (has_scale) scale[i] = in_group_order(*s, w, tensor_dims[i], layouts[i], acc, "scales", i);
+    if (has_tau) tau[i] = in_group_order(*t, w, tensor_dims[i], layouts[i], acc, "taus", i);
+  }
+  std::vector<Unit> units;
+  std::vector<std::function<void()>> alone;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (layouts[i].work.defined()) total += weights[i].numel();
+  }
+  const int64_t unit = unit_elems(total);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!layouts[i].work.defined()) continue;
+    const bool has_scale = scale[i].defined(), has_tau = tau[i].defined();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[i].scalar_type(),
+                                    "foreach_group_rewrite_", [&] {
+      using A = at::opmath_type<scalar_t>;
+      with_flags(lam_l1[i] > 0, has_scale, has_tau, [&](auto kL1, auto kScale, auto kTau) {
+        RewriteStep<A, decltype(kL1)::value, decltype(kScale)::value, decltype(kTau)::value>
+            step;
+        step.l1 = static_cast<A>(lam_l1[i]);
+        step.scale = has_scale ? scale[i].data_ptr<A>() : nullptr;
+        step.tau = has_tau ? tau[i].data_ptr<A>() : nullptr;
+        add_units(layouts[i].work.data_ptr<scalar_t>(), layouts[i].shape, step, unit, units,
+                  alone);
+      });
     });
-  });
-  finish_groups(weight, layout);
+  }
+  run_units(units, alone);
+  for (int64_t i = 0; i < n; ++i) {
+    if (layouts[i].work.defined()) finish_groups(weights[i], layouts[i]);
+  }
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprox, CPU, m) {
-  m.impl("group_sums", &group_sums_cpu);
-  m.impl("group_rewrite_", &group_rewrite_cpu);
+  m.impl("foreach_group_sums", &foreach_group_sums_cpu);
+  m.impl("foreach_group_rewrite_", &foreach_group_rewrite_cpu);
 }
 
 }  // namespace fastprox::cpu
