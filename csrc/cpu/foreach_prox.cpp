@@ -118,16 +118,7 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
     }
   }
   TORCH_CHECK_VALUE(offset == int64_t(dims.size()), caller, ": dim_counts do not match dims");
-  // Two tensors on the same memory would race. Checked on address ranges (conservative: views
-  // whose ranges interleave are refused even when their elements are disjoint).
-  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
-  for (const at::Tensor& w : weights) ranges.push_back(address_range(w));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < i; ++j) {
-      TORCH_CHECK_VALUE(ranges[i].first >= ranges[j].second || ranges[j].first >= ranges[i].second,
-                        caller, ": weights[", j, "] and weights[", i, "] share memory");
-    }
-  }
+  check_disjoint(weights, caller);
 
   std::vector<GroupLayout> layouts(n);
   std::vector<Unit> units;

@@ -266,18 +266,10 @@ struct NormStep {
 // The phases of a step whose groups lie in several places (coupled groups spanning tensors,
 // groups spanning shards; fastprox/_phases.py): per-group sums of pre(x) = soft(x, l1), to be
 // combined over the places by the caller ...
-template <typename A, bool kL1, bool kSq, bool kAbs>
-struct SumsStep {
+template <typename A, bool kL1>
+struct SoftThresholdFirst {  // pre(x) of the phase steps: the soft threshold by l1, if taken
   using V = at::vec::Vectorized<A>;
-  static constexpr bool kWantSumSq = kSq;
-  static constexpr bool kWantAbs = kAbs;
-  static constexpr bool kRewrite = false;
-  static constexpr bool kScales = false;
   A l1 = 0;
-  A* sum_sq = nullptr;   // [groups], group order
-  A* sum_abs = nullptr;
-  A* nonzero = nullptr;
-
   V pre(const V& x) const {
     if constexpr (kL1) {
       return shrink_magnitude(x, V(l1));
@@ -285,6 +277,19 @@ struct SumsStep {
       return x;
     }
   }
+};
+
+template <typename A, bool kL1, bool kSq, bool kAbs>
+struct SumsStep : SoftThresholdFirst<A, kL1> {
+  using V = at::vec::Vectorized<A>;
+  static constexpr bool kWantSumSq = kSq;
+  static constexpr bool kWantAbs = kAbs;
+  static constexpr bool kRewrite = false;
+  static constexpr bool kScales = false;
+  A* sum_sq = nullptr;   // [groups], group order
+  A* sum_abs = nullptr;
+  A* nonzero = nullptr;
+
   GroupParams<A> finish(int64_t group, A sq, A abs, A nz) const {
     if constexpr (kSq) sum_sq[group] = sq;
     if constexpr (kAbs) {
@@ -300,23 +305,15 @@ struct SumsStep {
 // ... and the rewrite with the per-group scale and threshold computed from the combined sums:
 // y = pre(x) * scale (kScale), then shrink_magnitude(y, tau) (kTau). No sums are taken.
 template <typename A, bool kL1, bool kScale, bool kTau>
-struct RewriteStep {
+struct RewriteStep : SoftThresholdFirst<A, kL1> {
   using V = at::vec::Vectorized<A>;
   static constexpr bool kWantSumSq = false;
   static constexpr bool kWantAbs = false;
   static constexpr bool kRewrite = true;
   static constexpr bool kScales = kScale;
-  A l1 = 0;
   const A* scale = nullptr;  // [groups], group order
   const A* tau = nullptr;
 
-  V pre(const V& x) const {
-    if constexpr (kL1) {
-      return shrink_magnitude(x, V(l1));
-    } else {
-      return x;
-    }
-  }
   GroupParams<A> finish(int64_t group, A, A, A) const {
     GroupParams<A> p;
     if constexpr (kScale) p.scale = scale[group];
@@ -325,7 +322,7 @@ struct RewriteStep {
   }
   void newton(GroupParams<A>&, A, A) const {}
   V rewrite(const V& x, const V& s, const V& t) const {
-    V y = pre(x);
+    V y = this->pre(x);
     if constexpr (kScale) y = y * s;
     if constexpr (kTau) y = shrink_magnitude(y, t);
     return y;

@@ -171,14 +171,7 @@ void foreach_group_rewrite_cpu(at::TensorList weights, at::IntArrayRef dims,
   const int64_t n = static_cast<int64_t>(weights.size());
   TORCH_CHECK_VALUE(int64_t(scales.size()) == n && int64_t(taus.size()) == n, op,
                     ": scales and taus need one entry (or None) per weight");
-  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
-  for (const at::Tensor& w : weights) ranges.push_back(address_range(w));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < i; ++j) {
-      TORCH_CHECK_VALUE(ranges[i].first >= ranges[j].second || ranges[j].first >= ranges[i].second,
-                        op, ": weights[", j, "] and weights[", i, "] share memory");
-    }
-  }
+  check_disjoint(weights, op);
   std::vector<GroupLayout> layouts(n);
   std::vector<at::Tensor> scale(n), tau(n);
   for (int64_t i = 0; i < n; ++i) {  // every check (value counts) before any write

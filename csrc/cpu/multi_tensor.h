@@ -48,6 +48,20 @@ inline std::pair<uintptr_t, uintptr_t> address_range(const at::Tensor& t) {
   return {begin + lo * item, begin + (hi + 1) * item};
 }
 
+// Two tensors of a list on the same memory would race: refused. Checked on address ranges
+// (conservative: views whose ranges interleave are refused even when their elements are
+// disjoint).
+inline void check_disjoint(at::TensorList weights, c10::string_view caller) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  for (const at::Tensor& w : weights) ranges.push_back(address_range(w));
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK_VALUE(ranges[i].first >= ranges[j].second || ranges[j].first >= ranges[i].second,
+                        caller, ": weights[", j, "] and weights[", i, "] share memory");
+    }
+  }
+}
+
 struct Unit {
   std::function<void()> run;
 };
