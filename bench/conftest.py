@@ -8,6 +8,10 @@ import sys
 
 # The repository root holds kernels/ (installed as fastprox.kernels): off sys.path, where it would
 # pass for the Hugging Face `kernels` package that transformers probes when it is imported.
+# fastprox is imported first, from wherever it is installed (an install that found it through the
+# root keeps working).
+import fastprox  # noqa: E402,F401
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 
