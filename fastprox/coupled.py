@@ -114,6 +114,9 @@ class CoupledGroups:
     def _check_member(member: Slice, i: int, fn: str) -> Slice:
         tensor, axis, index, name = member
         where = _label(member, i)
+        if _checks.is_dtensor(tensor):
+            raise TypeError(f"{fn}: {where}.tensor is a DTensor; coupled groups take plain "
+                            "tensors (sharded coupled groups are not supported)")
         _checks.check_weight(tensor, fn, f"{where}.tensor")
         if any(s == 0 for s in tensor.stride()) and tensor.numel() > 1:
             raise ValueError(f"{fn}: {where}.tensor has elements that share memory (an expanded "

@@ -314,3 +314,20 @@ def test_phase_ops_opcheck_and_bad_input():
     with pytest.raises(ValueError, match="foreach_group_sums: what"):
         ops.foreach_group_sums([w], [1], [1], [0.0], 4)
     assert torch.equal(w, before[0]) and torch.equal(v, before[1])
+
+
+def test_dtensor_members_are_refused():
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh  # noqa: F401
+
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = DTensor.from_local(torch.randn(3, 4), mesh, [Replicate()])
+        with pytest.raises(TypeError, match="slices\\[0\\].tensor is a DTensor"):
+            CoupledGroups([(w, 0, [0, 1, 2])], 3)
+    finally:
+        dist.destroy_process_group()
