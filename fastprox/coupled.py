@@ -94,15 +94,12 @@ class CoupledGroups:
         _check_disjoint(members, fn)
         self.slices = members
         sizes = torch.zeros(self.num_groups, dtype=torch.int64)
-        self._gathers = []
         for m in members:
             per_position = m.tensor.numel() // max(m.tensor.shape[m.axis], 1)
-            counts = torch.bincount(m.index, minlength=self.num_groups)
-            sizes += counts * per_position
-            self._gathers.append(_gather_table(m.index, counts, self.num_groups).to(device))
+            sizes += torch.bincount(m.index, minlength=self.num_groups) * per_position
         self.sizes = sizes
         self._index = [m.index.to(device) for m in members]
-        # every member's slices one after another: one gather per set for the group lasso step
+        # every member's slices one after another: one gather per statistic adds them per group
         joined = torch.cat([m.index for m in members])
         self._joined = _gather_table(joined, torch.bincount(joined, minlength=self.num_groups),
                                      self.num_groups).to(device)
@@ -160,51 +157,41 @@ class CoupledGroups:
         return self.slices[0].tensor.device
 
     # -- sums ----------------------------------------------------------------------------------
+    def _totals(self, per_member: list[torch.Tensor]) -> torch.Tensor:
+        """Per group, the sum of per-slice values (one flat tensor per member): members in
+        order, each member's slices in position order (one gather, deterministic)."""
+        joined = torch.cat([p.reshape(-1) for p in per_member] + [per_member[0].new_zeros(1)])
+        return joined[self._joined].sum(dim=1)
+
     def combine(self, parts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         """Per member, sums per slice (shaped like the member with size 1 off its axis) ->
-        per member, the sums of each slice's group (same shapes). A group's total adds its
-        members in order, each member's slices in position order."""
+        per member, the sums of each slice's group (same shapes)."""
         acc = torch.float64 if any(p.dtype == torch.float64 for ps in parts for p in ps) \
             else torch.float32
-        count = len(parts[0])
-        totals = []
-        for k in range(count):
-            total = None
-            for member, gather, ps in zip(self.slices, self._gathers, parts):
-                per_slice = ps[k].reshape(-1).to(acc)
-                padded = torch.cat([per_slice, per_slice.new_zeros(1)])
-                part = padded[gather].sum(dim=1)
-                total = part if total is None else total + part
-            totals.append(total)
-        out = []
-        for member, index, ps in zip(self.slices, self._index, parts):
-            out.append([t[index].reshape(p.shape).to(p.dtype) for t, p in zip(totals, ps)])
-        return out
+        totals = [self._totals([ps[k].to(acc) for ps in parts]) for k in range(len(parts[0]))]
+        return [[t[index].reshape(p.shape).to(p.dtype) for t, p in zip(totals, ps)]
+                for index, ps in zip(self._index, parts)]
+
+    def _summed(self, value) -> torch.Tensor:
+        """Per group, the sum of ``value(x)`` over its elements, differentiable."""
+        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in self.slices) \
+            else torch.float32
+        parts = []
+        for m, dims in zip(self.slices, self._dims):
+            v = value(m.tensor.to(acc))
+            parts.append(v.sum(dim=dims) if dims else v)
+        return self._totals(parts)
 
     def norms(self) -> torch.Tensor:
         """``||W_g||_2`` per group over the union of its slices (float32, float64 when a member
         is float64); differentiable, with gradient 0 (never NaN) at a zero group."""
-        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in self.slices) \
-            else torch.float32
-        total = torch.zeros(self.num_groups, dtype=acc, device=self.device)
-        for m, gather in zip(self.slices, self._gathers):
-            dims = [d for d in range(m.tensor.dim()) if d != m.axis]
-            per_slice = m.tensor.to(acc).square().sum(dim=dims) if dims else \
-                m.tensor.to(acc).square()
-            total = total + torch.cat([per_slice, per_slice.new_zeros(1)])[gather].sum(dim=1)
+        total = self._summed(torch.square)
         positive = total > 0
         return torch.where(positive, torch.sqrt(torch.where(positive, total, 1.0)), 0.0)
 
     def abs_sums(self) -> torch.Tensor:
         """``||W_g||_1`` per group over the union of its slices; differentiable."""
-        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in self.slices) \
-            else torch.float32
-        total = torch.zeros(self.num_groups, dtype=acc, device=self.device)
-        for m, gather in zip(self.slices, self._gathers):
-            dims = [d for d in range(m.tensor.dim()) if d != m.axis]
-            per_slice = m.tensor.to(acc).abs().sum(dim=dims) if dims else m.tensor.to(acc).abs()
-            total = total + torch.cat([per_slice, per_slice.new_zeros(1)])[gather].sum(dim=1)
-        return total
+        return self._summed(torch.abs)
 
     @torch.no_grad()
     def alive(self) -> torch.Tensor:
@@ -335,19 +322,11 @@ def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_ste
         _one_pass_set(g, l1, lg * c, lg > 0, le)
         return
     steps = []
-    for m, index in zip(g.slices, g._index):
-        if m.tensor.numel() == 0:
-            continue
-        dims = [d for d in range(m.tensor.dim()) if d != m.axis]
-        keep = [s if d == m.axis else 1 for d, s in enumerate(m.tensor.shape)]
+    for m, index, dims, keep in zip(g.slices, g._index, g._dims, g._keep):
         acc = _phases.accumulation_dtype(m.tensor.dtype)
         t = (lg * c).to(device=index.device, dtype=acc)[index].reshape(keep)
         steps.append(_phases.PhasedStep(m.tensor, dims, l1, lg, le, exact, t))
-    if not steps:
-        return
-    live = [m for m in g.slices if m.tensor.numel()]
-    sub = g if len(live) == len(g.slices) else _without_empty(g)
-    _phases.run(steps, sub.combine, max_newton_steps, _FN, together=True)
+    _phases.run(steps, g.combine, max_newton_steps, _FN, together=True)
 
 
 def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam_e: float):
@@ -365,11 +344,7 @@ def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam
     counts = [len(ds) for ds in g._dims]
     l1s = [float(l1)] * len(tensors)
     sums = ops.foreach_group_sums(tensors, dims, counts, l1s, what)
-    totals = []
-    for k in range(count):
-        parts = [part[k].reshape(-1).to(acc) for part in sums]
-        joined = torch.cat(parts + [parts[0].new_zeros(1)])
-        totals.append(joined[g._joined].sum(dim=1))
+    totals = [g._totals([part[k].to(acc) for part in sums]) for k in range(count)]
     scale = tau = None
     if group:
         scale = reference.group_scale(torch.sqrt(totals[0]), t.to(device=g.device, dtype=acc))
@@ -380,8 +355,3 @@ def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam
     scales = [None if scale is None else scale[index] for index in g._index]
     taus = [None if tau is None else tau[index] for index in g._index]
     ops.foreach_group_rewrite_(tensors, dims, counts, l1s, scales, taus)
-
-
-def _without_empty(g: CoupledGroups) -> CoupledGroups:
-    kept = [m for m in g.slices if m.tensor.numel()]
-    return CoupledGroups(kept, g.num_groups, name=g.name, labels=g.labels)

@@ -67,11 +67,11 @@ class Found:
     forward_fn: Callable | None = None
 
     def __add__(self, other: "Found") -> "Found":
+        # a parameter is skipped when neither covers it (with the first one's reason)
         covered = {n for s in other.sets for n in _param_names(s)}
         skipped = [(n, r) for n, r in self.skipped if n not in covered]
-        mine = {n for s in self.sets for n in _param_names(s)}
-        skipped += [(n, r) for n, r in other.skipped
-                    if n not in mine and n not in {k for k, _ in skipped}]
+        listed = {n for n, _ in skipped} | {n for s in self.sets for n in _param_names(s)}
+        skipped += [(n, r) for n, r in other.skipped if n not in listed]
         return Found(self.sets + other.sets, skipped,
                      self.example_inputs if self.example_inputs is not None
                      else other.example_inputs, self.forward_fn or other.forward_fn)
@@ -249,7 +249,6 @@ def _graph_sets(graph, model: nn.Module, kind: str, family: str, prefix: str = "
                 exclude: Callable[[str], bool] = lambda name: False):
     """Coupled sets from a dependency graph's groups rooted at the output channels of each layer
     (the model's output layers are never roots: their outputs stay)."""
-    tp = _torch_pruning()
     names = {m: (prefix + n if n else prefix.rstrip(".")) for n, m in model.named_modules()}
     roots = (*CONV, *_dense_types())
     outputs = {m for m, node in graph.module2node.items() if not node.outputs}
@@ -276,7 +275,6 @@ def _graph_sets(graph, model: nn.Module, kind: str, family: str, prefix: str = "
                                 labels=torch.arange(channels))
         coupled.unit = Unit(kind, root_name, family, root=root_name)
         sets.append(coupled)
-    del tp
     return sets, outputs, names, left_out
 
 

@@ -173,6 +173,8 @@ def test_lam_zero_is_bit_identical_and_empty_and_single():
     g = CoupledGroups([(empty, 0, []), (one, 0, [0])], 1)
     fastprox.coupled_prox_(g, lam_group=0.5)
     assert one.item() == pytest.approx(1.5)
+    fastprox.coupled_prox_(g, lam_exclusive=1.0)  # exact: the Newton phases, an empty member
+    assert one.item() == pytest.approx(0.75)     # tau = lam |w| / (1 + lam) = 0.75
     assert CoupledGroups([(torch.zeros(0), 0, [])], 0).num_groups == 0
 
 
