@@ -126,7 +126,8 @@ def _limits(**values):
 # `path` fixture): their launches run on a GPU too.
 TEST_PATHS = {"tile": dict(SPLIT_BELOW_BLOCKS=0),
               "looped": dict(ONE_TILE_ELEMS=16, TILE_ELEMS=8, SPLIT_BELOW_BLOCKS=0),
-              "split": dict(ONE_TILE_ELEMS=16, TILE_ELEMS=8, SPLIT_BELOW_BLOCKS=10 ** 6)}
+              "split": dict(ONE_TILE_ELEMS=16, TILE_ELEMS=8, SPLIT_BELOW_BLOCKS=10 ** 6),
+              "sweeps": dict(LOOP_ELEMS=32)}  # tests_kernels/test_phases.py
 
 
 def plans(entries, steps, sms) -> list[launch.Launch]:
@@ -140,6 +141,7 @@ def plans(entries, steps, sms) -> list[launch.Launch]:
         for _, _, launches, _ in launch.plan_prox(rows, table, [flags] * len(entries), sms,
                                                   tables):
             out += launches
+    out += phase_plans(entries, sms, tables)
     for w, d in entries:
         if w.numel() == 0:
             continue
@@ -149,6 +151,20 @@ def plans(entries, steps, sms) -> list[launch.Launch]:
             out += launch.plan_group_norms(w, layout, sms, tables, norms)
         work = w if launch.is_dense(w) else w.contiguous()
         out.append(launch.plan_soft_threshold(work, torch.zeros(1, 3, dtype=torch.float64)))
+    return out
+
+
+def phase_plans(entries, sms, tables) -> list[launch.Launch]:
+    """The launches of the phase ops (sums, sums above, rewrite) over one list of weights: one
+    specialization per phase serves every combination of their arguments."""
+    layouts = launch.phase_layouts([(w, list(d)) for w, d in entries])
+    l1s = torch.zeros(len(entries), dtype=torch.float64)
+    out = []
+    for bucket in launch.phase_buckets([w for w, _ in entries], layouts):
+        for phase, rows in launch.PHASE_ROWS.items():
+            sums = tables.empty(max(rows, 1) * bucket.total, bucket.acc)
+            params = tables.empty(2 * bucket.total, bucket.acc)
+            out.append(launch.plan_phase(bucket, l1s, phase, params, sums, sms, tables))
     return out
 
 
@@ -170,7 +186,8 @@ class Spec:
         shape = "x".join(str(c[k]) for k in ("BLOCK_O", "BLOCK_G", "BLOCK_I") if k in c) or \
             str(c.get("BLOCK"))
         steps = "".join(n for n, k in (("L", "DO_L1"), ("G", "DO_GROUP"), ("E", "DO_EXCL"),
-                                        ("N", "NORMS_ONLY")) if c.get(k))
+                                        ("N", "NORMS_ONLY")) if c.get(k)) + \
+            {1: "sums", 2: "above", 3: "rewrite"}.get(c.get("PHASE"), "")
         return dict(kernel=self.kernel, tile=shape,
                     loop=f"{c['LOOP_O']}x{c['BLOCK_G']}x{c['LOOP_I']}" if "LOOP_O" in c else "",
                     fit={1: "tile", 2: "looped", 3: "both"}.get(c.get("FIT"), ""),
@@ -284,9 +301,11 @@ def compile_spec(spec: Spec) -> dict:
     row.update(regs=int(m[1]), stack=int(m[2]), shared=int(m[3]), local=int(m[4]))
     ptx = kernel.asm["ptx"]
     row["load_bits"] = _widths(ptx, _LD)
-    # Stores of weights: every st.global but the norms' and the partial sums' (fp32/fp64 rows)
+    # Stores of weights: every st.global but the norms', the partial sums' and the phase sums'
+    # (fp32/fp64 rows)
+    consts = dict(spec.constexprs)
     row["store_bits"] = _widths(ptx, _ST) if spec.kernel != "split_stats_kernel" and \
-        not dict(spec.constexprs).get("NORMS_ONLY") else []
+        not consts.get("NORMS_ONLY") and consts.get("PHASE", 3) == 3 else []
     return row
 
 

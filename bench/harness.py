@@ -175,15 +175,11 @@ def model_steps(dims, lam: float) -> dict:
 # -- the GPU kernels on CPU tensors (Triton's interpreter) ---------------------------------------
 
 class _KernelOps:
-    @staticmethod
-    def group_norms(*args):
-        from fastprox import kernels
-        return kernels.group_norms(*args)
+    """Every op of the library, by its Triton entry (fastprox.kernels.ENTRIES)."""
 
-    @staticmethod
-    def foreach_prox_(*args):
+    def __getattr__(self, name):
         from fastprox import kernels
-        return kernels.foreach_prox_(*args)
+        return kernels.ENTRIES[name]
 
 
 @contextlib.contextmanager
@@ -194,12 +190,17 @@ def served_by_kernels(enabled: bool = True):
     if not enabled:
         yield
         return
-    saved = fastprox.ops.ops, _fused.ops
-    fastprox.ops.ops = _fused.ops = _KernelOps
+    from fastprox import _phases, coupled
+
+    modules = (fastprox.ops, _fused, _phases, coupled)
+    saved = [m.ops for m in modules]
+    for m in modules:
+        m.ops = _KernelOps()
     try:
         yield
     finally:
-        fastprox.ops.ops, _fused.ops = saved
+        for m, ops in zip(modules, saved):
+            m.ops = ops
 
 
 # -- the report ----------------------------------------------------------------------------------

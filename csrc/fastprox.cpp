@@ -1,7 +1,7 @@
 // Schemas of fastprox's operators, defined once: group_norms and the fused in-place step
 // foreach_prox_, of which the public in-place operators are presets (fastprox/operators.py),
-// and the two phases (foreach_group_sums, foreach_group_rewrite_) of steps whose groups span
-// several tensors.
+// and the phases (foreach_group_sums, foreach_group_sums_above, foreach_group_rewrite_) of steps
+// whose groups span several tensors.
 // Kernels register per device: csrc/cpu/*.cpp (CPU), kernels/*.py (CUDA), and the reference
 // (fastprox/reference.py) for every other device. Fake (meta) implementations live in
 // fastprox/_registry.py; the math contract is docs/SPEC.md.
@@ -30,14 +30,18 @@ TORCH_LIBRARY(fastprox, m) {
   // The phases of a step whose groups lie in several places (coupled groups across tensors,
   // groups across shards; fastprox/_phases.py): per-group sums of soft(W, lam_l1) (what: 1 sum
   // of squares, 2 sum of magnitudes and nonzero count, 3 both; float32, float64 for float64
-  // weights, stacked on a first dimension), and the rewrite with given per-group scale and
-  // threshold. csrc/cpu/group_phases.cpp.
+  // weights, stacked on a first dimension), the sum and count of the scaled magnitudes above a
+  // given per-group threshold (a Newton step of the exact exclusive threshold), and the rewrite
+  // with given per-group scale and threshold. csrc/cpu/group_phases.cpp.
   m.def(
       "foreach_group_sums(Tensor[] weights, int[] dims, int[] dim_counts, float[] lam_l1, "
       "int what) -> Tensor[]");
   m.def(
       "foreach_group_rewrite_(Tensor(a!)[] weights, int[] dims, int[] dim_counts, "
       "float[] lam_l1, Tensor?[] scales, Tensor?[] taus) -> ()");
+  m.def(
+      "foreach_group_sums_above(Tensor[] weights, int[] dims, int[] dim_counts, "
+      "float[] lam_l1, Tensor?[] scales, Tensor[] taus) -> Tensor[]");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight

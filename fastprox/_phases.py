@@ -6,9 +6,10 @@ slices of several tensors (fastprox/coupled.py: the places are tensors). Per pla
 ``PhasedStep`` computes the group sums it holds (the ``group_sums`` op: one fused pass); the caller combines them over the places (an
 all_reduce, or a sum per coupled group); the step turns the combined sums into per-group scale
 and threshold with the reference's rules (fastprox/reference.py: group_scale, cges_bound,
-newton_tau, exclusive_tau), iterates the exact exclusive threshold (one combine per Newton
-step; these passes are PyTorch operations), and rewrites its elements (the ``group_rewrite_``
-op: one fused pass). docs/SPEC.md is the contract.
+newton_tau, exclusive_tau), iterates the exact exclusive threshold (per Newton step, the sum and
+count of the scaled magnitudes above tau: the ``foreach_group_sums_above`` op, one fused pass,
+then one combine), and rewrites its elements (the ``foreach_group_rewrite_`` op: one fused
+pass). docs/SPEC.md is the contract.
 
 Sums (in float32, float64 for float64 weights) per group and place::
 
@@ -35,7 +36,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class PhasedStep:
     """The proximal step of one tensor (``local``: the part of it this place holds), in phases:
     the first sums (``first_sums`` of a list of steps), (combine by the caller), ``finish``,
-    then ``newton_sums``/``newton`` while ``iterate`` has a True entry, and the rewrite
+    then ``newton_sums`` (of a list of steps) / ``newton`` while ``iterate`` has a True entry,
+    and the rewrite
     (``write`` of a list of steps).
 
     ``dims``: the dimensions summed within a group (the others index the groups; sums keep them,
@@ -53,12 +55,6 @@ class PhasedStep:
         self.want_sq = lam_group > 0
         self.want_abs = self.lam_e > 0
         self.want_count = self.want_abs and exact
-        self.m = None  # the magnitudes |pre(x)| * scale, while the Newton steps run
-
-    def _sum(self, x: torch.Tensor) -> torch.Tensor:  # the Newton steps' sums
-        if not self.dims:  # every element its own slice (sum over [] would sum everything)
-            return x.to(self.acc)
-        return x.sum(dim=self.dims, keepdim=True, dtype=self.acc)
 
     @property
     def what(self) -> int:
@@ -88,22 +84,10 @@ class PhasedStep:
         if not self.exact:
             tau = reference.cges_bound(l1_norm, self.lam_e)
         else:
-            # the magnitudes the Newton steps look at (PyTorch: the steps are few)
-            y = self.local.to(self.acc)
-            if self.l1 > 0:
-                y = reference.shrink_magnitude(y, torch.tensor(self.l1, dtype=self.acc))
-            self.m = y.abs().mul_(self.scale) if self.want_sq else y.abs()
             self.active = sums.pop(0)
             tau = reference.newton_tau(l1_norm, self.active, self.lam_e)  # first step from 0
             self.iterate = (self.active > 0) & torch.isfinite(l1_norm) & (self.scale != 0)
         self.tau = reference.exclusive_tau(tau, l1_norm, self.scale)
-
-    def newton_sums(self) -> list[torch.Tensor]:
-        """Per group: sum and count of the magnitudes m = |pre(x)| * scale above tau, as
-        sum(max(m - tau, 0)) + tau * count (one temporary)."""
-        excess = (self.m - self.tau).clamp_(min=0)
-        count = self._sum(excess > 0)
-        return [self._sum(excess) + self.tau * count, count]
 
     def newton(self, sums: list[torch.Tensor]) -> None:
         total, count = sums
@@ -137,6 +121,26 @@ def first_sums(steps: list[PhasedStep]) -> list[list[torch.Tensor]]:
     return out
 
 
+def _kept(step: PhasedStep, value: torch.Tensor) -> torch.Tensor:
+    return value.reshape([n for d, n in enumerate(step.local.shape) if d not in step.dims])
+
+
+def newton_sums(steps: list[PhasedStep]) -> list[list[torch.Tensor]]:
+    """A Newton step's sums of every step: per group, the sum and the count of the magnitudes
+    m = |pre(x)| * scale above tau (one fused ``foreach_group_sums_above`` call per device),
+    shaped like the first sums."""
+    out: list = [None] * len(steps)
+    for _, idx in _by_device(steps).items():
+        sums = ops.foreach_group_sums_above(
+            [steps[i].local for i in idx], *_dims_of(steps, idx),
+            [float(steps[i].l1) for i in idx],
+            [_kept(steps[i], steps[i].scale) if steps[i].want_sq else None for i in idx],
+            [_kept(steps[i], steps[i].tau) for i in idx])
+        for i, part in zip(idx, sums):
+            out[i] = [row.reshape(steps[i].shape) for row in part.unbind(0)]
+    return out
+
+
 def write(steps: list[PhasedStep]) -> None:
     """The rewrite of every step's local part, stored straight into it (rounded once to its
     dtype): one fused ``foreach_group_rewrite_`` call per device."""
@@ -144,10 +148,8 @@ def write(steps: list[PhasedStep]) -> None:
         scales, taus = [], []
         for i in idx:
             s = steps[i]
-            kept = [n for d, n in enumerate(s.local.shape) if d not in s.dims]
-            scales.append(s.scale.reshape(kept) if s.want_sq else None)
-            taus.append(s.tau.reshape(kept) if s.want_abs else None)
-            s.m = None
+            scales.append(_kept(s, s.scale) if s.want_sq else None)
+            taus.append(_kept(s, s.tau) if s.want_abs else None)
         ops.foreach_group_rewrite_([steps[i].local for i in idx], *_dims_of(steps, idx),
                                    [float(steps[i].l1) for i in idx], scales, taus)
 
@@ -168,7 +170,7 @@ def run(steps: list[PhasedStep], combine, max_newton_steps: int, fn: str,
             live = steps
         if not live:
             break
-        for step, sums in zip(live, combine([s.newton_sums() for s in live])):
+        for step, sums in zip(live, combine(newton_sums(live))):
             step.newton(sums)
     else:
         if any(bool(s.iterate.any()) for s in steps):

@@ -1,7 +1,8 @@
 """Loads the operator library and registers what PyTorch needs beyond its C++ kernels.
 
 Schemas: csrc/fastprox.cpp (defined once: group_norms, the fused step foreach_prox_, and the
-phases foreach_group_sums / foreach_group_rewrite_ of steps whose groups span several tensors). CPU kernels: csrc/cpu/. CUDA kernels: kernels/ (Triton, installed as
+phases foreach_group_sums / foreach_group_sums_above / foreach_group_rewrite_ of steps whose
+groups span several tensors). CPU kernels: csrc/cpu/. CUDA kernels: kernels/ (Triton, installed as
 fastprox.kernels), registered here when CUDA and Triton are there. Every other device (CUDA
 without Triton, MPS, XPU, ...) gets the reference (fastprox/reference.py) as its kernel, as the
 default backend of the dispatcher: the dispatcher alone picks the kernel. Here too: the fake
@@ -100,6 +101,11 @@ def _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, what):
 torch.library.register_fake("fastprox::foreach_group_sums")(_foreach_group_sums_fake)
 torch.library.register_kernel("fastprox::foreach_group_sums", None,
                               reference.foreach_group_sums_op)
+torch.library.register_fake("fastprox::foreach_group_sums_above")(
+    lambda weights, dims, dim_counts, lam_l1, scales, taus:
+    _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, 2))
+torch.library.register_kernel("fastprox::foreach_group_sums_above", None,
+                              reference.foreach_group_sums_above_op)
 torch.library.register_fake("fastprox::foreach_group_rewrite_")(_no_output)
 torch.library.register_kernel("fastprox::foreach_group_rewrite_", None,
                               reference.foreach_group_rewrite_op)

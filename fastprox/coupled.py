@@ -21,7 +21,7 @@ the fused ``foreach_group_sums``); the slices' sums added per group in a fixed o
 order, a group's slices in position order: deterministic, bitwise the same from run to run and
 for any thread count); the per-group rules; the rewrite of every member (one call of the fused
 ``foreach_group_rewrite_``). The exact exclusive threshold iterates in the phases of
-fastprox/_phases.py (Newton steps in PyTorch operations).
+fastprox/_phases.py (each Newton step one call of the fused ``foreach_group_sums_above``).
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ class CoupledGroups:
         joined = torch.cat([m.index for m in members])
         self._joined = _gather_table(joined, torch.bincount(joined, minlength=self.num_groups),
                                      self.num_groups).to(device)
+        self._all_index = joined.to(device)  # per-group values -> per slice: one gather
+        self._counts = [len(m.index) for m in members]
         self._keep = [[s if d == m.axis else 1 for d, s in enumerate(m.tensor.shape)]
                       for m in members]
         self._dims = [[d for d in range(m.tensor.dim()) if d != m.axis] for m in members]
@@ -352,6 +354,7 @@ def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam
         s = scale if scale is not None else torch.ones_like(totals[-1])
         l1_norm = totals[-1] * s
         tau = reference.exclusive_tau(reference.cges_bound(l1_norm, lam_e), l1_norm, s)
-    scales = [None if scale is None else scale[index] for index in g._index]
-    taus = [None if tau is None else tau[index] for index in g._index]
+    nothing = [None] * len(tensors)
+    scales = nothing if scale is None else list(scale[g._all_index].split(g._counts))
+    taus = nothing if tau is None else list(tau[g._all_index].split(g._counts))
     ops.foreach_group_rewrite_(tensors, dims, counts, l1s, scales, taus)

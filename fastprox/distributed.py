@@ -29,9 +29,10 @@ the exact threshold, so the step under-shrinks and never over-shrinks.
 Every rank decides when to stop from the same all-reduced values, so all ranks stay in step
 without another collective. A rank with an empty shard still takes part in every collective.
 
-The spanning path runs PyTorch operations on the local shard (float32 arithmetic for 16-bit
-types, like the kernels), so its results equal the unsharded kernel's within float tolerance
-(partial sums add in another order), not bit for bit.
+The spanning path runs the phase ops (fastprox/_phases.py: fused sums, sums above tau and
+rewrite) on the local shard (float32 arithmetic for 16-bit types, like the kernels), so its
+results equal the unsharded kernel's within float tolerance (partial sums add in another
+order), not bit for bit.
 """
 
 from __future__ import annotations

@@ -234,8 +234,8 @@ OPERATORS = [
     sums of a group add its members' parts in a fixed order: the result is bitwise the same from
     run to run and for any thread count. The sums of every member and the rewrite of every
     member are one call each of the fused phase ops (``foreach_group_sums``,
-    ``foreach_group_rewrite_``: C++ on the CPU, the reference elsewhere); the Newton steps of the
-    exact exclusive threshold are PyTorch operations.
+    ``foreach_group_rewrite_``), and so is each Newton step of the exact exclusive threshold
+    (``foreach_group_sums_above``): C++ on the CPU, Triton on CUDA, the reference elsewhere.
 
     Args:
         groups: a ``CoupledGroups`` or a list of them (built and checked by ``CoupledGroups``:

@@ -264,6 +264,37 @@ def foreach_group_rewrite_op(weights, dims, dim_counts, lam_l1, scales, taus) ->
         group_rewrite_op(w, d, lam, scale, tau)
 
 
+def foreach_group_sums_above_op(weights, dims, dim_counts, lam_l1, scales,
+                                taus) -> list[torch.Tensor]:
+    """``torch.ops.fastprox.foreach_group_sums_above`` by the reference."""
+    for i, lam in enumerate(lam_l1):
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"foreach_group_sums_above: lam_l1[{i}] must be a finite number "
+                             f">= 0, got {lam}")
+    return [group_sums_above_op(w, d, lam, scale, tau)
+            for w, d, lam, scale, tau in zip(weights, _split_dims(dims, dim_counts), lam_l1,
+                                             scales, taus)]
+
+
+def group_sums_above_op(weight: torch.Tensor, dim: list[int], lam_l1: float, scale,
+                        tau) -> torch.Tensor:
+    """Per group, with m = |soft(W, lam_l1)| * scale_g (scale None: 1): the sum and the count of
+    the m > tau_g, stacked; float32 (float64 for float64 weights)."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dims = sorted(d % weight.dim() for d in dim)
+    m = weight.to(acc).abs()
+    if lam_l1 > 0:
+        m = shrink_magnitude(m, torch.tensor(lam_l1, dtype=acc))
+    if scale is not None:
+        m = m * _per_group(scale.to(acc), weight, dims)
+    above = m > _per_group(tau.to(acc), weight, dims)
+
+    def total(x):
+        return x.sum(dim=dims, dtype=acc) if dims else x.to(acc)
+
+    return torch.stack([total(torch.where(above, m, 0.0)), total(above)])
+
+
 def group_sums_op(weight: torch.Tensor, dim: list[int], lam_l1: float, what: int) -> torch.Tensor:
     """Per group of y = soft(W, lam_l1): the sum of squares (what & 1), the sum of magnitudes
     and the count of nonzero magnitudes (what & 2), stacked; float32 (float64 for float64

@@ -1,7 +1,8 @@
 """fastprox's GPU kernels (Triton), installed as ``fastprox.kernels``: the CUDA implementation of
-the two ops of the ``fastprox`` library (schemas: csrc/fastprox.cpp): ``group_norms`` and the
-fused in-place step ``foreach_prox_``, of which every in-place operator is a preset
-(fastprox/operators.py).
+the ops of the ``fastprox`` library (schemas: csrc/fastprox.cpp): ``group_norms``, the fused
+in-place step ``foreach_prox_``, of which every in-place operator is a preset
+(fastprox/operators.py), and the phases of steps whose groups span several tensors
+(``foreach_group_sums``, ``foreach_group_sums_above``, ``foreach_group_rewrite_``).
 
 One file per op holds its CUDA entry (checks, then the launch), as csrc/cpu/ does for the CPU;
 the kernels they share are in group_engine.py, the host side (layouts, thresholds, buckets,
@@ -20,8 +21,12 @@ import torch
 
 from .foreach_prox import foreach_prox_
 from .group_norms import group_norms
+from .group_phases import foreach_group_rewrite_, foreach_group_sums, foreach_group_sums_above
 
-ENTRIES = {"group_norms": group_norms, "foreach_prox_": foreach_prox_}
+ENTRIES = {"group_norms": group_norms, "foreach_prox_": foreach_prox_,
+           "foreach_group_sums": foreach_group_sums,
+           "foreach_group_sums_above": foreach_group_sums_above,
+           "foreach_group_rewrite_": foreach_group_rewrite_}
 
 _registered = False
 

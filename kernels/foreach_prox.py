@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks
 from ..operators import COLUMNS
 from . import launch
 
@@ -33,28 +32,9 @@ def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
             and lams.dtype == torch.float64):
         raise ValueError(f"{caller}: lams must be a float64 tensor of 3 * len(weights) values")
     lams = lams.reshape(n, 3)
-    entries = []
-    offset = 0
-    for i, w in enumerate(weights):
-        count = dim_counts[i]
-        if count < 0 or offset + count > len(dims):
-            raise ValueError(f"{caller}: dim_counts do not match dims")
-        _checks.check_weight(w, caller, f"weights[{i}]")
-        tensor_dims = _checks.normalize_dim(list(dims[offset:offset + count]), w,
-                                            f"{caller}: weights[{i}]")
-        launch.check_writable(w, f"weights[{i}]")
-        offset += count
-        if w.device != weights[0].device:
-            raise ValueError(f"{caller}: weights[{i}] is on {w.device} but weights[0] is on "
-                             f"{weights[0].device}")
-        entries.append((w, tensor_dims, None, size_weighted[i], exact[i]))
-    if offset != len(dims):
-        raise ValueError(f"{caller}: dim_counts do not match dims")
-    ranges = [launch.address_range(w) for w in weights]
-    for i in range(n):
-        for j in range(i):
-            if not (ranges[i][0] >= ranges[j][1] or ranges[j][0] >= ranges[i][1]):
-                raise ValueError(f"{caller}: weights[{j}] and weights[{i}] share memory")
+    tensor_dims = launch.check_weights(caller, weights, dims, dim_counts, writes=True)
+    entries = [(w, d, None, size_weighted[i], exact[i])
+               for i, (w, d) in enumerate(zip(weights, tensor_dims))]
 
     def names(i, k):
         return f"{caller}: {lam_names[k]}" + (f"[{i}]" if n > 1 else "")

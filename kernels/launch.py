@@ -59,6 +59,37 @@ def check_writable(weight: torch.Tensor, name: str = "weight") -> None:
                          "cannot be updated in place")
 
 
+def check_weights(caller: str, weights, dims, dim_counts, writes: bool) -> list[list[int]]:
+    """The checks of a list op's weights (one device, dims split by dim_counts, in place: no
+    shared memory); the dims of each weight, normalized."""
+    from .. import _checks
+
+    out = []
+    offset = 0
+    for i, w in enumerate(weights):
+        count = dim_counts[i]
+        if count < 0 or offset + count > len(dims):
+            raise ValueError(f"{caller}: dim_counts do not match dims")
+        _checks.check_weight(w, caller, f"weights[{i}]")
+        out.append(_checks.normalize_dim(list(dims[offset:offset + count]), w,
+                                         f"{caller}: weights[{i}]"))
+        if writes:
+            check_writable(w, f"weights[{i}]")
+        offset += count
+        if w.device != weights[0].device:
+            raise ValueError(f"{caller}: weights[{i}] is on {w.device} but weights[0] is on "
+                             f"{weights[0].device}")
+    if offset != len(dims):
+        raise ValueError(f"{caller}: dim_counts do not match dims")
+    if writes:
+        ranges = [address_range(w) for w in weights]
+        for i in range(len(weights)):
+            for j in range(i):
+                if not (ranges[i][0] >= ranges[j][1] or ranges[j][0] >= ranges[i][1]):
+                    raise ValueError(f"{caller}: weights[{j}] and weights[{i}] share memory")
+    return out
+
+
 def address_range(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, last byte + 1) of a tensor's elements."""
     begin = t.data_ptr()
@@ -615,3 +646,134 @@ def _soft_threshold(weight: torch.Tensor, table: torch.Tensor) -> None:
     launch.run(launch.configs[0])
     if work is not weight:
         weight.copy_(work)
+
+
+# ---------------------------------------------------------------------------------------------
+# The phases of steps whose groups lie in several places (kernels/group_phases.py): the same
+# buckets and tables as the step, one launch of phase_kernel per bucket.
+
+PHASE_SUMS, PHASE_ABOVE, PHASE_REWRITE = (engine.PHASE_SUMS.value, engine.PHASE_ABOVE.value,
+                                          engine.PHASE_REWRITE.value)
+PHASE_ROWS = {PHASE_SUMS: 3, PHASE_ABOVE: 2, PHASE_REWRITE: 0}  # per-group output rows
+
+
+class PhaseBucket:
+    """A bucket of a phase call: its items, and where each item's groups start in its rows."""
+
+    def __init__(self, items: list[Item]):
+        self.items = items
+        self.starts = []
+        total = 0
+        for it in items:
+            self.starts.append(total)
+            total += it.layout.num_groups
+        self.total = total
+        self.acc = torch.float64 if items[0].layout.work.dtype == torch.float64 \
+            else torch.float32
+
+
+def phase_layouts(entries) -> list:
+    """The layout of each (weight, dims) of a call (checked), None for a weight with no group
+    or no element (its sums are 0, its rewrite changes nothing)."""
+    out = []
+    for weight, dims in entries:
+        layout = analyze(weight, dims) if weight.numel() else None
+        out.append(layout if layout is not None and layout.num_groups and layout.group_size
+                   else None)
+    return out
+
+
+def phase_buckets(weights, layouts) -> list[PhaseBucket]:
+    """The buckets of a call's weights (phase_layouts); Item.row is the weight's index."""
+    buckets: dict = {}
+    for row, (weight, layout) in enumerate(zip(weights, layouts)):
+        if layout is None:
+            continue
+        it = Item(weight, layout, row, False, False, None)
+        buckets.setdefault(_bucket_key(it), []).append(it)
+    return [PhaseBucket(same) for items in buckets.values() for same in _by_offset(items)]
+
+
+def plan_phase(bucket: PhaseBucket, l1s: torch.Tensor, phase: int, params: torch.Tensor,
+               out: torch.Tensor, sms: int, tables: Tables) -> Launch:
+    """The launch of one phase over a bucket: ``l1s`` (float64, one per entry of the call),
+    ``params`` (2, total) per-group scale and tau, ``out`` (rows, total) the sums (either may be
+    a placeholder where the phase does not read or write it). One launch configuration: the
+    sums' order does not depend on a timing."""
+    items = bucket.items
+    work = items[0].layout.work
+    tile, _ = choose_tile(items[0].layout, work)
+    bo, bg, bi = tile
+    wide = work.dtype == torch.float64
+    vec = min(vector_width(it.layout, tile, work) for it in items)
+    off64 = any(is_off64(it.layout) for it in items)
+    lo, li = loop_tile(tile, tile_cap(wide, vec, off64))
+    # a sub-tile's contiguous run shorter than 16 bytes, or too few elements for 16 bytes a
+    # thread of one warp: element-wise accesses
+    if (li if bi > 1 else bg) < vec or lo * bg * li < 32 * vec:
+        vec = 1
+        lo, li = loop_tile(tile, tile_cap(wide, vec, off64))
+    key, build = _tables(items, tile, 0)
+    meta, blocks = tables.get(key, build)
+    num_blocks = blocks.shape[1]
+    grid = max(1, min(num_blocks, PROGRAMS_PER_SM * sms))
+    if INTERPRET:
+        grid = min(num_blocks, 3)  # a few programs: the persistent loop is exercised
+    per = elems_per_thread(wide, vec, off64)
+    configs = warp_configs([(lo * bg * li, per // 2)], wide, vec, 8)[:1]
+    args = (work, meta, l1s, blocks, params, out, num_blocks, triton.cdiv(num_blocks, grid),
+            bucket.total)
+    constexprs = dict(LOOP_O=lo, BLOCK_G=bg, LOOP_I=li, BLOCK_I=bi, VEC=vec, OFF64=off64,
+                      PHASE=phase, WIDE=wide, ACC=_acc(work.dtype))
+    return Launch("phase_kernel", (grid,), args, constexprs, configs)
+
+
+def phase_(weights, layouts, l1s: list[float], phase: int, values=None) -> list:
+    """One phase over a call's weights (checked) with their layouts (phase_layouts); l1s:
+    checked floats; values (rewrite, sums above): per weight (scale or None, tau or None),
+    per-group values in the weight's group order (to_group_order), on the weights' device.
+    Returns per weight its (PHASE_ROWS[phase], groups) sums in group order (None for a weight
+    without a layout), and writes the rewrite back into weights that went through a working
+    copy."""
+    results: list = [None] * len(weights)
+    if not weights:
+        return results
+    device = weights[0].device
+    sms = sm_count(device)
+    tables = Tables(device, upload=True)
+    l1_table = uploads.get(("l1s", tuple(l1s)), device,
+                           lambda: (torch.tensor(l1s, dtype=torch.float64),))[0]
+    rows = PHASE_ROWS[phase]
+    buckets = phase_buckets(weights, layouts)
+    for bucket in buckets:
+        out = torch.empty(max(rows, 1), bucket.total, dtype=bucket.acc, device=device)
+        params = out
+        if values is not None:
+            scales, taus = [], []
+            for it in bucket.items:
+                scale, tau = values[it.row]
+                n = it.layout.num_groups
+                scales.append(scale.to(bucket.acc) if scale is not None else
+                              torch.ones(n, dtype=bucket.acc, device=device))
+                taus.append(tau.to(bucket.acc) if tau is not None else
+                            torch.zeros(n, dtype=bucket.acc, device=device))
+            params = torch.stack([torch.cat(scales), torch.cat(taus)])
+        lau = plan_phase(bucket, l1_table, phase, params, out, sms, tables)
+        lau.run(lau.configs[0])
+        for it, start in zip(bucket.items, bucket.starts):
+            if rows:
+                results[it.row] = out[:rows, start:start + it.layout.num_groups]
+            else:
+                finish(it.weight, it.layout)
+    return results
+
+
+def to_group_order(values: torch.Tensor, weight: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Per-group values shaped like the kept dimensions (logical order) -> a flat tensor in the
+    layout's group order (the inverse of to_kept_shape)."""
+    order = list(layout.kept_in_group_order)
+    if order == sorted(order):
+        return values.reshape(-1)
+    logical = sorted(order)
+    view = values.reshape([weight.size(d) for d in logical])
+    return view.permute([logical.index(d) for d in order]).reshape(-1)

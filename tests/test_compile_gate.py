@@ -98,7 +98,10 @@ def test_quick_gate_compiles_clean(tmp_path):
     assert summary["specializations"] >= 50
     assert {r["arch"] for r in result["rows"]} == {"sm_90a", "sm_80"}
     assert {r["kernel"] for r in result["rows"]} == {
-        "prox_kernel", "split_stats_kernel", "split_apply_kernel", "soft_threshold_kernel"}
+        "prox_kernel", "split_stats_kernel", "split_apply_kernel", "soft_threshold_kernel",
+        "phase_kernel"}
+    assert {r["steps"] for r in result["rows"] if r["kernel"] == "phase_kernel"} == {
+        "sums", "above", "rewrite"}
     assert summary["aligned"] > 0 and summary["aligned_128"] == summary["aligned"]
 
 

@@ -11,6 +11,7 @@ from fastprox import CoupledGroups, Slice, reference
 from fastprox.operators import BY_NAME
 
 from helpers import DTYPES, TOLERANCES
+from phase_checks import check_phase_ops
 
 ROW = BY_NAME["coupled_prox_"]
 SAMPLES = [(dict(zip(("lam_l1", "lam_group", "lam_exclusive"), lams)), flags)
@@ -257,43 +258,10 @@ def test_numpy_thresholds():
 
 
 # -- the phase ops (csrc/cpu/group_phases.cpp) against their reference -------------------------
-PHASE_LAYOUTS = [((64, 33), [1]), ((64, 33), [0]), ((8, 6, 3, 3), [0, 2, 3]),
-                 ((8, 6, 3, 3), [1, 2, 3]), ((17,), []), ((5, 300), [0]), ((0, 4), [1])]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_phase_ops_match_reference(dtype):
     """Every layout in one call (one parallel region), and each alone; views included."""
-    ops = torch.ops.fastprox
-    weights, dims = [], []
-    for shape, dim in PHASE_LAYOUTS:
-        w = torch.randn(shape).to(dtype)
-        if w.numel():
-            w.view(-1)[0] = float("nan")  # NaN stays in its group's sums
-        weights.append(w)
-        dims.append(dim)
-        if len(shape) == 2:
-            weights.append(torch.randn(shape[::-1]).to(dtype).t())  # a transposed view
-            dims.append(dim)
-    flat, counts = [d for ds in dims for d in ds], [len(ds) for ds in dims]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    for l1 in (0.0, 0.3):
-        lams = [l1] * len(weights)
-        for what in (1, 2, 3):
-            mine = ops.foreach_group_sums(weights, flat, counts, lams, what)
-            ref = reference.foreach_group_sums_op(weights, flat, counts, lams, what)
-            for a, b in zip(mine, ref):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
-        kept = [reference.group_sums_op(w, d, 0.0, 1)[0].shape for w, d in zip(weights, dims)]
-        scales = [torch.rand(k, dtype=acc) for k in kept]
-        taus = [torch.rand(k, dtype=acc) * 0.5 for k in kept]
-        for ss, ts in ((scales, [None] * len(kept)), ([None] * len(kept), taus), (scales, taus)):
-            mine = [w.clone() for w in weights]
-            ref = [w.clone() for w in weights]
-            ops.foreach_group_rewrite_(mine, flat, counts, lams, ss, ts)
-            reference.foreach_group_rewrite_op(ref, flat, counts, lams, ss, ts)
-            for a, b in zip(mine, ref):
-                torch.testing.assert_close(a, b, **TOLERANCES[dtype], equal_nan=True)
+    check_phase_ops(torch.ops.fastprox, dtype, "cpu")
 
 
 def test_phase_ops_opcheck_and_bad_input():
@@ -303,6 +271,9 @@ def test_phase_ops_opcheck_and_bad_input():
     torch.library.opcheck(ops.foreach_group_rewrite_,
                           ([w.clone(), v.clone()], [0, 1], [1, 1], [0.1, 0.0],
                            [torch.rand(5), None], [None, torch.rand(3)]))
+    torch.library.opcheck(ops.foreach_group_sums_above,
+                          ([w, v], [0, 1], [1, 1], [0.1, 0.0], [torch.rand(5), None],
+                           [torch.rand(5), torch.rand(3)]))
     before = w.clone(), v.clone()
     with pytest.raises(ValueError, match="foreach_group_rewrite_: lam_l1\\[1\\]"):
         ops.foreach_group_rewrite_([w, v], [1, 1], [1, 1], [0.0, -1.0], [None, None],
@@ -313,6 +284,8 @@ def test_phase_ops_opcheck_and_bad_input():
     with pytest.raises(ValueError, match="share memory"):
         ops.foreach_group_rewrite_([w, w[:2]], [1, 1], [1, 1], [0.0, 0.0],
                                    [torch.rand(6), torch.rand(2)], [None, None])
+    with pytest.raises(ValueError, match="foreach_group_sums_above: taus\\[0\\] has 5 values"):
+        ops.foreach_group_sums_above([w], [1], [1], [0.0], [None], [torch.rand(5)])
     with pytest.raises(ValueError, match="foreach_group_sums: what"):
         ops.foreach_group_sums([w], [1], [1], [0.0], 4)
     assert torch.equal(w, before[0]) and torch.equal(v, before[1])

@@ -3,6 +3,8 @@ torch.compile as they were; on a GPU, the ops under opcheck, torch.compile and C
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -27,6 +29,14 @@ def _op_args(device):
         (torch.ops.fastprox.foreach_prox_.default,
          ([w.clone(), w.clone().t()], torch.full((2, 3), 0.1, dtype=torch.float64), [1, 0],
           [1, 1], [True, False], [True, True], "foreach_prox_", list(COLUMNS))),
+        (torch.ops.fastprox.foreach_group_sums.default,
+         ([w, w.t()], [1, 0], [1, 1], [0.1, 0.0], 3)),
+        (torch.ops.fastprox.foreach_group_sums_above.default,
+         ([w, w.t()], [1, 0], [1, 1], [0.1, 0.0], [torch.rand(8, device=device), None],
+          [torch.rand(8, device=device), torch.rand(8, device=device)])),
+        (torch.ops.fastprox.foreach_group_rewrite_.default,
+         ([w.clone(), w.clone().t()], [1, 0], [1, 1], [0.1, 0.0],
+          [torch.rand(8, device=device), None], [None, torch.rand(8, device=device)])),
     ]
 
 
@@ -136,6 +146,15 @@ def test_gpu_compiles_what_the_gate_compiles(monkeypatch):
     dims = [d for _, d in shapes]
     fastprox.foreach_prox_(weights, lam_group=0.1, dim=dims)
     fastprox.foreach_prox_(weights, lam_l1=0.01, lam_group=0.1, lam_exclusive=0.01, dim=dims)
+    ops = torch.ops.fastprox  # the phase ops of coupled groups
+    flat, counts = [d for ds in dims for d in ds], [len(ds) for ds in dims]
+    per_group = [torch.rand(w.numel() // math.prod(w.shape[d] for d in ds), device="cuda")
+                 for w, ds in zip(weights, dims)]
+    ops.foreach_group_sums(weights, flat, counts, [0.01] * len(weights), 3)
+    ops.foreach_group_sums_above(weights, flat, counts, [0.0] * len(weights), per_group,
+                                 per_group)
+    ops.foreach_group_rewrite_(weights, flat, counts, [0.0] * len(weights), per_group,
+                               per_group)
     major, minor = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     got = {s for lau in seen for s in gate.specs_of(lau, 10 * major + minor)}

@@ -161,6 +161,7 @@ struct GroupParams {
   A tau = 0;
   A active = 0;          // exact exclusive: count of magnitudes above tau
   bool iterate = false;  // exact exclusive: tau still to be refined
+  int64_t group = 0;     // AboveStep: where newton() stores the group's sums
 };
 
 // The fused proximal step of group lasso (kGroup), sparse group lasso (kL1 + kGroup), exclusive
@@ -171,6 +172,7 @@ struct ProxStep {
   static constexpr bool kWantSumSq = kGroup;
   static constexpr bool kWantAbs = kExcl;
   static constexpr bool kRewrite = true;
+  static constexpr bool kWrite = true;
   static constexpr bool kScales = kGroup;  // the rewrite multiplies by a per-group scale
 
   A l1 = 0;       // soft threshold applied first (sparse group lasso)
@@ -251,6 +253,7 @@ struct NormStep {
   static constexpr bool kWantSumSq = true;
   static constexpr bool kWantAbs = false;
   static constexpr bool kRewrite = false;
+  static constexpr bool kWrite = false;
   static constexpr bool kScales = false;
   T* out;
 
@@ -285,6 +288,7 @@ struct SumsStep : SoftThresholdFirst<A, kL1> {
   static constexpr bool kWantSumSq = kSq;
   static constexpr bool kWantAbs = kAbs;
   static constexpr bool kRewrite = false;
+  static constexpr bool kWrite = false;
   static constexpr bool kScales = false;
   A* sum_sq = nullptr;   // [groups], group order
   A* sum_abs = nullptr;
@@ -310,6 +314,7 @@ struct RewriteStep : SoftThresholdFirst<A, kL1> {
   static constexpr bool kWantSumSq = false;
   static constexpr bool kWantAbs = false;
   static constexpr bool kRewrite = true;
+  static constexpr bool kWrite = true;
   static constexpr bool kScales = kScale;
   const A* scale = nullptr;  // [groups], group order
   const A* tau = nullptr;
@@ -327,6 +332,38 @@ struct RewriteStep : SoftThresholdFirst<A, kL1> {
     if constexpr (kTau) y = shrink_magnitude(y, t);
     return y;
   }
+};
+
+// ... and the sums of one Newton step of the exact exclusive threshold with given per-group
+// scale and tau: per group, the sum and the count of the magnitudes m = |pre(x)| * scale (kScale)
+// above tau. The engine's Newton pass, run once per call, and nothing written.
+template <typename A, bool kL1, bool kScale>
+struct AboveStep : SoftThresholdFirst<A, kL1> {
+  using V = at::vec::Vectorized<A>;
+  static constexpr bool kWantSumSq = false;
+  static constexpr bool kWantAbs = false;
+  static constexpr bool kRewrite = true;   // the Newton passes of the rewrite ...
+  static constexpr bool kWrite = false;    // ... but no write
+  static constexpr bool kScales = kScale;
+  const A* scale = nullptr;  // [groups], group order
+  const A* tau = nullptr;
+  A* sum_above = nullptr;    // [groups], group order
+  A* count_above = nullptr;
+
+  GroupParams<A> finish(int64_t group, A, A, A) const {
+    GroupParams<A> p;
+    if constexpr (kScale) p.scale = scale[group];
+    p.tau = tau[group];
+    p.iterate = true;  // one pass
+    p.group = group;
+    return p;
+  }
+  void newton(GroupParams<A>& p, A sum, A count) const {
+    sum_above[p.group] = sum;
+    count_above[p.group] = count;
+    p.iterate = false;
+  }
+  V rewrite(const V& x, const V&, const V&) const { return x; }
 };
 
 namespace detail {
@@ -441,6 +478,7 @@ void chunk_group(T* data, const GroupShape& s, const Step& step, int64_t gi) {
     step.newton(p, reduce_sum(above.b), reduce_sum(above.c));
   }
 
+  if constexpr (!Step::kWrite) return;
   const V tau(p.tau);
   for_each_load(group, s, [&](T* ptr, int64_t count) {
     V x[P];
@@ -543,7 +581,9 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
 
   // Statistics: 0 sum of squares, 1 sum of magnitudes, 2 nonzero count (Newton passes: 1 sum
   // and 2 count of the magnitudes above tau). part[k] is [block][column], col[k] [column].
-  const bool used[3] = {kSq, kAbs, kAbs};
+  // (a step that only takes Newton sums needs the statistics 1 and 2 without a first pass)
+  constexpr bool kNewtonSums = kAbs || (Step::kRewrite && !Step::kWrite);
+  const bool used[3] = {kSq, kNewtonSums, kNewtonSums};
   std::vector<A> part[3], col[3];
   for (int k = 0; k < 3; ++k) {
     if (used[k]) part[k].assign(blocks * padded, A(0)), col[k].assign(padded, A(0));
@@ -647,6 +687,7 @@ void column_path(T* data, const GroupShape& s, const Step& step) {
       iterate = false;
       for (const auto& p : params) iterate = iterate || p.iterate;
     }
+    if constexpr (!Step::kWrite) continue;
     spread(col_tau, [&](int64_t g) { return params[g].tau; });
 
     // Pass 2: the rewrite, streaming the rows again.
@@ -679,7 +720,9 @@ void column_tile(T* data, const GroupShape& s, const Step& step, int64_t b, int6
   const int64_t padded = (width + W - 1) / W * W;
   T* tile = data + b * s.outer * cols + g_begin * s.inner;
 
-  const bool used[3] = {kSq, kAbs, kAbs};
+  // (a step that only takes Newton sums needs the statistics 1 and 2 without a first pass)
+  constexpr bool kNewtonSums = kAbs || (Step::kRewrite && !Step::kWrite);
+  const bool used[3] = {kSq, kNewtonSums, kNewtonSums};
   std::vector<A> part[3], col[3];
   for (int k = 0; k < 3; ++k) {
     if (used[k]) part[k].assign(padded, A(0)), col[k].assign(padded, A(0));
@@ -754,6 +797,7 @@ void column_tile(T* data, const GroupShape& s, const Step& step, int64_t b, int6
       if (params[g].iterate) step.newton(params[g], sums[1], sums[2]);
     });
   }
+  if constexpr (!Step::kWrite) return;
   spread(col_tau, [&](int64_t g) { return params[g].tau; });
   for (int64_t o = 0; o < s.outer; ++o) {
     rewrite_columns(tile + o * cols, width, step, col_scale.data(), col_tau.data());
