@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: build test demo bench bench-gpu bench-comm compile-gate gpu-check clean
+.PHONY: build test demo bench bench-gpu bench-comm compile-gate gpu-check gpu-wheels clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,14 @@ compile-gate: build $(TRITON_OLD_DIR)/.installed
 # no network): build, kernel tests on CUDA, compute-sanitizer, benchmark; results in gpu-out/.
 gpu-check:
 	bash bench/gpu_check.sh $(or $(OUT),gpu-out)
+
+# Wheels for the GPU image, which has no network and lacks Torch-Pruning (the coupled rows of
+# the GPU benchmark discover ResNet-50's channel groups with it): gpu_check.sh installs what is
+# in .whl/ (send .whl along with the tree).
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 -d .whl torch-pruning==1.6.1
 
 # the harness on CUDA: fastprox vs eager / compiled user code vs a device-to-device copy
 bench-gpu: build

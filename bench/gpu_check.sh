@@ -68,6 +68,16 @@ EOF
     echo "|---|---|---|---|"
 } >"$SUMMARY"
 
+# Packages the GPU image lacks, brought as wheels in .whl/ (`make gpu-wheels`: Torch-Pruning,
+# which the coupled rows of the benchmark need to find ResNet-50's channel groups), installed
+# into a folder of their own on PYTHONPATH; without them those rows say they were skipped.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    SITE=$(mktemp -d)
+    step wheels 60 build.log "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 # The extension, from this tree, against the torch already installed (no isolation, no deps).
 step build "$T_BUILD" build.log env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation \
     --no-deps --no-index -e .

@@ -1,7 +1,8 @@
 """GPU benchmark (do_bench) of the harness's cases (bench/harness.py): fastprox, the user's eager
 PyTorch, torch.compile of it (mode max-autotune-no-cudagraphs) and the floor, a
 device-to-device copy of the same bytes; plus whole-model parameter lists through foreach_prox_
-against a Python loop of single calls and the user's eager loop.
+against a Python loop of single calls and the user's eager loop, and the coupled step of
+ResNet-50's and GPT-2 small's coupled groups against the per-tensor step and the copy floor.
 
     make bench-gpu                        # or: python bench/gpu_kernels.py [--out FILE.json]
     python bench/gpu_kernels.py --ops group_shrink_ --dtypes fp32 --shapes rows-4096
@@ -163,6 +164,52 @@ def bench_models(args, device, bench, records: list, save=lambda: None) -> list[
     return records
 
 
+def _base(model, tensor):
+    """The parameter of ``model`` whose storage ``tensor`` (a member, maybe a view) uses."""
+    for p in model.parameters():
+        if p.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            return p
+    raise LookupError("a member that is no parameter of the model")
+
+
+def bench_coupled(args, device, bench, records: list, save=lambda: None) -> list[dict]:
+    """Group lasso on every coupled set of ResNet-50 (channels) and GPT-2 small (heads and
+    neurons), float32, against group lasso per tensor on the same weights (foreach_prox_) and a
+    device-to-device copy of every tensor the sets touch. Discovery needs Torch-Pruning (and
+    transformers for GPT-2): a model whose packages are missing is recorded as skipped, with
+    the reason."""
+    import fastprox
+
+    for model in (["resnet-tiny"] if args.tiny else ["resnet50", "gpt2-small"]):
+        try:
+            net, sets, per_tensor = harness.coupled_model(model, device)
+        except ImportError as e:
+            records.append(dict(coupled_model=model, skipped=f"ImportError: {e}"))
+            print(f"coupled {model}: skipped ({e})", flush=True)
+            save()
+            continue
+        tensors = list({id(_base(net, m.tensor)): _base(net, m.tensor)
+                        for st in sets for m in st.slices}.values())
+        copies = [torch.empty_like(t) for t in tensors]
+        params = [t.param for t in per_tensor]
+        dims = [t.dim for t in per_tensor]
+        members = [m.tensor for st in sets for m in st.slices]
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        row = dict(coupled_model=model, dtype="fp32", groups=sum(st.num_groups for st in sets),
+                   sets=len(sets), tensors=len(tensors), bytes=3 * nbytes(members),
+                   per_tensor_bytes=2 * nbytes(params), floor_bytes=2 * nbytes(tensors))
+        row["coupled_s"] = bench(lambda: [fastprox.coupled_prox_(st, lam_group=MODEL_LAM)
+                                          for st in sets])
+        row["per_tensor_s"] = bench(lambda: fastprox.foreach_prox_(params, lam_group=MODEL_LAM,
+                                                                   dim=dims))
+        row["per_tensor_gbps"] = row["per_tensor_bytes"] / row["per_tensor_s"] / 1e9
+        row["floor_s"] = bench(lambda: torch._foreach_copy_(copies, tensors))
+        records.append(row)
+        save()
+        print(harness.report("", "", [], [], [row]).splitlines()[-1], flush=True)
+    return records
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes, wall clock, no compile")
@@ -172,6 +219,7 @@ def main(argv=None) -> dict:
                         choices=list(harness.DTYPES))
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-models", action="store_true")
+    parser.add_argument("--no-coupled", action="store_true")
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     parser.add_argument("--compile-ops", nargs="*", choices=list(harness.BY_LABEL),
                         help="compile the baseline for these operators only (default: all)")
@@ -187,7 +235,7 @@ def main(argv=None) -> dict:
     bench = _timer(args.tiny)
     machine = _machine()
     print(f"Machine: {machine['name']}")
-    result = dict(machine=machine, ops=[], models=[])
+    result = dict(machine=machine, ops=[], models=[], coupled=[])
 
     def save():  # after every row: a run cut short keeps what it measured
         with open(args.out, "w") as f:
@@ -197,9 +245,11 @@ def main(argv=None) -> dict:
         bench_ops(args, device, bench, result["ops"], save)
         if not args.no_models:
             bench_models(args, device, bench, result["models"], save)
+        if not args.no_coupled:
+            bench_coupled(args, device, bench, result["coupled"], save)
     save()
     print(harness.report(machine["name"], "device-to-device copy", result["ops"],
-                         result["models"]))
+                         result["models"], [r for r in result["coupled"] if "coupled_s" in r]))
     print(f"written: {args.out}")
     return result
 

@@ -44,8 +44,11 @@ def op_target(row) -> tuple[float | None, float | None]:
 def report(result: dict) -> str:
     """The run in the harness's format (bench/harness.py), then each target met or missed."""
     m = result["machine"]
+    coupled = result.get("coupled", [])
     lines = [harness.report(m.get("name", m.get("gpu")), "device-to-device copy", result["ops"],
-                            result["models"]),
+                            result["models"], [r for r in coupled if "coupled_s" in r]),
+             *[f"Coupled {r['coupled_model']}: skipped ({r['skipped']})." for r in coupled
+               if "skipped" in r], "",
              "| operator | weight | dtype | of copy | vs compiled | target |",
              "|---|---|---|---|---|---|"]
     met = missed = 0

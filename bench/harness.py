@@ -286,21 +286,27 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
 
 # -- coupled groups of whole models --------------------------------------------------------------
 
-def coupled_model(name: str):
-    """(sets, dense per-tensor step's tensors and dims) of a real model: a ResNet-50 (torchvision's
-    layout, Bottleneck blocks 3-4-6-3; a 3x3 stem) with channel groups, or GPT-2 small
-    (Hugging Face, built from its config) with head and neuron groups."""
+def coupled_model(name: str, device="cpu"):
+    """(model, coupled sets, per-tensor group lasso targets) of a real model on ``device``: a
+    ResNet-50 (torchvision's layout, Bottleneck blocks 3-4-6-3; a 3x3 stem) with channel
+    groups, GPT-2 small (Hugging Face, built from its config) with head and neuron groups, or
+    ``resnet-tiny`` (two BasicBlocks, for smoke runs). Discovery needs Torch-Pruning (and
+    transformers for GPT-2): ImportError otherwise."""
     from fastprox import Regularizer, groups
-    from fastprox.demo.models import Bottleneck, ResNet
+    from fastprox.demo.models import BasicBlock, Bottleneck, ResNet
 
     torch.manual_seed(0)
-    if name == "resnet50":
-        model = ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), in_ch=3, classes=1000)
-        found = groups.channels(model, torch.randn(1, 3, 32, 32))
+    if name in ("resnet50", "resnet-tiny"):
+        if name == "resnet50":
+            model = ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), in_ch=3, classes=1000)
+        else:
+            model = ResNet(BasicBlock, (1, 1), (4, 8), in_ch=3, classes=10)
+        model.to(device)
+        found = groups.channels(model, torch.randn(1, 3, 32, 32, device=device))
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config())
+        model = GPT2LMHeadModel(GPT2Config()).to(device)
         found = groups.discover(model, ("heads", "neurons"))
     touched = {id(m.tensor.untyped_storage()) for s in found.sets for m in s.slices}
     per_tensor = [t for t in Regularizer(model, "group_lasso").targets.values()

@@ -304,57 +304,131 @@ def coupled_prox_(groups, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
             _checks.check_grad(m.tensor, fn, f"{_label(m, i)}.tensor")
     if l1 == 0 and lg == 0 and le == 0:
         return groups
-    if len(sets) > 1:
-        _check_disjoint([m for g in sets for m in g.slices], fn)
-    with torch.no_grad():
-        for g in sets:
-            _step_set(g, l1, lg, le, size_weighted, exact, max_newton_steps)
+    step_sets(sets, [(l1, lg, le)] * len(sets), [size_weighted] * len(sets),
+              [exact] * len(sets), max_newton_steps)
     return groups
 
 
-def _step_set(g: CoupledGroups, l1, lg, le, size_weighted, exact, max_newton_steps) -> None:
-    if lg == 0 and le == 0:  # the soft threshold alone: elementwise, no groups
-        count = len(g.slices)
-        _fused.prox_([m.tensor for m in g.slices], [[l1] * count, [0.0] * count, [0.0] * count],
-                     [[]] * count, [True] * count, [True] * count)
-        return
-    c = g.sizes.to(torch.float64).sqrt() if size_weighted else torch.ones(g.num_groups,
-                                                                          dtype=torch.float64)
-    if le == 0 or not exact:  # no Newton steps: sums, rules and rewrite over the whole set
-        _one_pass_set(g, l1, lg * c, lg > 0, le)
-        return
-    steps = []
-    for m, index, dims, keep in zip(g.slices, g._index, g._dims, g._keep):
-        acc = _phases.accumulation_dtype(m.tensor.dtype)
-        t = (lg * c).to(device=index.device, dtype=acc)[index].reshape(keep)
-        steps.append(_phases.PhasedStep(m.tensor, dims, l1, lg, le, exact, t))
-    _phases.run(steps, g.combine, max_newton_steps, _FN, together=True)
+def waves(sets: list[CoupledGroups]) -> list[list[int]]:
+    """The sets in waves: a set goes in the wave after the last one holding an earlier set it
+    shares memory with, so running the waves in order, each wave's sets together, is running
+    the sets one after another in the order given."""
+    seen: dict[int, list[tuple[int, int, int]]] = {}  # storage -> (set, lo, hi) of members
+    wave_of: list[int] = []
+    for j, g in enumerate(sets):
+        wave = 0
+        spans = []
+        for m in g.slices:
+            if m.tensor.numel() == 0:
+                continue
+            base = m.tensor.untyped_storage().data_ptr()
+            lo, hi = _span(m.tensor)
+            for i, ilo, ihi in seen.get(base, []):
+                if lo < ihi and ilo < hi:
+                    wave = max(wave, wave_of[i] + 1)
+            spans.append((base, lo, hi))
+        for base, lo, hi in spans:
+            seen.setdefault(base, []).append((j, lo, hi))
+        wave_of.append(wave)
+    out: list[list[int]] = [[] for _ in range(max(wave_of, default=-1) + 1)]
+    for j, w in enumerate(wave_of):
+        out[w].append(j)
+    return out
 
 
-def _one_pass_set(g: CoupledGroups, l1: float, t: torch.Tensor, group: bool, lam_e: float):
-    """A step without Newton iterations (group lasso, sparse group lasso, CGES's bound): the
-    sums of every member's slices in one fused ``foreach_group_sums`` call; each statistic
-    added per group in one gather (members in order, each member's slices in position order);
-    the per-group rules; the rewrite of every member in one fused ``foreach_group_rewrite_``
-    call."""
-    acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in g.slices) \
-        else torch.float32
-    what = (1 if group else 0) | (2 if lam_e > 0 else 0)
-    count = (1 if group else 0) + (1 if lam_e > 0 else 0)  # the nonzero count is not used
-    tensors = [m.tensor for m in g.slices]
-    dims = [d for ds in g._dims for d in ds]
-    counts = [len(ds) for ds in g._dims]
-    l1s = [float(l1)] * len(tensors)
+def step_sets(sets: list[CoupledGroups], lams: list[tuple], size_weighted: list[bool],
+              exact: list[bool], max_newton_steps: int) -> None:
+    """The step of every set (checked sets, checked per-set thresholds (l1, lg, le) and flags),
+    each set's in turn in the order given. Sets that share no memory run together: per wave
+    (``waves``), one soft-threshold call for the sets with no group step, one sums call and one
+    rewrite call per kind of sums for the sets without Newton steps, and one phased run for the
+    exact exclusive ones."""
+    with torch.no_grad():
+        for wave in waves(sets):
+            soft, one_pass, newton = [], {}, []
+            for j in wave:
+                l1, lg, le = lams[j]
+                if lg == 0 and le == 0:
+                    if l1 > 0:
+                        soft.append(j)
+                elif le == 0 or not exact[j]:
+                    what = (1 if lg > 0 else 0) | (2 if le > 0 else 0)
+                    one_pass.setdefault(what, []).append(j)
+                else:
+                    newton.append(j)
+            if soft:  # the soft threshold alone: elementwise, no groups
+                members = [(m.tensor, lams[j][0]) for j in soft for m in sets[j].slices]
+                n = len(members)
+                _fused.prox_([t for t, _ in members], [[l1 for _, l1 in members], [0.0] * n,
+                                                       [0.0] * n], [[]] * n, [True] * n,
+                             [True] * n)
+            for what, idx in one_pass.items():
+                _one_pass_sets([sets[j] for j in idx], [lams[j] for j in idx],
+                               [size_weighted[j] for j in idx], what)
+            if newton:
+                _newton_sets([sets[j] for j in newton], [lams[j] for j in newton],
+                             [size_weighted[j] for j in newton], max_newton_steps)
+
+
+def _thresholds(g: CoupledGroups, lg: float, size_weighted: bool) -> torch.Tensor:
+    """t_g = lam_group * c_g per group (float64, on the CPU)."""
+    c = g.sizes.to(torch.float64).sqrt() if size_weighted else \
+        torch.ones(g.num_groups, dtype=torch.float64)
+    return lg * c
+
+
+def _newton_sets(sets, lams, size_weighted, max_newton_steps) -> None:
+    """The exact exclusive step of sets that share no memory: one phased run (each Newton step
+    one fused call for every member of every set)."""
+    steps, spans = [], []
+    for g, (l1, lg, le), sw in zip(sets, lams, size_weighted):
+        t = _thresholds(g, lg, sw)
+        begin = len(steps)
+        for m, index, dims, keep in zip(g.slices, g._index, g._dims, g._keep):
+            acc = _phases.accumulation_dtype(m.tensor.dtype)
+            steps.append(_phases.PhasedStep(m.tensor, dims, l1, lg, le, True,
+                                            t.to(device=index.device, dtype=acc)[index]
+                                            .reshape(keep)))
+        spans.append((g, begin, len(steps)))
+
+    def combine(parts):
+        return [p for g, a, b in spans for p in g.combine(parts[a:b])]
+
+    _phases.run(steps, combine, max_newton_steps, _FN, together=True)
+
+
+def _one_pass_sets(sets, lams, size_weighted, what: int) -> None:
+    """Steps without Newton iterations (group lasso, sparse group lasso, CGES's bound) of sets
+    that share no memory, all with the same statistics (``what``): the sums of every member's
+    slices in one fused ``foreach_group_sums`` call; each set's statistics added per group in
+    one gather (members in order, each member's slices in position order); the per-group
+    rules; the rewrite of every member in one fused ``foreach_group_rewrite_`` call."""
+    tensors, dims, counts, l1s = [], [], [], []
+    for g, (l1, _, _) in zip(sets, lams):
+        tensors += [m.tensor for m in g.slices]
+        dims += [d for ds in g._dims for d in ds]
+        counts += [len(ds) for ds in g._dims]
+        l1s += [float(l1)] * len(g.slices)
+    group, excl = bool(what & 1), bool(what & 2)
+    count = int(group) + int(excl)  # the nonzero count is not used
     sums = ops.foreach_group_sums(tensors, dims, counts, l1s, what)
-    totals = [g._totals([part[k].to(acc) for part in sums]) for k in range(count)]
-    scale = tau = None
-    if group:
-        scale = reference.group_scale(torch.sqrt(totals[0]), t.to(device=g.device, dtype=acc))
-    if lam_e > 0:
-        s = scale if scale is not None else torch.ones_like(totals[-1])
-        l1_norm = totals[-1] * s
-        tau = reference.exclusive_tau(reference.cges_bound(l1_norm, lam_e), l1_norm, s)
-    nothing = [None] * len(tensors)
-    scales = nothing if scale is None else list(scale[g._all_index].split(g._counts))
-    taus = nothing if tau is None else list(tau[g._all_index].split(g._counts))
+    scales, taus = [], []
+    offset = 0
+    for g, (l1, lg, le), sw in zip(sets, lams, size_weighted):
+        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in g.slices) \
+            else torch.float32
+        parts = sums[offset:offset + len(g.slices)]
+        offset += len(g.slices)
+        totals = [g._totals([part[k].to(acc) for part in parts]) for k in range(count)]
+        scale = tau = None
+        if group:
+            t = _thresholds(g, lg, sw).to(device=g.device, dtype=acc)
+            scale = reference.group_scale(torch.sqrt(totals[0]), t)
+        if excl:
+            s = scale if scale is not None else torch.ones_like(totals[-1])
+            l1_norm = totals[-1] * s
+            tau = reference.exclusive_tau(reference.cges_bound(l1_norm, le), l1_norm, s)
+        nothing = [None] * len(g.slices)
+        scales += nothing if scale is None else list(scale[g._all_index].split(g._counts))
+        taus += nothing if tau is None else list(tau[g._all_index].split(g._counts))
     ops.foreach_group_rewrite_(tensors, dims, counts, l1s, scales, taus)

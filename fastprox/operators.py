@@ -239,7 +239,10 @@ OPERATORS = [
 
     Args:
         groups: a ``CoupledGroups`` or a list of them (built and checked by ``CoupledGroups``:
-            ranges, sizes and overlaps are refused there, before anything is written).
+            ranges, sizes and overlaps are refused there, before anything is written). A list
+            is each set's step in turn, in its order (sets may share tensors: a conv's output
+            channels in one set, its input channels in another); sets that share no memory run
+            together, in the same fused calls.
         lam_l1, lam_group, lam_exclusive: numbers or 0-d tensors, finite and >= 0 (read on the
             host).
         size_weighted: ``c_g = sqrt(n_g)`` (True) or 1.

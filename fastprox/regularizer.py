@@ -31,7 +31,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import _checks, groups as _groups, ops
+from . import _checks, coupled as _coupled, groups as _groups, ops
 from ._checks import is_dtensor
 from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED
 from .coupled import CoupledGroups
@@ -339,6 +339,24 @@ class Regularizer:
         for t in self.targets.values():  # sharded targets apart: plain ones keep the fast path
             by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
                                  []).append(t)
+        # every check before anything is written: one learning rate per coupled set, and the
+        # thresholds it gives (finite, >= 0)
+        coupled, coupled_lams = list(self.coupled.values()), []
+        for t in coupled:
+            rate = lr
+            if lrs is not None:
+                rates = {id(p): lrs[id(p)] for p in t.params}
+                values = list(rates.values())
+                if any(v is not values[0] and v != values[0] for v in values[1:]):
+                    raise ValueError(f"Regularizer.prox_step: the parameters of {t.name} are in "
+                                     "parameter groups with different learning rates; a coupled "
+                                     "group needs one")
+                rate = values[0]
+            coupled_lams.append(tuple(
+                _coupled._threshold(rate * lam, f"lr * {name} of {t.name}",
+                                    "Regularizer.prox_step")
+                for name, lam in (("lam_l1", t.lam_l1), ("lam_group", t.lam_group),
+                                  ("lam_exclusive", t.lam_exclusive))))
         for device, targets in by_device.items():
             rates = [lrs[id(t.param)] if lrs is not None else lr for t in targets]
             args = dict(
@@ -349,19 +367,10 @@ class Regularizer:
                 size_weighted=[t.size_weighted for t in targets],
                 exact=[t.exact for t in targets])
             ops.foreach_prox_([t.param for t in targets], **args)
-        for t in self.coupled.values():
-            rate = lr
-            if lrs is not None:
-                rates = {id(p): lrs[id(p)] for p in t.params}
-                values = list(rates.values())
-                if any(v is not values[0] and v != values[0] for v in values[1:]):
-                    raise ValueError(f"Regularizer.prox_step: the parameters of {t.name} are in "
-                                     "parameter groups with different learning rates; a coupled "
-                                     "group needs one")
-                rate = values[0]
-            ops.coupled_prox_(t.groups, lam_l1=rate * t.lam_l1, lam_group=rate * t.lam_group,
-                              lam_exclusive=rate * t.lam_exclusive,
-                              size_weighted=t.size_weighted, exact=t.exact)
+        # every coupled set in one go: sets that share no tensor run together (coupled.waves)
+        _coupled.step_sets([t.groups for t in coupled], coupled_lams,
+                           [t.size_weighted for t in coupled], [t.exact for t in coupled],
+                           max_newton_steps=64)
         self.steps += 1
 
     # -- penalty -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastprox
-from fastprox import CoupledGroups, Slice, reference
+from fastprox import CoupledGroups, Slice, coupled, reference
 from fastprox.operators import BY_NAME
 
 from helpers import DTYPES, TOLERANCES
@@ -306,3 +306,50 @@ def test_dtensor_members_are_refused():
             CoupledGroups([(w, 0, [0, 1, 2])], 3)
     finally:
         dist.destroy_process_group()
+
+
+def _shared_sets(dtype=torch.float32):
+    """Three sets over two convs and a norm layer: A the output channels of conv1 (its rows and
+    the norm's entries), B conv1's input channels (its columns: conv1 again), C conv2's rows
+    (shares nothing with A or B)."""
+    conv1, conv2, norm = (torch.randn(6, 4, 3, 3, dtype=dtype), torch.randn(5, 6, 3, 3, dtype=dtype),
+                          torch.randn(6, dtype=dtype))
+    a = [(conv1, 0, torch.arange(6) // 2, "conv1 rows"), (norm, 0, torch.arange(6) // 2, "norm")]
+    b = [(conv1, 1, torch.arange(4), "conv1 columns")]
+    c = [(conv2, 0, torch.arange(5), "conv2 rows")]
+    return [conv1, conv2, norm], [(a, 3), (b, 4), (c, 5)]
+
+
+def test_waves_keep_the_order_of_sets_that_share_memory():
+    _, made = _shared_sets()
+    sets = [CoupledGroups([Slice(*m) for m in ms], n) for ms, n in made]
+    assert coupled.waves(sets) == [[0, 2], [1]]
+    assert coupled.waves(sets[::-1]) == [[0, 1], [2]]
+    assert coupled.waves([sets[0]]) == [[0]]
+
+
+@pytest.mark.parametrize("lams,flags", SAMPLES, ids=IDS)
+def test_list_of_sets_is_each_set_in_turn(lams, flags):
+    """A list of sets that share tensors (a conv's rows in one, its columns in another) is each
+    set's step in the order given, bit for bit, and the reference's sequence within tolerance."""
+    tensors, made = _shared_sets()
+    together = [t.clone() for t in tensors]
+    one_by_one = [t.clone() for t in tensors]
+
+    def build(ts):
+        index = {id(t): i for i, t in enumerate(tensors)}
+        return [CoupledGroups([Slice(ts[index[id(m[0])]], *m[1:]) for m in ms], n)
+                for ms, n in made]
+
+    fastprox.coupled_prox_(build(together), **lams, **flags)
+    for g in build(one_by_one):
+        fastprox.coupled_prox_(g, **lams, **flags)
+    for a, b in zip(together, one_by_one):
+        assert torch.equal(a, b)
+    ref = [t.to(torch.float64) for t in tensors]
+    index = {id(t): i for i, t in enumerate(tensors)}
+    for ms, n in made:
+        reference.coupled_prox_([(ref[index[id(m[0])]], *m[1:]) for m in ms], n, **lams,
+                                **flags)
+    for a, b in zip(together, ref):
+        torch.testing.assert_close(a.to(torch.float64), b, **TOLERANCES[torch.float32])

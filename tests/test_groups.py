@@ -241,11 +241,12 @@ def test_regularizer_heads_neurons_lr_per_group_must_agree():
     other = [p for p in model.parameters() if p is not first.linear2.weight]
     opt = torch.optim.SGD([{"params": other, "lr": 0.1},
                            {"params": [first.linear2.weight], "lr": 0.01}])
-    before = first.linear1.weight.detach().clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="neurons:layers.0.*different learning rates"):
         reg.prox_step(opt)
-    # the sets stepped before the failing one are done; the failing set is left as it was
-    assert torch.equal(first.linear1.weight, before)
+    # checked before anything is written: no set, no per-tensor target was stepped
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 def test_regularizer_overrides_for_coupled_sets():

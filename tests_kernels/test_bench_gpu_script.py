@@ -25,11 +25,23 @@ def test_bench_script_tiny(tmp_path):
     assert [m["model"] for m in result["models"]] == ["resnet50", "gpt2-small"]
     for m in result["models"]:
         assert 1 <= m["launches"] <= 4
+    # the coupled step on a small ResNet, or the reason it could not run
+    [c] = result["coupled"]
+    assert c["coupled_model"] == "resnet-tiny"
+    if "skipped" in c:
+        assert "torch_pruning" in c["skipped"]
+    else:
+        assert math.isfinite(c["coupled_s"]) and c["coupled_s"] > 0 and c["groups"] > 0
+    coupled_lines = 2 if "coupled_s" in c else 0  # its header and its row
     # the report of bench/gpu_report.py (gpu_check.sh's summary) reads the same JSON
     spec = importlib.util.spec_from_file_location(
         "gpu_report", os.path.join(HERE, "..", "bench", "gpu_report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     text = report.report(result)
-    assert text.count("\n| ") == 2 * (len(result["ops"]) + len(result["models"]) + 2)
+    assert text.count("\n| ") == report.report(dict(result, coupled=[])).count("\n| ") + \
+        coupled_lines
+    assert report.report(dict(result, coupled=[])).count("\n| ") == \
+        2 * (len(result["ops"]) + len(result["models"]) + 2)
+    assert ("| resnet-tiny |" in text) == ("coupled_s" in c)
     assert "Targets met:" in text
