@@ -10,8 +10,9 @@ The specializations come from the launcher itself (kernels/launch.py's plan_* fu
 same code a GPU run calls) applied to meta tensors over a catalog: the kernel tests' layouts
 (with the small tile limits the tests force as well), the GPU benchmark's shapes, the ResNet-50
 and GPT-2 small weight lists, unaligned views and a tensor of more than 2**31 elements; every
-combination of steps (thresholds that may be nonzero, exact or bound exclusive threshold), in
-float32, bfloat16, float16 and float64; with every warp count the tuner may pick.
+combination of steps (thresholds that may be nonzero, exact or bound exclusive threshold) and
+the three phases of steps whose groups span tensors (``phase_kernel``: sums, sums above tau,
+rewrite), in float32, bfloat16, float16 and float64; with every warp count the tuner may pick.
 
 For each specialization and target it reads, from ``cuobjdump -res-usage`` of the cubin,
 registers, stack frame and local memory per thread, and from the PTX the width of the weight's
@@ -378,7 +379,8 @@ def _step_launches(entries, sms):
 
 def markdown(rows: list[dict]) -> str:
     """One line per (kernel, tile, path, VEC, dtype, warps), over every combination of steps
-    (L: soft threshold, G: group, E: exclusive, N: norms only) compiled with it: registers and
+    (L: soft threshold, G: group, E: exclusive, N: norms only; for ``phase``, its phases, the
+    tile BLOCK_G x BLOCK_I and the sweep's sub-tile as loop tile) compiled with it: registers and
     spill bytes for sm_90a and sm_80 (the largest over the steps), the widths of the weight's
     loads and stores."""
     keyed: dict = {}

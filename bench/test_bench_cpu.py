@@ -119,7 +119,7 @@ def test_coupled_step(benchmark, model, impl):
     source = [t.detach().clone() for t in tensors]
     lam = MODEL_LAM
     if impl == "coupled":
-        fn = lambda ws: [fastprox.coupled_prox_(s, lam_group=lam) for s in sets]  # noqa: E731
+        fn = lambda ws: fastprox.coupled_prox_(sets, lam_group=lam)  # noqa: E731
         # each member is read by the sums and read and written by the rewrite (a conv weight
         # is a member of two sets: its output channels' and its input channels')
         moved = [m.tensor for s in sets for m in s.slices]
