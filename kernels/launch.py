@@ -438,6 +438,17 @@ class Tables:
         return torch.zeros(n, dtype=dtype, device=self.device if self.upload else "cpu")
 
 
+def _persistent(items: list[Item], tile, sms: int, tables: Tables):
+    """(meta, blocks, number of blocks, grid) of a persistent launch over a bucket's blocks."""
+    key, build = _tables(items, tile, 0)
+    meta, blocks = tables.get(key, build)
+    num_blocks = blocks.shape[1]
+    grid = max(1, min(num_blocks, PROGRAMS_PER_SM * sms))
+    if INTERPRET:
+        grid = min(num_blocks, 3)  # a few programs: the persistent loop is exercised
+    return meta, blocks, num_blocks, grid
+
+
 def plan_bucket(items: list[Item], lams: torch.Tensor, flags, sms: int, tables: Tables,
                 norms=None) -> tuple[list[Launch], tuple]:
     """The launches of one bucket (weights of one dtype, tile and alignment) and its tuning key."""
@@ -474,12 +485,7 @@ def plan_bucket(items: list[Item], lams: torch.Tensor, flags, sms: int, tables: 
                 Launch("split_apply_kernel", (num_blocks, chunks), args,
                        dict(**shape, **common, CHUNKS_P2=min(_p2(chunks), 64),
                             DO_GROUP=do_group), configs)], tune_key
-    key, build = _tables(items, tile, 0)
-    meta, blocks = tables.get(key, build)
-    num_blocks = blocks.shape[1]
-    grid = max(1, min(num_blocks, PROGRAMS_PER_SM * sms))
-    if INTERPRET:
-        grid = min(num_blocks, 3)  # a few programs: the persistent loop is exercised
+    meta, blocks, num_blocks, grid = _persistent(items, tile, sms, tables)
     fit = [fits(lay, tile) for lay in layouts]
     fit_mode = 1 if all(fit) else 2 if not any(fit) else 3
     lo, li = loop_tile(tile, tile_cap(wide, vec, off64))
@@ -713,12 +719,7 @@ def plan_phase(bucket: PhaseBucket, l1s: torch.Tensor, phase: int, params: torch
     if (li if bi > 1 else bg) < vec or lo * bg * li < 32 * vec:
         vec = 1
         lo, li = loop_tile(tile, tile_cap(wide, vec, off64))
-    key, build = _tables(items, tile, 0)
-    meta, blocks = tables.get(key, build)
-    num_blocks = blocks.shape[1]
-    grid = max(1, min(num_blocks, PROGRAMS_PER_SM * sms))
-    if INTERPRET:
-        grid = min(num_blocks, 3)  # a few programs: the persistent loop is exercised
+    meta, blocks, num_blocks, grid = _persistent(items, tile, sms, tables)
     per = elems_per_thread(wide, vec, off64)
     configs = warp_configs([(lo * bg * li, per // 2)], wide, vec, 8)[:1]
     args = (work, meta, l1s, blocks, params, out, num_blocks, triton.cdiv(num_blocks, grid),

@@ -63,6 +63,13 @@ void with_flags(bool a, bool b, bool c, F&& f) {
   }
 }
 
+// The work unit of a call over these weights (multi_tensor.h): sized by their elements.
+int64_t unit_of(at::TensorList weights) {
+  int64_t total = 0;
+  for (const at::Tensor& w : weights) total += w.numel();
+  return unit_elems(total);
+}
+
 // Checks every weight, its dims and its lam_l1 (before any memory is touched); returns the dims
 // of each weight.
 std::vector<at::IntArrayRef> check_list(const char* op, at::TensorList weights,
@@ -134,9 +141,7 @@ std::vector<at::Tensor> foreach_group_sums_cpu(at::TensorList weights, at::IntAr
   std::vector<at::Tensor> sums(n);
   std::vector<Unit> units;
   std::vector<std::function<void()>> alone;
-  int64_t total = 0;
-  for (const at::Tensor& w : weights) total += w.numel();
-  const int64_t unit = unit_elems(total);
+  const int64_t unit = unit_of(weights);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
     const auto options = w.options().dtype(accumulation_type(w));
@@ -262,9 +267,7 @@ std::vector<at::Tensor> foreach_group_sums_above_cpu(
   }
   std::vector<Unit> units;
   std::vector<std::function<void()>> alone;
-  int64_t total = 0;
-  for (const at::Tensor& w : weights) total += w.numel();
-  const int64_t unit = unit_elems(total);
+  const int64_t unit = unit_of(weights);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
     if (w.numel() == 0) continue;
