@@ -331,3 +331,98 @@ def group_rewrite_op(weight: torch.Tensor, dim: list[int], lam_l1: float, scale,
     if tau is not None:
         y = shrink_magnitude(y, _per_group(tau.to(acc), weight, dims))
     weight.copy_(y)
+
+
+# -- proximal steps in an optimizer's metric (docs/SPEC.md, "Proximal steps in an optimizer's
+# metric"): argmin_x 1/2 (x - z)^T diag(d) (x - z) + Omega(x), computed in float64 ----------------
+
+def adam_metric(exp_avg_sq: torch.Tensor, step, beta2: float, eps: float, lr) -> torch.Tensor:
+    """d = (sqrt(v_hat) + eps) / lr, v_hat = v / (1 - beta2^step): the diagonal metric of the
+    Adam / AdamW step that produced the weight (``exp_avg_sq``: the optimizer's state, or
+    ``max_exp_avg_sq`` with amsgrad), in float64."""
+    correction = 1 - beta2 ** float(step)
+    v_hat = exp_avg_sq.to(torch.float64) / correction
+    return (v_hat.sqrt() + eps) / float(lr)
+
+
+def _metric_soft(z: torch.Tensor, d: torch.Tensor, lam: float) -> torch.Tensor:
+    """sign(z) max(|z| - lam/d, 0); an element with d = 0 becomes 0 (NaN stays NaN)."""
+    safe = torch.where(d > 0, d, 1.0)
+    moved = shrink_magnitude(z, lam / safe)
+    return torch.where(d > 0, moved, torch.where(torch.isnan(z), z, torch.zeros_like(z)))
+
+
+def _metric_group_rows(z: torch.Tensor, d: torch.Tensor, t: float,
+                       iterations: int = 200) -> torch.Tensor:
+    """The metric group step of (G, n) rows: 0 where ||d z|| <= t, else z_i d_i / (d_i + t/theta)
+    with theta the root of sum (d_i z_i)^2 / (d_i theta + t)^2 = 1, bisected in [theta_L, ||z||]."""
+    dz = d * z
+    finite = torch.isfinite(z).all(dim=1, keepdim=True)
+    nan = torch.isnan(z).any(dim=1, keepdim=True)
+    zf = torch.where(finite, z, 0.0)
+    dzf = torch.where(finite, dz, 0.0)
+    a = torch.linalg.vector_norm(dzf, dim=1, keepdim=True)
+    keep = a > t
+    dmax = d.amax(dim=1, keepdim=True)
+    lo = torch.where(keep, (a - t) / torch.where(dmax > 0, dmax, 1.0), 0.0).clamp(min=0)
+    hi = torch.linalg.vector_norm(zf, dim=1, keepdim=True)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        f = ((dzf / (d * mid + t)) ** 2).sum(dim=1, keepdim=True) - 1
+        lo, hi = torch.where(f > 0, mid, lo), torch.where(f > 0, hi, mid)
+    theta = (lo + hi) / 2
+    x = dzf * theta / (d * theta + t)
+    x = torch.where(keep, x, torch.zeros_like(x))
+    # a group with an infinite value keeps its values; a NaN group becomes NaN
+    x = torch.where(finite, x, z)
+    return torch.where(nan, torch.full_like(z, float("nan")), x)
+
+
+def _metric_exclusive_rows(z: torch.Tensor, d: torch.Tensor, lam: float,
+                           exact: bool) -> torch.Tensor:
+    """The metric exclusive step of (G, n) rows: shrink by tau_i = lam S / d_i, S the root of
+    S = sum max(|z_i| - lam S/d_i, 0) (exact: the max over k of the top-k (by d|z|) sums
+    sum|z| / (1 + lam sum 1/d)), or S = ||z||_1 (CGES's bound, exact=False)."""
+    a = z.abs()
+    l1 = a.sum(dim=1, keepdim=True)
+    finite = torch.isfinite(l1)
+    af = torch.where(finite, a, 0.0)
+    if exact:
+        inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1.0), float("inf"))
+        order = torch.sort(af * d, dim=1, descending=True).indices
+        big_a = torch.gather(af, 1, order).cumsum(dim=1)
+        big_b = torch.gather(inv, 1, order).cumsum(dim=1)
+        s = (big_a / (1 + lam * big_b)).nan_to_num(nan=0.0).amax(dim=1, keepdim=True)
+        s = s.clamp(min=0)
+    else:
+        s = af.sum(dim=1, keepdim=True)
+    tau = torch.where(d > 0, lam * s / torch.where(d > 0, d, 1.0), float("inf"))
+    tau = torch.where(finite, tau, torch.where(torch.isnan(l1), l1, 0.0))
+    return shrink_magnitude(z, tau)
+
+
+def metric_prox_(weight: torch.Tensor, d: torch.Tensor, *, lam_l1=0.0, lam_group=0.0,
+                 lam_exclusive=0.0, dim=None, size_weighted: bool = True,
+                 exact: bool = True) -> torch.Tensor:
+    """The fused step in the metric diag(d) (d shaped like weight, finite, >= 0): soft threshold
+    by lam_l1/d, then the metric group step by t = lam_group * c, then the metric exclusive step
+    by lam_exclusive (each skipped when its lam is 0), in float64, written back once."""
+    l1, lg, le = (_value(v) for v in (lam_l1, lam_group, lam_exclusive))
+    if d.shape != weight.shape:
+        raise ValueError(f"metric_prox_: d has shape {tuple(d.shape)}, expected "
+                         f"{tuple(weight.shape)}")
+    if not bool((torch.isfinite(d) & (d >= 0)).all()):
+        raise ValueError("metric_prox_: d must be finite and >= 0")
+    if (l1 == 0 and lg == 0 and le == 0) or weight.numel() == 0:
+        return weight
+    dims = _reduced(weight, dim)
+    z = _as_groups(weight.to(torch.float64), dims)
+    dd = _as_groups(d.to(torch.float64), dims)
+    if l1 > 0:
+        z = _metric_soft(z, dd, l1)
+    if lg > 0:
+        c = math.sqrt(_group_size(weight, dims)) if size_weighted else 1.0
+        z = _metric_group_rows(z, dd, lg * c)
+    if le > 0:
+        z = _metric_exclusive_rows(z, dd, le, exact)
+    return _from_groups(weight, dims, z.to(weight.dtype))

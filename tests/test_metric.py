@@ -1,0 +1,170 @@
+"""The proximal steps in an optimizer's metric (docs/SPEC.md, "Proximal steps in an optimizer's
+metric"): the float64 reference (fastprox.reference.metric_prox_) against the optimality
+conditions in the metric diag(d) on random inputs (no second implementation needed), against the
+Euclidean operators where d is constant, on its edge cases, and the metric of a real Adam /
+AdamW step against the step itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastprox import reference
+
+DIMS = [((9, 14), 1), ((14, 9), 0), ((6, 4, 3, 3), (1, 2, 3)), ((6, 4, 3, 3), (0, 2, 3)),
+        ((11,), ())]
+
+
+def _metric(shape, zeros=False):
+    """d > 0 spread over three orders of magnitude (Adam's preconditioner varies that much), a
+    few entries at the smallest value (v_hat = 0: d = eps/lr); with ``zeros``, some d = 0."""
+    d = torch.exp(torch.empty(shape, dtype=torch.float64).uniform_(math.log(0.1), math.log(100)))
+    d.view(-1)[::7] = 0.1
+    if zeros:
+        d.view(-1)[3::11] = 0.0
+    return d
+
+
+def _rows(t, dim):
+    dims = reference._reduced(t, dim)
+    return reference._as_groups(t, dims), dims
+
+
+def _prox(z, d, dim, **lams):
+    x = z.clone()
+    reference.metric_prox_(x, d, dim=dim, **lams)
+    return x
+
+
+@pytest.mark.parametrize("shape,dim", DIMS, ids=str)
+def test_kkt_l1(shape, dim):
+    z, d = torch.randn(shape, dtype=torch.float64), _metric(shape, zeros=True)
+    lam = 0.7
+    x = _prox(z, d, dim, lam_l1=lam)
+    on = x != 0
+    # moved: d (x - z) + lam sign(x) = 0; left at 0: |d z| <= lam
+    torch.testing.assert_close((d * (x - z) + lam * x.sign())[on], torch.zeros_like(z)[on])
+    assert bool(((d * z).abs()[~on] <= lam + 1e-12).all())
+    assert bool((x[d == 0] == 0).all())
+
+
+@pytest.mark.parametrize("shape,dim", DIMS, ids=str)
+@pytest.mark.parametrize("lam_l1", [0.0, 0.4])
+def test_kkt_group_and_sparse_group(shape, dim, lam_l1):
+    """0 in D(x - z) + lam_l1 d|x| + t d||x_g||: on kept groups the gradient condition holds
+    elementwise; on zero groups ||soft(D z, lam_l1)|| <= t; both kinds occur."""
+    z, d = torch.randn(shape, dtype=torch.float64), _metric(shape)
+    zr, dims = _rows(z, dim)
+    dr = _rows(d, dim)[0]
+    c = math.sqrt(zr.shape[1])
+    # t at the median group's ||soft(D z, lam_l1)||: some groups kept, some removed
+    t = float(torch.linalg.vector_norm(reference.shrink_magnitude(dr * zr, lam_l1), dim=1)
+              .median())
+    x = _prox(z, d, dim, lam_l1=lam_l1, lam_group=t / c)
+    xr = _rows(x, dim)[0]
+    theta = torch.linalg.vector_norm(xr, dim=1, keepdim=True)
+    kept = (theta > 0).squeeze(1)
+    soft_dz = reference.shrink_magnitude(dr * zr, lam_l1)
+    assert bool((torch.linalg.vector_norm(soft_dz[~kept], dim=1) <= t * (1 + 1e-9)).all())
+    on = xr != 0
+    grad = dr * (xr - zr) + lam_l1 * xr.sign() + t * xr / torch.where(theta > 0, theta, 1.0)
+    torch.testing.assert_close(grad[on], torch.zeros_like(grad)[on], atol=1e-9, rtol=0)
+    inside = kept[:, None] & ~on  # zeroed by the L1 part of a kept group: |d z| <= lam_l1
+    assert bool(((dr * zr).abs()[inside] <= lam_l1 + 1e-12).all())
+    if zr.shape[0] > 2:
+        assert 0 < int(kept.sum()) < zr.shape[0], "the sample should keep some groups only"
+
+
+@pytest.mark.parametrize("shape,dim", DIMS, ids=str)
+def test_kkt_exclusive(shape, dim):
+    """d_i (x_i - z_i) + lam S sign(x_i) = 0 where x_i != 0, |d_i z_i| <= lam S where x_i = 0,
+    S = ||x_g||_1."""
+    z, d = torch.randn(shape, dtype=torch.float64), _metric(shape, zeros=True)
+    lam = 0.3
+    x = _prox(z, d, dim, lam_exclusive=lam)
+    zr, dr, xr = (_rows(t, dim)[0] for t in (z, d, x))
+    s = xr.abs().sum(dim=1, keepdim=True)
+    on = xr != 0
+    grad = dr * (xr - zr) + lam * s * xr.sign()
+    torch.testing.assert_close(grad[on], torch.zeros_like(grad)[on], atol=1e-9, rtol=0)
+    assert bool(((dr * zr).abs()[~on] <= (lam * s).expand_as(zr)[~on] + 1e-9).all())
+
+
+def test_exclusive_bound_and_cges_composition():
+    z, d = torch.randn(8, 12, dtype=torch.float64), _metric((8, 12))
+    bound = _prox(z, d, 1, lam_exclusive=0.05, exact=False)
+    want = reference.shrink_magnitude(z, 0.05 * z.abs().sum(1, keepdim=True) / d)
+    torch.testing.assert_close(bound, want)
+    both = _prox(z, d, 1, lam_group=0.2, lam_exclusive=0.05)
+    steps = _prox(_prox(z, d, 1, lam_group=0.2), d, 1, lam_exclusive=0.05)
+    torch.testing.assert_close(both, steps)
+
+
+@pytest.mark.parametrize("shape,dim", DIMS, ids=str)
+def test_constant_metric_is_the_euclidean_step(shape, dim):
+    """d = 1/lr everywhere: the Euclidean step with thresholds lr * lam."""
+    lr = 0.05
+    z = torch.randn(shape, dtype=torch.float64)
+    d = torch.full(shape, 1 / lr, dtype=torch.float64)
+    lams = dict(lam_l1=0.3, lam_group=2.0, lam_exclusive=1.5)
+    got = _prox(z, d, dim, **lams)
+    want = z.clone()
+    reference.foreach_prox_([want], dim=dim, **{k: lr * v for k, v in lams.items()})
+    torch.testing.assert_close(got, want)
+
+
+def test_edge_cases():
+    z = torch.randn(6, 10, dtype=torch.float64)
+    z[1] = 0.0
+    z[2, 3] = float("nan")
+    z[3, 4] = float("inf")
+    d = _metric((6, 10))
+    before = z.clone()
+    for lams in (dict(), dict(lam_l1=0.0, lam_group=0.0)):  # every lam 0: bit-identical
+        x = _prox(z, d, 1, **lams)
+        assert torch.equal(x.view(torch.int64), before.view(torch.int64))
+    for lams in (dict(lam_group=0.3), dict(lam_exclusive=0.2), dict(lam_l1=0.1, lam_group=0.3)):
+        x = _prox(z, d, 1, **lams)
+        assert bool((x[1] == 0).all())                    # a zero group stays zero
+        assert bool(x[2].isnan().all())                   # a NaN group becomes NaN
+        if "lam_l1" not in lams:
+            assert torch.equal(x[3], z[3])                # an infinite group keeps its values
+        assert not x[[0, 4, 5]].isnan().any()
+    huge = _prox(z, d, 1, lam_group=1e300)
+    assert bool((huge[[0, 1, 4, 5]] == 0).all()) and not huge[[0, 4, 5]].isnan().any()
+    with pytest.raises(ValueError, match="metric_prox_: d must be finite"):
+        bad = d.clone()
+        bad[0, 0] = -1.0
+        reference.metric_prox_(z.clone(), bad, lam_group=0.1)
+    x = z.clone()
+    with pytest.raises(ValueError, match="metric_prox_: d has shape"):
+        reference.metric_prox_(x, d[:, :3], lam_group=0.1)
+    assert torch.equal(x.nan_to_num(), before.nan_to_num())
+
+
+@pytest.mark.parametrize("opt_name,kwargs", [
+    ("Adam", {}), ("AdamW", {"weight_decay": 0.1}), ("Adam", {"amsgrad": True}),
+    ("AdamW", {"betas": (0.8, 0.95), "eps": 1e-6}),
+])
+def test_adam_metric_is_the_steps_preconditioner(opt_name, kwargs):
+    """After a few Adam/AdamW steps, the last step's move (less AdamW's decay) is
+    -m_hat / d with d from the optimizer's state: d is the metric the step used."""
+    torch.manual_seed(torch.initial_seed() % 2 ** 31)
+    p = torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64))
+    lr = 0.01
+    opt = getattr(torch.optim, opt_name)([p], lr=lr, **kwargs)
+    group = opt.param_groups[0]
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        before = p.detach().clone()
+        opt.step()
+    state = opt.state[p]
+    beta1, beta2 = group["betas"]
+    step = float(state["step"])
+    v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+    d = reference.adam_metric(v, step, beta2, group["eps"], lr)
+    m_hat = state["exp_avg"] / (1 - beta1 ** step)
+    decayed = before * (1 - lr * group["weight_decay"]) if opt_name == "AdamW" else before
+    torch.testing.assert_close(p.detach() - decayed, -m_hat / d)
