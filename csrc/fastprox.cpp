@@ -42,6 +42,12 @@ TORCH_LIBRARY(fastprox, m) {
   m.def(
       "foreach_group_sums_above(Tensor[] weights, int[] dims, int[] dim_counts, "
       "float[] lam_l1, Tensor?[] scales, Tensor[] taus) -> Tensor[]");
+  // The fused step in an optimizer's diagonal metric d = (sqrt(v * s) + eps) / lr, per weight
+  // with its second moment v (lams: (T, 3) thresholds as in foreach_prox_; metric: (T, 3)
+  // float64 (s, eps, lr)). csrc/cpu/metric_prox.cpp.
+  m.def(
+      "foreach_metric_prox_(Tensor(a!)[] weights, Tensor[] moments, Tensor lams, Tensor metric, "
+      "int[] dims, int[] dim_counts, bool[] size_weighted, bool[] exact) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight
@@ -71,6 +77,8 @@ static void bump_mutated_versions(const c10::OperatorHandle& op, c10::DispatchKe
 TORCH_LIBRARY_IMPL(fastprox, ADInplaceOrView, m) {
   m.impl("foreach_prox_", torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
   m.impl("foreach_group_rewrite_",
+         torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
+  m.impl("foreach_metric_prox_",
          torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
 }
 

@@ -106,6 +106,9 @@ torch.library.register_fake("fastprox::foreach_group_sums_above")(
     _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, 2))
 torch.library.register_kernel("fastprox::foreach_group_sums_above", None,
                               reference.foreach_group_sums_above_op)
+torch.library.register_fake("fastprox::foreach_metric_prox_")(_no_output)
+torch.library.register_kernel("fastprox::foreach_metric_prox_", None,
+                              reference.foreach_metric_prox_op)
 torch.library.register_fake("fastprox::foreach_group_rewrite_")(_no_output)
 torch.library.register_kernel("fastprox::foreach_group_rewrite_", None,
                               reference.foreach_group_rewrite_op)

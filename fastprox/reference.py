@@ -426,3 +426,29 @@ def metric_prox_(weight: torch.Tensor, d: torch.Tensor, *, lam_l1=0.0, lam_group
     if le > 0:
         z = _metric_exclusive_rows(z, dd, le, exact)
     return _from_groups(weight, dims, z.to(weight.dtype))
+
+
+def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, size_weighted,
+                           exact) -> None:
+    """``torch.ops.fastprox.foreach_metric_prox_`` by the reference: per weight, d from its
+    second moment and (scale, eps, lr) = metric[i], then metric_prox_ (every argument checked
+    before any weight is written)."""
+    op = "foreach_metric_prox_"
+    n = len(weights)
+    lams = lams.reshape(n, 3).tolist()
+    metric = metric.reshape(n, 3).tolist()
+    ds = []
+    for i, (w, v, lam, (scale, eps, lr)) in enumerate(zip(weights, moments, lams, metric)):
+        if not all(math.isfinite(x) and x >= 0 for x in lam):
+            raise ValueError(f"{op}: lams[{i}] must be finite numbers >= 0")
+        if not (all(math.isfinite(x) for x in (scale, eps, lr)) and scale >= 0 and eps >= 0
+                and lr > 0):
+            raise ValueError(f"{op}: metric[{i}] must be (scale >= 0, eps >= 0, lr > 0), finite")
+        if v.shape != w.shape:
+            raise ValueError(f"{op}: moments[{i}] has shape {tuple(v.shape)}, expected "
+                             f"{tuple(w.shape)}")
+        ds.append(((v.to(torch.float64) * scale).sqrt() + eps) / lr)
+    for w, d, lam, tensor_dims, sw, ex in zip(weights, ds, lams, _split_dims(dims, dim_counts),
+                                             size_weighted, exact):
+        metric_prox_(w, d, lam_l1=lam[0], lam_group=lam[1], lam_exclusive=lam[2],
+                     dim=tensor_dims, size_weighted=sw, exact=ex)

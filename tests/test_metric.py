@@ -168,3 +168,118 @@ def test_adam_metric_is_the_steps_preconditioner(opt_name, kwargs):
     m_hat = state["exp_avg"] / (1 - beta1 ** step)
     decayed = before * (1 - lr * group["weight_decay"]) if opt_name == "AdamW" else before
     torch.testing.assert_close(p.detach() - decayed, -m_hat / d)
+
+
+# -- the fused op (foreach_metric_prox_: C++ on the CPU) against the reference -----------------
+
+from helpers import DTYPES, TOLERANCES  # noqa: E402
+
+OP = torch.ops.fastprox.foreach_metric_prox_
+STEPS = {"l1": (0.02, 0, 0), "group": (0, 0.5, 0), "sgl": (0.01, 0.5, 0),
+         "excl": (0, 0, 0.02), "excl-bound": (0, 0, 0.002), "cges": (0, 0.5, 0.02),
+         "all": (0.01, 0.3, 0.01)}
+
+
+def _moments(shape, dtype=torch.float32):
+    """A second moment as Adam leaves it (>= 0, spread over orders of magnitude, some 0), its
+    scale falling along every dimension (so that groups of any layout differ: some removed)."""
+    v = torch.exp(torch.empty(shape).uniform_(math.log(1e-4), math.log(1e-2)))
+    for k, size in enumerate(shape):
+        fall = torch.logspace(0, -6, size).reshape([size if j == k else 1
+                                                    for j in range(len(shape))])
+        v = v * fall
+    v.view(-1)[::5] = 0
+    return v.to(dtype)
+
+
+def _call(fn, weights, moments, steps, dims, exact=True, metric=(1 / (1 - 0.999 ** 10), 1e-8,
+                                                                   1e-3)):
+    n = len(weights)
+    lams = torch.tensor([steps] * n if isinstance(steps, tuple) else steps, dtype=torch.float64)
+    fn(weights, moments, lams, torch.tensor([metric] * n, dtype=torch.float64),
+       [d for ds in dims for d in ds], [len(ds) for ds in dims], [True] * n, [exact] * n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("step", list(STEPS))
+def test_op_matches_reference(step, dtype):
+    """Every layout (and a transposed and a strided view) in one call."""
+    weights, moments, dims = [], [], []
+    for shape, dim in DIMS + [((12, 22), 0)]:
+        weights.append(torch.randn(shape).mul_(0.05).to(dtype))
+        moments.append(_moments(shape))
+        dims.append(list(dim) if isinstance(dim, tuple) else [dim])
+    weights.append(torch.randn(22, 12).mul_(0.05).to(dtype).t())
+    moments.append(_moments((12, 22)))
+    dims.append([1])
+    base = torch.randn(10, 30).mul_(0.05).to(dtype)
+    weights.append(base[:, ::3])
+    moments.append(_moments((10, 10)))
+    dims.append([0])
+    exact = step != "excl-bound"
+    mine = [w.clone() for w in weights[:-1]] + [base.clone()[:, ::3]]
+    ref = [w.clone() for w in weights]
+    _call(OP, mine, moments, STEPS[step], dims, exact)
+    _call(reference.foreach_metric_prox_op, ref, moments, STEPS[step], dims, exact)
+    tol = TOLERANCES[dtype]
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, rtol=max(tol["rtol"], 1e-5), atol=max(tol["atol"], 1e-6))
+    changed = sum(int((a != w).sum()) for a, w in zip(mine, weights))
+    assert changed > 0
+    if STEPS[step][1] > 0:  # the sample removes some groups of the first weight, not all
+        rows = (mine[0] == 0).all(dim=1)
+        assert 0 < int(rows.sum()) < rows.numel()
+
+
+def test_op_edge_cases_and_bad_input():
+    w = torch.randn(6, 10) * 0.05
+    w[1] = 0
+    w[2, 3] = float("nan")
+    w[3, 4] = float("inf")
+    v = _moments((6, 10))
+    before = w.clone()
+    x = w.clone()
+    _call(OP, [x], [v], (0.0, 0.0, 0.0), [[1]])  # every lam 0: bit-identical
+    assert torch.equal(x.view(torch.int32), before.view(torch.int32))
+    for steps in ((0, 0.05, 0), (0, 0, 0.02), (0, 0.05, 0.02)):
+        x, ref = w.clone(), w.clone()
+        _call(OP, [x], [v], steps, [[1]])
+        _call(reference.foreach_metric_prox_op, [ref], [v], steps, [[1]])
+        assert bool((x[1] == 0).all()) and bool(x[2].isnan().all())
+        assert torch.equal(x[3], w[3])
+        torch.testing.assert_close(x, ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+    x = w.clone()
+    _call(OP, [x], [v], (0, 1e30, 0), [[1]])  # huge: every finite group removed, no NaN
+    assert bool((x[[0, 1, 4, 5]] == 0).all())
+    empty = torch.empty(0, 4)
+    _call(OP, [empty], [torch.empty(0, 4)], (0.1, 0.1, 0.1), [[1]])
+    for bad, words in (
+            (lambda: _call(OP, [x], [v[:, :3]], (0, 0.1, 0), [[1]]), "moments\\[0\\] has shape"),
+            (lambda: _call(OP, [x], [v], (0, -0.1, 0), [[1]]), "lams\\[0\\]"),
+            (lambda: _call(OP, [x], [v], (0, 0.1, 0), [[1]], metric=(1.0, 1e-8, 0.0)),
+             "metric\\[0\\]"),
+            (lambda: _call(OP, [x, x[:2]], [v, v[:2]], (0, 0.1, 0), [[1], [1]]),
+             "share memory")):
+        snapshot = x.clone()
+        with pytest.raises(ValueError, match=words):
+            bad()
+        assert torch.equal(x.nan_to_num(), snapshot.nan_to_num())
+
+
+def test_op_deterministic_across_threads_and_opcheck():
+    w = torch.randn(64, 300) * 0.05
+    v = _moments((64, 300))
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            x = w.clone()
+            _call(OP, [x], [v], STEPS["all"], [[0]])
+            out.append(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1])
+    lams = torch.tensor([STEPS["all"]], dtype=torch.float64)
+    metric = torch.tensor([(1.0, 1e-8, 1e-3)], dtype=torch.float64)
+    torch.library.opcheck(OP, ([w.clone()], [v], lams, metric, [1], [1], [True], [True]))
