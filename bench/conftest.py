@@ -25,24 +25,27 @@ def pytest_terminal_summary(terminalreporter, config):
     ops: dict[str, dict] = {}
     models: dict[str, dict] = {}
     coupled: dict[str, dict] = {}
+    metric: dict[str, dict] = {}
     for bench in session.benchmarks:
         info = bench.extra_info
         if not bench.stats.data:  # failed before it was timed
             continue
-        into = coupled if "coupled_model" in info else models if "model" in info else ops
+        into = coupled if "coupled_model" in info else metric if "metric_model" in info else \
+            models if "model" in info else ops
         row = into.setdefault(bench.group, {k: v for k, v in info.items()
                                             if k not in ("impl", "bytes")})
         row[f"{info['impl']}_s"] = bench.stats.median
         if info["impl"] == "floor":
             row["floor_bytes"] = info["bytes"]
-        elif info["impl"] in ("fastprox", "foreach", "coupled"):
+        elif info["impl"] in ("fastprox", "foreach", "coupled", "metric"):
             row["bytes"] = info["bytes"]
         elif info["impl"] == "per_tensor":
             row["per_tensor_gbps"] = info["bytes"] / bench.stats.median / 1e9
     rows = [harness.derive(r) for r in ops.values() if "fastprox_s" in r]
     text = harness.report(harness.cpu_machine(), "in-place mul_ of the weight", rows,
                           [m for m in models.values() if "foreach_s" in m and "floor_s" in m],
-                          [c for c in coupled.values() if "coupled_s" in c and "floor_s" in c])
+                          [c for c in coupled.values() if "coupled_s" in c and "floor_s" in c],
+                          [m for m in metric.values() if "metric_s" in m and "floor_s" in m])
     terminalreporter.write_sep("=", "fastprox CPU summary")
     terminalreporter.write(text)
     with open(os.path.join(os.path.dirname(__file__), "last-run-cpu.md"), "w") as f:

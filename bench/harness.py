@@ -235,11 +235,13 @@ def derive(row: dict) -> dict:
 
 
 def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
-           coupled: list[dict] = ()) -> str:
+           coupled: list[dict] = (), metric: list[dict] = ()) -> str:
     """One markdown format for every run. rows: derive()d operator rows (op, weight, dtype);
     models: whole-model rows (model, dtype, tensors, foreach_s, loop_s, eager_s, floor_s,
     bytes, optional launches); coupled: coupled-group rows (coupled_model, groups, sets,
-    tensors, coupled_s, bytes, per_tensor_s, per_tensor_bytes, floor_s, floor_bytes)."""
+    tensors, coupled_s, bytes, per_tensor_s, per_tensor_bytes, floor_s, floor_bytes); metric:
+    metric-step rows (metric_model, tensors, metric_s, bytes, euclidean_s, reference_s, floor_s,
+    floor_bytes)."""
     get = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
     ms = lambda r, k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
     lines = [f"Machine: {machine}. Floor: {floor}.", "",
@@ -281,6 +283,22 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
                 f"{t * 1e3:.2f} | {r['bytes'] / t / 1e9:.1f} | {t / r['floor_s']:.2f} | "
                 f"{ms(r, 'per_tensor_s')} | "
                 f"{get(r, 'per_tensor_gbps', '{:.1f}')} | {ms(r, 'floor_s')} |")
+    if metric:
+        lines += ["", "Group lasso in an Adam step's metric on every weight (foreach_metric_prox_, "
+                  "GB/s counting one read of each weight and its second moment and one write), "
+                  "against the Euclidean step (foreach_prox_), the float64 reference and the "
+                  "floor (one read of both, one write: _foreach_add_):", "",
+                  "| model | tensors | metric ms | GB/s | x floor | euclidean ms | "
+                  "reference ms | reference / metric | floor ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in metric:
+            t = r["metric_s"]
+            slower = f"{r['reference_s'] / t:.1f}x" if "reference_s" in r else "-"
+            lines.append(
+                f"| {r['metric_model']} | {r['tensors']} | {t * 1e3:.2f} | "
+                f"{r['bytes'] / t / 1e9:.1f} | {t / r['floor_s']:.2f} | "
+                f"{ms(r, 'euclidean_s')} | {ms(r, 'reference_s')} | {slower} | "
+                f"{ms(r, 'floor_s')} |")
     return "\n".join(lines) + "\n"
 
 

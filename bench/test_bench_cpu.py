@@ -147,3 +147,43 @@ def _base(model, tensor):
         if p.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
             return p
     raise LookupError("a member that is no parameter of the model")
+
+
+METRIC_IMPLS = ["metric", "euclidean", "reference", "floor"]
+
+
+@pytest.mark.parametrize("impl", METRIC_IMPLS)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_metric_step(benchmark, model, impl):
+    """Group lasso in an Adam step's metric on every weight of a model (foreach_metric_prox_,
+    each weight with its second moment) against the Euclidean step (foreach_prox_), the float64
+    reference, and the floor: one read of each weight and its second moment and one write of the
+    weight (``torch._foreach_add_``), float32."""
+    layout = MODELS[model]()
+    dims = [[d] if isinstance(d, int) else list(d) for _, d in layout]
+    source, moments = _cached(("metric", model), lambda g: (
+        [torch.randn(s, generator=g).mul_(0.02) for s, _ in layout],
+        [torch.rand(s, generator=g).mul_(1e-4) for s, _ in layout]))
+    work = [w.clone() for w in source]
+    n = len(work)
+    lams = torch.tensor([(0.0, MODEL_LAM, 0.0)] * n, dtype=torch.float64)
+    metric = torch.tensor([(1 / (1 - 0.999 ** 100), 1e-8, 1e-3)] * n, dtype=torch.float64)
+    flat, counts = [d for ds in dims for d in ds], [len(ds) for ds in dims]
+    if impl == "metric":
+        fn = lambda ws: torch.ops.fastprox.foreach_metric_prox_(  # noqa: E731
+            ws, moments, lams, metric, flat, counts, [True] * n, [True] * n)
+    elif impl == "euclidean":
+        fn = lambda ws: fastprox.foreach_prox_(ws, lam_group=1e-3 * MODEL_LAM,  # noqa: E731
+                                               dim=[tuple(d) for d in dims])
+    elif impl == "reference":
+        fn = lambda ws: fastprox.reference.foreach_metric_prox_op(  # noqa: E731
+            ws, moments, lams, metric, flat, counts, [True] * n, [True] * n)
+    else:
+        fn = lambda ws: torch._foreach_add_(ws, moments, alpha=1e-30)  # noqa: E731
+    nbytes = sum(w.numel() * w.element_size() for w in work)
+    benchmark.group = f"metric {model}"
+    benchmark.extra_info.update(
+        metric_model=model, impl=impl, tensors=n,
+        bytes=(3 if impl in ("metric", "reference", "floor") else 2) * nbytes)
+    _time(benchmark, fn, work, lambda: (torch._foreach_copy_(work, source), None)[1],
+          impl == "reference")
