@@ -66,7 +66,10 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
   if (!finite) return;  // a group with an infinite value keeps its values
   if (p.t > A(0)) {
     // x = 0 iff ||D x|| <= t; else x_i d_i theta / (d_i theta + t), theta the root of
-    // f(theta) = sum (d_i x_i)^2 / (d_i theta + t)^2 - 1, Newton from theta_L (monotone).
+    // F(theta) = sum (d_i x_i)^2 / (d_i theta + t)^2 = 1, found as the root of
+    // phi = F^(-1/2) - 1: concave and increasing (a power mean of exponent -2 of functions
+    // linear in theta), linear when every d_i is the same. Newton from theta_L (phi <= 0) rises
+    // monotonically to the root, and takes one step when the d_i are equal.
     A dz2 = 0, dmax = 0;
     for (int64_t i = 0; i < n; ++i) {
       const A dz = d[i] * x[i];
@@ -80,16 +83,15 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
     }
     double theta = (double(a) - double(p.t)) / double(dmax);
     for (int k = 0; k < kMaxNewton; ++k) {
-      double f = -1.0, fp = 0.0;
+      double f = 0.0, slope = 0.0;  // F, and -F'/2
       for (int64_t i = 0; i < n; ++i) {
-        const double dz = double(d[i]) * double(x[i]);
-        const double q = double(d[i]) * theta + double(p.t);
-        const double r = dz / q;
+        const double inv = 1.0 / (double(d[i]) * theta + double(p.t));
+        const double r = double(d[i]) * double(x[i]) * inv;
         f += r * r;
-        fp -= 2.0 * double(d[i]) * r * r / q;
+        slope += double(d[i]) * r * r * inv;
       }
-      if (!(f > 0.0) || fp == 0.0) break;  // at or past the root (rounding): done
-      const double next = theta - f / fp;
+      if (!(f > 1.0) || slope == 0.0) break;  // at or past the root (rounding): done
+      const double next = theta + (std::pow(f, 1.5) - f) / slope;
       if (!(next > theta * (1.0 + 4.0 * std::numeric_limits<A>::epsilon()))) {
         theta = std::max(theta, next);
         break;
@@ -110,9 +112,11 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
       for (int k = 0; k < kMaxNewton; ++k) {
         double sum = 0.0, inv = 0.0;
         int64_t count = 0;
+        const double bar = double(p.le) * s;
         for (int64_t i = 0; i < n; ++i) {
-          if (d[i] > A(0) && double(d[i]) * std::abs(double(x[i])) > double(p.le) * s) {
-            sum += std::abs(double(x[i]));
+          const double m = std::abs(double(x[i]));
+          if (d[i] > A(0) && double(d[i]) * m > bar) {
+            sum += m;
             inv += 1.0 / double(d[i]);
             ++count;
           }
@@ -142,6 +146,9 @@ void metric_tensor(T* w, const V* v, const GroupShape& s, const MetricParams<at:
   const int64_t blocks_per_batch = (s.groups + per_block - 1) / per_block;
   const int64_t blocks = s.batch * blocks_per_batch;
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / (per_block * n));
+  // d in the accumulation type (float for 16- and 32-bit weights)
+  const A scale_a = static_cast<A>(scale), eps_a = static_cast<A>(eps);
+  const A inv_lr = static_cast<A>(1.0 / lr);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> x(per_block * n), d(per_block * n);
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -156,7 +163,7 @@ void metric_tensor(T* w, const V* v, const GroupShape& s, const MetricParams<at:
             const int64_t at = row + (g - g0) * s.inner + i;
             const int64_t k = (g - g0) * n + o * s.inner + i;
             x[k] = static_cast<A>(w[at]);
-            d[k] = static_cast<A>((std::sqrt(double(v[at]) * scale) + eps) / lr);
+            d[k] = (std::sqrt(static_cast<A>(v[at]) * scale_a) + eps_a) * inv_lr;
           }
         }
       }
