@@ -13,6 +13,7 @@
 // thread, in a fixed order: the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
 
@@ -83,12 +84,34 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
     }
     double theta = (double(a) - double(p.t)) / double(dmax);
     for (int k = 0; k < kMaxNewton; ++k) {
-      double f = 0.0, slope = 0.0;  // F, and -F'/2
-      for (int64_t i = 0; i < n; ++i) {
-        const double inv = 1.0 / (double(d[i]) * theta + double(p.t));
-        const double r = double(d[i]) * double(x[i]) * inv;
-        f += r * r;
-        slope += double(d[i]) * r * r * inv;
+      // F and -F'/2, in the accumulation type, vector lanes then a fixed-order reduction
+      using V = at::vec::Vectorized<A>;
+      constexpr int64_t L = V::size();
+      const A th = static_cast<A>(theta);
+      const V vth(th), vt(p.t), one(A(1));
+      V vf(A(0)), vs(A(0));
+      int64_t i = 0;
+      for (; i + L <= n; i += L) {
+        const V dd = V::loadu(d + i);
+        const V inv = one / (dd * vth + vt);
+        const V r = dd * V::loadu(x + i) * inv;
+        const V r2 = r * r;
+        vf = vf + r2;
+        vs = vs + dd * r2 * inv;
+      }
+      A lanes_f[L], lanes_s[L];
+      vf.store(lanes_f);
+      vs.store(lanes_s);
+      double f = 0.0, slope = 0.0;
+      for (int64_t j = 0; j < L; ++j) {
+        f += double(lanes_f[j]);
+        slope += double(lanes_s[j]);
+      }
+      for (; i < n; ++i) {
+        const A inv = A(1) / (d[i] * th + p.t);
+        const A r = d[i] * x[i] * inv;
+        f += double(r * r);
+        slope += double(d[i] * r * r * inv);
       }
       if (!(f > 1.0) || slope == 0.0) break;  // at or past the root (rounding): done
       const double next = theta + (std::pow(f, 1.5) - f) / slope;
@@ -98,9 +121,16 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
       }
       theta = next;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      x[i] = A(double(x[i]) * double(d[i]) * theta / (double(d[i]) * theta + double(p.t)));
+    using V = at::vec::Vectorized<A>;
+    const A th = static_cast<A>(theta);
+    const V vth(th), vt(p.t);
+    int64_t i = 0;
+    for (; i + V::size() <= n; i += V::size()) {
+      const V dd = V::loadu(d + i);
+      const V dth = dd * vth;
+      (V::loadu(x + i) * dth / (dth + vt)).store(x + i);
     }
+    for (; i < n; ++i) x[i] = x[i] * (d[i] * th) / (d[i] * th + p.t);
   }
   if (p.le > A(0)) {
     // tau_i = le S / d_i (d_i = 0: +inf). Exact: S = sum_A |x| / (1 + le sum_A 1/d) over the
