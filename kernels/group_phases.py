@@ -26,8 +26,9 @@ from . import launch
 from .layout import to_kept_shape
 
 
-def _check(op, weights, dims, dim_counts, lam_l1, writes, values=()):
-    """Every argument of a phase op checked, before anything runs; (layouts, l1s, dims)."""
+def _check(op, weights, dims, dim_counts, lam_l1, writes, values=(), needed=None):
+    """Every argument of a phase op checked, before anything runs; (layouts, l1s, dims), the
+    layouts of the ``needed`` weights only (all by default)."""
     n = len(weights)
     if len(dim_counts) != n or len(lam_l1) != n:
         raise ValueError(f"{op}: dim_counts and lam_l1 need one entry per weight")
@@ -52,7 +53,7 @@ def _check(op, weights, dims, dim_counts, lam_l1, writes, values=()):
             if v.device != w.device:
                 raise ValueError(f"{op}: {name}[{i}] is on {v.device} but weights[{i}] is on "
                                  f"{w.device}")
-    return launch.phase_layouts(list(zip(weights, tensor_dims))), l1s, tensor_dims
+    return launch.phase_layouts(list(zip(weights, tensor_dims)), needed), l1s, tensor_dims
 
 
 def _values(weights, layouts, scales, taus):
@@ -108,10 +109,11 @@ def foreach_group_sums_above(weights, dims, dim_counts, lam_l1, scales, taus):
 
 def foreach_group_rewrite_(weights, dims, dim_counts, lam_l1, scales, taus):
     op = "foreach_group_rewrite_"
+    # nothing to do for a weight without a scale, a threshold or lam_l1: bit-identical, and
+    # not analyzed (no working copy)
+    needed = [s is not None or t is not None or float(lam) > 0
+              for s, t, lam in zip(scales, taus, lam_l1)]
     layouts, l1s, _ = _check(op, weights, dims, dim_counts, lam_l1, True,
-                             (("scales", scales), ("taus", taus)))
-    # nothing to do for a weight without a scale, a threshold or lam_l1: bit-identical
-    layouts = [lay if (s is not None or t is not None or lam > 0) else None
-               for lay, s, t, lam in zip(layouts, scales, taus, l1s)]
+                             (("scales", scales), ("taus", taus)), needed)
     launch.phase_(list(weights), layouts, l1s, launch.PHASE_REWRITE,
                   _values(weights, layouts, scales, taus))

@@ -678,12 +678,14 @@ class PhaseBucket:
             else torch.float32
 
 
-def phase_layouts(entries) -> list:
+def phase_layouts(entries, needed=None) -> list:
     """The layout of each (weight, dims) of a call (checked), None for a weight with no group
-    or no element (its sums are 0, its rewrite changes nothing)."""
+    or no element (its sums are 0, its rewrite changes nothing) or not ``needed`` (analyzed
+    only where needed: a layout may copy the weight)."""
     out = []
-    for weight, dims in entries:
-        layout = analyze(weight, dims) if weight.numel() else None
+    for k, (weight, dims) in enumerate(entries):
+        wanted = weight.numel() and (needed is None or needed[k])
+        layout = analyze(weight, dims) if wanted else None
         out.append(layout if layout is not None and layout.num_groups and layout.group_size
                    else None)
     return out
