@@ -76,7 +76,8 @@ def _no_output(*args, **kwargs):
 
 # Per kind of table row: (fake, default kernel). Presets have no op of their own.
 _BY_KIND = {"norms": (_group_norms_fake, reference.group_norms_op),
-            "fused": (_no_output, reference.fused_step)}
+            "fused": (_no_output, reference.fused_step),
+            "metric": (_no_output, reference.foreach_metric_prox_op)}
 for _row in OPERATORS:
     if _row.kind in _BY_KIND:
         _fake, _default = _BY_KIND[_row.kind]
@@ -106,9 +107,6 @@ torch.library.register_fake("fastprox::foreach_group_sums_above")(
     _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, 2))
 torch.library.register_kernel("fastprox::foreach_group_sums_above", None,
                               reference.foreach_group_sums_above_op)
-torch.library.register_fake("fastprox::foreach_metric_prox_")(_no_output)
-torch.library.register_kernel("fastprox::foreach_metric_prox_", None,
-                              reference.foreach_metric_prox_op)
 torch.library.register_fake("fastprox::foreach_group_rewrite_")(_no_output)
 torch.library.register_kernel("fastprox::foreach_group_rewrite_", None,
                               reference.foreach_group_rewrite_op)

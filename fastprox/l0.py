@@ -137,7 +137,8 @@ class L0Regularizer:
         loss = criterion(model(x), y) + l0.penalty()
     """
 
-    def __init__(self, model: nn.Module, lam: float, train_size: int, weight_decay: float = 0.0):
+    def __init__(self, model: nn.Module, lam: float, train_size: int, weight_decay: float = 0.0,
+                 target=None):
         self.gates = [m for m in model.modules() if isinstance(m, L0Gate)]
         if not self.gates:
             raise ValueError("L0Regularizer: the model has no L0Gate (see add_l0_gates)")
@@ -147,9 +148,37 @@ class L0Regularizer:
         if train_size <= 0:
             raise ValueError(f"L0Regularizer: train_size must be > 0, got {train_size}")
         self.lam, self.train_size, self.weight_decay = lam, train_size, weight_decay
+        self.scales = [1.0] * len(self.gates)  # per gate module: its lam is lam * scale
+        self.controller = None
+        if target is not None:
+            self.controller = self._controller(model, target)
+
+    def _controller(self, model, target):
+        from . import target as _target
+
+        if not isinstance(target, _target.SparsityTarget):
+            raise TypeError(f"L0Regularizer: target must be a fastprox.SparsityTarget, got "
+                            f"{type(target).__name__}")
+        names = {id(m): n for n, m in model.named_modules()}
+        layers = []
+        for i, g in enumerate(self.gates):
+            name = names.get(id(g), str(i))
+            if target.layers is not None and name not in target.layers:
+                continue
+            layers.append(_gate_layer(self, i, name))
+        if target.layers is not None and len(layers) != len(target.layers):
+            raise ValueError(f"L0Regularizer: target.layers names gates that are not in the "
+                             f"model: {target.layers} (gates: "
+                             f"{[names.get(id(g)) for g in self.gates]})")
+        if target.measure != "units":
+            raise ValueError("L0Regularizer: a target on L0 gates counts units (open gates); "
+                             f"measure={target.measure!r} is counted on zero weights, which gates "
+                             "do not make")
+        return _target.Controller(target, layers)
 
     def penalty(self) -> torch.Tensor:
-        total = sum(g.penalty(self.lam, self.weight_decay) for g in self.gates)
+        total = sum(g.penalty(self.lam * s, self.weight_decay)
+                    for g, s in zip(self.gates, self.scales))
         return total / self.train_size
 
     def expected_l0(self) -> torch.Tensor:
@@ -161,8 +190,41 @@ class L0Regularizer:
             g.clamp_()
 
     def attach(self, optimizer: torch.optim.Optimizer):
-        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.clamp_())
+        """After every step: clamps log_alpha, then (with a target) the controller's step."""
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+
+    def step(self) -> None:
+        self.clamp_()
+        if self.controller is not None:
+            self.controller.after_step()
 
     def units_alive(self) -> list[int]:
         """Per gate module, the number of gates open at test time."""
         return [int((g.test_gates() > 0).sum()) for g in self.gates]
+
+
+def _gate_layer(reg: L0Regularizer, i: int, name: str):
+    """A gate module as a layer of a sparsity target's controller: a unit is alive while its
+    test-time gate is open; removing it closes the gate for good (log_alpha at its minimum)."""
+    from .target import _Unit
+
+    gate = reg.gates[i]
+
+    def alive():
+        return (gate.test_gates() > 0).detach().cpu()
+
+    def scores():
+        return gate.log_alpha.detach().cpu()
+
+    def remove(mask):
+        with torch.no_grad():
+            gate.log_alpha[mask.to(gate.log_alpha.device)] = LOG_ALPHA_RANGE[0]
+
+    def scale(s):
+        reg.scales[i] = s
+
+    unit = _Unit(name, alive, scores, remove, scale)
+    unit.snapshot = lambda: gate.log_alpha.detach().clone()
+    unit.restore = lambda state: gate.log_alpha.data.copy_(state)
+    return unit
+

@@ -293,6 +293,53 @@ OPERATORS = [
 
         fastprox.foreach_prox_([l.weight for l in linears], lam_group=lr * lam, dim=0)
 """),
+    Operator(
+        name="foreach_metric_prox_", kind="metric",
+        thresholds=tuple((c, c) for c in COLUMNS), flags=FLAGS, grouped=True,
+        reference=reference.metric_prox_,
+        samples=(((0.01, 0.3, 0.0), {}), ((0.0, 0.0, 0.02), {}),
+                 ((0.0, 0.3, 0.01), {"exact": False})),
+        doc="""The proximal step in an Adam / AdamW step's metric, on every tensor of a list.
+
+    After an Adam step the weight ``z`` is the minimizer of a quadratic model whose metric is
+    ``D = diag(d)``, ``d = (sqrt(v_hat) + eps) / lr`` (``v_hat = v / (1 - beta2 ** step)``, the
+    bias-corrected second moment ``exp_avg_sq``, or ``max_exp_avg_sq`` under amsgrad). The
+    regularized step solves, per tensor::
+
+        x = argmin_x 1/2 (x - z)^T D (x - z) + Omega(x),
+        Omega(x) = lam_l1 ||x||_1 + lam_group sum_g c ||x_g||_2 + (lam_exclusive/2) sum_g ||x_g||_1^2
+
+    (``c = sqrt(n)`` or 1), exactly (docs/SPEC.md, "Proximal steps in an optimizer's metric"):
+    soft threshold by ``lam_l1 / d_i``; a group is zero iff ``||D z_g|| <= lam_group c`` and
+    otherwise ``x_i = z_i d_i / (d_i + lam_group c / theta)``, ``theta = ||x_g||`` the root of a
+    monotone scalar equation (Newton); exclusive: threshold ``lam_exclusive S / d_i`` with
+    ``S = ||x_g||_1`` (exact) or CGES's bound ``S = ||z_g||_1`` (``exact=False``). The
+    thresholds are the penalty's own (not ``lr * lam``): ``lr`` is in ``D``. An element with
+    ``d = 0`` becomes 0; with a constant ``d = 1/lr`` this is ``foreach_prox_`` with
+    thresholds ``lr * lam``.
+
+    Args:
+        weights: a list of tensors on one device, no two sharing memory.
+        exp_avg_sqs: the second moment of each (same shapes; any float dtype).
+        lr, eps, beta2: the step's, a number or 0-d tensor for every tensor or a list with one
+            per tensor (lr > 0, eps >= 0, 0 <= beta2 < 1).
+        step: the optimizer's step count (bias correction ``1 - beta2 ** step``), or None
+            (no correction: ``exp_avg_sqs`` already is ``v_hat``).
+        lam_l1, lam_group, lam_exclusive, dim, size_weighted, exact: as ``foreach_prox_``.
+
+    One read of each weight and second moment and one write of the weight, per group (C++ on
+    the CPU, deterministic for any thread count; the float64 reference on other devices).
+    Edge cases as ``foreach_prox_``'s: every ``lam`` = 0 leaves the weights bit-identical; a
+    zero group stays zero (never NaN); a NaN group becomes NaN; a group of infinite norm keeps
+    its values. Numbers are read on the host. DTensor weights (with DTensor moments): the local
+    shards when no group spans shards, else the full tensor, each rank keeping its shard.
+
+    Returns ``weights``. Example (after ``optimizer.step()`` of a ``torch.optim.AdamW``)::
+
+        s = optimizer.state[w]
+        fastprox.foreach_metric_prox_([w], [s["exp_avg_sq"]], lr=lr, lam_group=1e-3,
+                                      eps=1e-8, beta2=0.999, step=s["step"], dim=0)
+"""),
 ]
 
 BY_NAME = {op.name: op for op in OPERATORS}

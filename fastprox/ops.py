@@ -15,6 +15,7 @@ import torch
 
 from . import _checks, _fused, distributed
 from .coupled import coupled_prox_
+from .metric import foreach_metric_prox_
 from ._registry import ops
 from .operators import BY_NAME, COLUMNS, PRESETS, Operator
 
@@ -114,7 +115,7 @@ def _fused_op(*args):
 
 for _op in PRESETS:
     globals()[_op.name] = _write_preset(_op)
-for _fn in (group_norms, foreach_prox_, coupled_prox_,
+for _fn in (group_norms, foreach_prox_, coupled_prox_, foreach_metric_prox_,
             *(globals()[_op.name] for _op in PRESETS)):
     _fn.__doc__ = BY_NAME[_fn.__name__].docstring
 del _op, _fn

@@ -31,13 +31,15 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import _checks, coupled as _coupled, groups as _groups, ops
+from . import _checks, coupled as _coupled, groups as _groups, metric as _metric, ops, \
+    target as _target
 from ._checks import is_dtensor
 from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED
 from .coupled import CoupledGroups
 
 PRESETS = ("group_lasso", "sparse_group_lasso", "lasso", "exclusive", "cges")
 COUPLED_PRESETS = _groups.PRESETS  # channels, neurons, heads
+PROX_MODES = ("auto", "metric", "euclidean")
 
 
 @dataclasses.dataclass
@@ -182,7 +184,8 @@ class Regularizer:
     def __init__(self, model, preset: str | None = "group_lasso", lam: float = 1e-3, *,
                  lam_l1: float | None = None, exclude: Iterable[str] = (),
                  overrides: Mapping[str, Mapping] | None = None, bias_l1: float | None = None,
-                 schedule: CGESSchedule | None = None, example_inputs=None, forward_fn=None):
+                 schedule: CGESSchedule | None = None, example_inputs=None, forward_fn=None,
+                 target: _target.SparsityTarget | None = None):
         coupled = _coupled_kinds(preset)
         if preset is not None and preset not in PRESETS and not coupled:
             raise ValueError(f"Regularizer: preset must be one of {PRESETS}, one of "
@@ -194,8 +197,22 @@ class Regularizer:
         self.skipped: list[tuple[str, str]] = []
         self.found = None  # the coupled presets' discovery (fastprox.groups.Found)
         self.steps = 0
+        self.prox = "auto"  # which proximal step prox_step takes (see attach)
+        self.controller: _target.Controller | None = None
+        if target is not None and not isinstance(target, _target.SparsityTarget):
+            raise TypeError(f"Regularizer: target must be a fastprox.SparsityTarget, got "
+                            f"{type(target).__name__}")
         if preset is None:
+            if target is not None:
+                raise ValueError("Regularizer: a target needs a preset (its layers)")
             return
+        self._build(model, preset, coupled, lam, lam_l1, exclude, overrides, bias_l1, schedule,
+                    example_inputs, forward_fn)
+        if target is not None:
+            self.controller = self._controller(model, target)
+
+    def _build(self, model, preset, coupled, lam, lam_l1, exclude, overrides, bias_l1, schedule,
+               example_inputs, forward_fn) -> None:
         if isinstance(exclude, str):
             exclude = (exclude,)
         exclude = set(exclude)
@@ -248,6 +265,30 @@ class Regularizer:
             for pname, param in model.named_parameters():
                 if id(param) not in kept:
                     self.skipped.append((pname, _why_skipped(model, pname, param, exclude)))
+
+    def _controller(self, model, target: _target.SparsityTarget) -> _target.Controller:
+        every = {**self.targets, **self.coupled}
+        # default: every weight's groups (1-D targets, L1 on biases, have no units)
+        names = [n for n, t in every.items() if not isinstance(t, Target) or t.param.dim() > 1] \
+            if target.layers is None else list(target.layers)
+        unknown = [n for n in names if n not in every]
+        if unknown:
+            raise ValueError(f"Regularizer: target.layers names no regularized tensor or coupled "
+                             f"set: {unknown} (they are: {sorted(every)})")
+        layers = []
+        for name in names:
+            t = every[name]
+            if isinstance(t, CoupledTarget):
+                layers.append(_target.coupled_layer(t))
+            else:
+                dims = _checks.normalize_dim(t.dim, t.param, "Regularizer")
+                layers.append(_target.plain_layer(t, dims))
+        count = None
+        if target.measure != "units" and not self.coupled and isinstance(model, nn.Sequential):
+            from .stats import sparsity_stats
+
+            count = _target.sequential_count(model, target.example_input, sparsity_stats)
+        return _target.Controller(target, layers, count)
 
     def _build_coupled(self, model, kinds, lam, exclude, overrides, example_inputs, forward_fn):
         if not isinstance(model, nn.Module):
@@ -302,13 +343,47 @@ class Regularizer:
         return "Regularizer(\n" + "\n".join(lines) + "\n)"
 
     # -- proximal ------------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer):
+    def attach(self, optimizer: torch.optim.Optimizer, *, prox: str = "auto"):
         """Applies ``prox_step(optimizer)`` after every ``optimizer.step()`` (a step post-hook).
+
+        ``prox`` chooses the proximal step (kept in ``reg.prox`` and in ``state_dict``):
+
+        * ``"auto"`` (default): the step in the optimizer's metric for ``torch.optim.Adam`` and
+          ``AdamW`` (any betas, eps, weight decay, amsgrad, foreach / fused, tensor lr, LR
+          schedulers: ``fastprox.foreach_metric_prox_`` with the optimizer's state), the
+          Euclidean step (thresholds ``lr * lam``) for ``torch.optim.SGD``; any other optimizer
+          raises ValueError: its step has no proximal step fastprox computes exactly;
+        * ``"metric"``: the metric step (Adam / AdamW only);
+        * ``"euclidean"``: the Euclidean step, thresholds ``lr * lam``, with any optimizer (for
+          Adam and others a heuristic: the thresholds ignore the step's per-element scaling).
 
         Returns the hook's handle; ``handle.remove()`` detaches. Every target must be a
         parameter of the optimizer."""
+        self._prox_of(optimizer, prox, "Regularizer.attach")
         self._lr_of(optimizer)  # fails now, not at the first step, if a target is missing
+        self.prox = prox
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.prox_step(opt))
+
+    @staticmethod
+    def _prox_of(optimizer, prox: str, fn: str) -> str:
+        """The step ``prox`` asks for with this optimizer: "metric" or "euclidean"."""
+        if prox not in PROX_MODES:
+            raise ValueError(f"{fn}: prox must be one of {PROX_MODES}, got {prox!r}")
+        adam = isinstance(optimizer, _metric.ADAMS)
+        if prox == "metric" and not adam:
+            raise ValueError(f"{fn}: prox='metric' needs torch.optim.Adam or AdamW (the "
+                             f"metric is their second moment), got {type(optimizer).__name__}")
+        if prox == "auto":
+            if adam:
+                return "metric"
+            if not isinstance(optimizer, torch.optim.SGD):
+                raise ValueError(
+                    f"{fn}: no exact proximal step is known for {type(optimizer).__name__}'s "
+                    "steps (fastprox takes Adam and AdamW in their metric, SGD in the Euclidean "
+                    "one); pass prox='euclidean' for the Euclidean step with thresholds "
+                    "lr * lam (a heuristic for this optimizer)")
+            return "euclidean"
+        return prox
 
     def _lr_of(self, optimizer) -> dict[int, object]:
         lrs = {}
@@ -323,17 +398,29 @@ class Regularizer:
         return lrs
 
     @torch.no_grad()
-    def prox_step(self, optimizer: torch.optim.Optimizer | None = None, *, lr=None) -> None:
-        """The proximal step of every target, thresholds ``lr * lam``.
+    def prox_step(self, optimizer: torch.optim.Optimizer | None = None, *, lr=None,
+                  prox: str | None = None) -> None:
+        """The proximal step of every target.
 
-        ``lr`` is the parameter group's current lr of ``optimizer``, or the ``lr`` given (a
-        number or a 0-d tensor). All targets on one device go through one ``foreach_prox_``
+        With an Adam / AdamW ``optimizer`` and ``prox`` (default: ``reg.prox``, set by
+        ``attach``) "auto" or "metric": the step in the optimizer's metric (see ``attach``),
+        thresholds ``lam``; a parameter the optimizer has not stepped yet (no state) is left
+        as it is. Otherwise the Euclidean step, thresholds ``lr * lam``: ``lr`` is the
+        parameter group's current lr of ``optimizer``, or the ``lr`` given (a number or a 0-d
+        tensor). All targets on one device go through one ``foreach_prox_``
         call (the dispatcher picks the device's kernel: fused on the CPU and on CUDA with
         Triton, the reference elsewhere). Sharded targets (DTensor parameters, as under
         FSDP2's ``fully_shard``) go through a call of their own, which ``foreach_prox_`` hands
         to ``fastprox.distributed``: every rank must take the step."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
+        if optimizer is not None and self._prox_of(optimizer, prox or self.prox,
+                                                   "Regularizer.prox_step") == "metric":
+            self._metric_step(optimizer)
+            self.steps += 1
+            if self.controller is not None:
+                self.controller.after_step()
+            return
         lrs = self._lr_of(optimizer) if optimizer is not None else None
         by_device: dict[object, list[Target]] = {}
         for t in self.targets.values():  # sharded targets apart: plain ones keep the fast path
@@ -372,6 +459,42 @@ class Regularizer:
                            [t.size_weighted for t in coupled], [t.exact for t in coupled],
                            max_newton_steps=64)
         self.steps += 1
+        if self.controller is not None:
+            self.controller.after_step()
+
+    def _metric_step(self, optimizer) -> None:
+        """Every target in the Adam / AdamW step's metric: plain targets in one
+        ``foreach_metric_prox_`` call per device (sharded ones in one of their own), coupled
+        sets one after another (``coupled_metric_prox_``)."""
+        self._lr_of(optimizer)
+        fn = "Regularizer.prox_step"
+        by_device: dict[object, list] = {}
+        for t in self.targets.values():
+            found = _metric.optimizer_metric(optimizer, t.param)
+            if found is None or (t.lam_l1 == 0 and t.lam_group == 0 and t.lam_exclusive == 0):
+                continue
+            by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
+                                 []).append((t, found))
+        # every check before anything is written: coupled sets' metrics and thresholds
+        coupled = []
+        for t in self.coupled.values():
+            ds = _metric.coupled_metrics(optimizer, t.groups, fn)
+            if ds is not None:
+                coupled.append((t, ds))
+        for pairs in by_device.values():
+            targets, found = zip(*pairs)
+            v, lr, eps, beta2, step = zip(*found)
+            _metric.foreach_metric_prox_(
+                [t.param for t in targets], list(v), lr=list(lr), eps=list(eps),
+                beta2=list(beta2), step=list(step),
+                lam_l1=[t.lam_l1 for t in targets], lam_group=[t.lam_group for t in targets],
+                lam_exclusive=[t.lam_exclusive for t in targets], dim=[t.dim for t in targets],
+                size_weighted=[t.size_weighted for t in targets],
+                exact=[t.exact for t in targets])
+        for t, ds in coupled:
+            _metric.coupled_metric_prox_(t.groups, ds, lam_l1=t.lam_l1, lam_group=t.lam_group,
+                                         lam_exclusive=t.lam_exclusive,
+                                         size_weighted=t.size_weighted, exact=t.exact)
 
     # -- penalty -------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
@@ -394,10 +517,12 @@ class Regularizer:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Thresholds and groups of every target (by name) and the count of proximal steps."""
-        state = {"steps": self.steps,
+        state = {"steps": self.steps, "prox": self.prox,
                  "targets": {name: t.config() for name, t in self.targets.items()}}
         if self.coupled:
             state["coupled"] = {name: t.config() for name, t in self.coupled.items()}
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -419,6 +544,17 @@ class Regularizer:
         for name, config in coupled.items():
             _apply_override(self.coupled[name], config)
         self.steps = int(state["steps"])
+        prox = state.get("prox", "auto")
+        if prox not in PROX_MODES:
+            raise ValueError(f"Regularizer.load_state_dict: prox must be one of {PROX_MODES}, "
+                             f"got {prox!r}")
+        self.prox = prox
+        if (self.controller is None) != ("controller" not in state):
+            raise ValueError("Regularizer.load_state_dict: the saved regularizer "
+                             f"{'had' if 'controller' in state else 'had no'} target, this one "
+                             f"{'has none' if self.controller is None else 'has one'}")
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
 
 
 def _preset_target(kind: str, name: str, param, module, lam: float, lam_l1: float, layer: int,

@@ -213,7 +213,8 @@ def test_regularizer_channels_with_adamw_then_compact():
     torch.manual_seed(0)
     model = M.randomize_batchnorm(RESNETS["basic"]())
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
-    reg = fastprox.Regularizer(model, "channels", lam=0.1, example_inputs=x[:1])
+    # AdamW: the step in its metric, thresholds lam itself (on the gradient's scale)
+    reg = fastprox.Regularizer(model, "channels", lam=1e-4, example_inputs=x[:1])
     assert len(reg.coupled) == 6 and not reg.targets
     assert dict(reg.skipped)["fc.bias"].startswith("makes the model's outputs")
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)

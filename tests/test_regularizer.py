@@ -28,6 +28,16 @@ def batch(model):
     return torch.randn(16, 12), torch.randint(0, 3, (16,))
 
 
+def functional_metric_prox(target, opt):
+    """The single-tensor metric step a target's step after Adam / AdamW must equal."""
+    state, group = opt.state[target.param], opt.param_groups[0]
+    fastprox.foreach_metric_prox_(
+        [target.param.data], [state["exp_avg_sq"]], lr=group["lr"], eps=group["eps"],
+        beta2=group["betas"][1], step=state["step"], lam_l1=target.lam_l1,
+        lam_group=target.lam_group, lam_exclusive=target.lam_exclusive, dim=target.dim,
+        size_weighted=target.size_weighted, exact=target.exact)
+
+
 def functional_prox(target, lr):
     """The single-tensor operator a target's proximal step must equal, threshold lr * lam."""
     w, d = target.param.data, target.dim
@@ -70,7 +80,10 @@ def test_prox_after_step_equals_functional_operator(make_model, preset, optimize
             o.step()
         with torch.no_grad():
             for t in twin_reg.targets.values():
-                functional_prox(t, twin_opt.param_groups[0]["lr"])
+                if optimizer.startswith("adam"):  # Adam / AdamW: the step in their metric
+                    functional_metric_prox(t, twin_opt)
+                else:
+                    functional_prox(t, twin_opt.param_groups[0]["lr"])
         for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
             assert torch.equal(a, b), name
     assert reg.steps == 5
@@ -112,7 +125,7 @@ def test_param_groups_use_their_own_lr_and_tensor_lr():
     opt.step()
     with torch.no_grad():
         model_after_step.load_state_dict(model.state_dict())
-    reg.prox_step(opt)
+    reg.prox_step(opt, prox="euclidean")  # thresholds lr * lam, each group's own lr
     # each group's own lr, as given: a float32 tensor for layer 0, a Python float for the others
     for layer, lr in ((0, torch.tensor(0.02)), (2, 0.001), (4, 0.001)):
         want = model_after_step[layer].weight.detach().clone()

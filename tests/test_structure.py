@@ -69,7 +69,7 @@ def test_every_row_is_served():
     for row in OPERATORS:
         assert callable(getattr(fastprox, row.name)), row.name
         assert getattr(fastprox, row.name).__doc__ == row.docstring
-        if row.kind in ("norms", "fused"):  # the ops of the library: CPU kernel, default backend
+        if row.kind in ("norms", "fused", "metric"):  # the ops of the library: CPU kernel, default backend
             for key in ("CPU", "CompositeExplicitAutograd", "Meta"):
                 assert torch._C._dispatch_has_kernel_for_dispatch_key(
                     f"fastprox::{row.name}", key), (row.name, key)

@@ -43,6 +43,7 @@ from torch import nn
 from .. import compact, coupled_stats, groups as groups_mod, l0 as l0mod, \
     recalibrate_batchnorm, sparsity_stats, SparsityHistory
 from ..regularizer import CGESSchedule, Regularizer
+from ..target import SparsityTarget
 from . import data
 from .models import BasicBlock, ResNet, RowTransformer
 
@@ -62,8 +63,12 @@ class Method:
     update: str
     preset: str | tuple | None = None  # a Regularizer preset (or coupled presets), or "l2"
     lam: float = 0.0
-    optimizer: str = "adam"    # or "sgd": SGD with momentum 0.9
+    optimizer: str = "adam"    # "sgd": SGD with momentum 0.9; "adamw": AdamW (weight decay 0.01)
     lr: float = 1e-3           # Adam's default, as in the seeds' code
+    prox: str = "auto"         # Regularizer.attach's prox: the metric step with Adam / AdamW
+    # a SparsityTarget's fields (kept, measure, layers, per_layer) and ``at``: the fraction of
+    # the training by which it is reached (its by_step), the mask held after
+    target: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     options: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
@@ -74,6 +79,9 @@ class Method:
 # validation split of the training set (``--validation``), not on the test set.
 SCARDAPANE_LAM = 10 ** -3.5
 _SGD = dict(optimizer="sgd", lr=0.05)
+# AdamW (weight decay 0.01) at lr 1e-2: the proximal step in its metric (Regularizer.attach's
+# default for Adam and AdamW). Its thresholds are the penalty's own lam, not lr * lam.
+_ADAMW = dict(optimizer="adamw", lr=1e-2)
 # The CNN's CGES: CGES's own groups (one input position across all filters; a channel goes when
 # all its positions do), exact exclusive prox, and scales 1 on every layer: the published scales
 # (1/144 and 144 on the last layer) were set for the paper's 4-layer net and zero this one's
@@ -97,7 +105,19 @@ METHODS = [
     Method("l1-prox", "digits", "L1 (prox)", "prox", "lasso", 1e-2, **_SGD),
     Method("gl", "digits", "group lasso (penalty)", "penalty", "group_lasso", SCARDAPANE_LAM),
     Method("gl-prox", "digits", "group lasso (prox)", "prox", "group_lasso", 1.5e-2, **_SGD),
-    Method("gl-prox-adam", "digits", "group lasso (prox, Adam)", "prox", "group_lasso", 0.3),
+    Method("gl-prox-adam", "digits", "group lasso (prox, Adam)", "prox", "group_lasso", 0.3,
+           prox="euclidean"),
+    Method("none-adamw", "digits", "none (AdamW)", "none", **_ADAMW),
+    Method("gl-metric", "digits", "group lasso (metric prox)", "prox", "group_lasso", 1.5e-3,
+           **_ADAMW),
+    Method("gl-metric-layers", "digits", "group lasso (metric prox), target 50 % of every "
+           "layer's units", "prox", "group_lasso", 1e-3, **_ADAMW,
+           target=dict(kept=0.5, per_layer=True, at=0.6)),
+    Method("gl-metric-hidden", "digits", "group lasso (metric prox), target 50 % of hidden units",
+           "prox", "group_lasso", 1e-3, **_ADAMW,
+           target=dict(kept=0.5, layers=("2.weight", "4.weight"), at=0.6)),
+    Method("gl-metric-flops", "digits", "group lasso (metric prox), target 50 % of FLOPs",
+           "prox", "group_lasso", 1e-3, **_ADAMW, target=dict(kept=0.5, measure="flops", at=0.6)),
     Method("sgl", "digits", "sparse group lasso (penalty)", "penalty", "sparse_group_lasso",
            SCARDAPANE_LAM),
     Method("sgl-prox", "digits", "sparse group lasso (prox)", "prox", "sparse_group_lasso",
@@ -191,10 +211,23 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "transformer": RowTransformer}
 
 
-def _regularizer(method: Method, model: nn.Module) -> Regularizer | None:
+def _optimizer(method: Method, model: nn.Module) -> torch.optim.Optimizer:
+    if method.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=method.lr, momentum=0.9)
+    if method.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=method.lr)
+    return torch.optim.Adam(model.parameters(), lr=method.lr)
+
+
+def _regularizer(method: Method, model: nn.Module, steps: int = 0) -> Regularizer | None:
     if method.preset is None or method.preset == "l2":
         return None
-    return Regularizer(model, method.preset, method.lam, **method.options)
+    options = dict(method.options)
+    if method.target is not None:
+        fields = dict(method.target)
+        at = fields.pop("at")
+        options["target"] = SparsityTarget(by_step=max(int(at * steps), 1), **fields)
+    return Regularizer(model, method.preset, method.lam, **options)
 
 
 def _l2(model: nn.Module, lam: float) -> torch.Tensor:
@@ -243,6 +276,7 @@ class Result:
     kinds: tuple[str, ...] = ()  # coupled tasks: the kind of each entry of ``units``
     flops: tuple[int, int] | None = None         # compacted, dense (torch.utils.flop_counter)
     latency_ms: tuple[float, float] | None = None  # compacted, dense (median, this machine)
+    target_reached: object = None  # a target's fraction (or fractions) left when it was held
 
     @property
     def metric_name(self) -> str:
@@ -303,13 +337,11 @@ def run(method: Method, split: data.Split, epochs: int, *, record_every: int = 1
         model = l0mod.add_l0_gates(model)
         gates = l0mod.L0Regularizer(model, method.lam, train_size=len(split.x_train))
     model = model.to(device)
-    if method.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=method.lr, momentum=0.9)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=method.lr)
-    reg = _regularizer(method, model)
+    opt = _optimizer(method, model)
+    steps = -(-len(split.x_train) // (BATCH[task] or len(split.x_train))) * epochs
+    reg = _regularizer(method, model, steps)
     if method.update == "prox":
-        reg.attach(opt)
+        reg.attach(opt, prox=method.prox)
     elif gates is not None:
         gates.attach(opt)
     loss_fn = nn.MSELoss() if task == "diabetes" else nn.CrossEntropyLoss()
@@ -385,7 +417,8 @@ def run(method: Method, split: data.Split, epochs: int, *, record_every: int = 1
         weights_kept=(kept_weights, stats.numel),
         params=(sum(p.numel() for p in small.model.parameters()), dense_params),
         max_diff=diff, same_predictions=same, history=history,
-        kept_inputs=small.kept_inputs.cpu())
+        kept_inputs=small.kept_inputs.cpu(),
+        target_reached=None if reg is None or reg.controller is None else reg.controller.reached)
 
 
 class _UnitsHistory:

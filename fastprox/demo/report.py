@@ -35,7 +35,23 @@ def _units_total(result: Result) -> str:
 
 def _optimizer(result: Result) -> str:
     m = result.method
-    return f"Adam {m.lr:g}" if m.optimizer == "adam" else f"SGD {m.lr:g}"
+    name = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[m.optimizer]
+    return f"{name} {m.lr:g}"
+
+
+def _baseline(rows: list[Result], r: Result) -> Result | None:
+    """The unregularized run with the same optimizer and lr (else the "none" run)."""
+    same = [b for b in rows if b.method.update == "none" and b.method.optimizer ==
+            r.method.optimizer and b.method.lr == r.method.lr]
+    return same[0] if same else next((b for b in rows if b.method.name == "none"), None)
+
+
+def _label(r: Result) -> str:
+    reached = r.target_reached
+    if reached is None:
+        return r.method.label
+    values = reached if isinstance(reached, list) else [reached]
+    return r.method.label + ": reached " + ", ".join(f"{100 * v:.1f} %" for v in values)
 
 
 COUPLED_TITLES = {
@@ -72,7 +88,6 @@ def table(results: list[Result]) -> str:
         rows = [r for r in results if r.method.task == task]
         if not rows:
             continue
-        baseline = next((r for r in rows if r.method.name == "none"), None)
         metric = "R² (MSE)" if task == "diabetes" else "test acc."
         head = (f"| method | optimizer | λ | epochs | {metric} | as trained | units alive "
                 f"({_units_total(rows[0])}) | weights kept | compact params | zeros | "
@@ -84,13 +99,14 @@ def table(results: list[Result]) -> str:
                 trained = f"{r.metric_dense:.3f}"
             else:
                 score, trained = f"{100 * r.metric:.1f} %", f"{100 * r.metric_dense:.1f} %"
+                baseline = _baseline(rows, r)
                 if task == "digits" and baseline is not None and r.method.update == "prox":
                     score += " ✓" if meets_bar(r, baseline) else ""
             lam = "—" if r.method.update == "none" else f"{r.method.lam:.3g}"
             kept, total = r.weights_kept
             check = ("yes" if r.same_predictions else "**NO**") + f" ({r.max_diff:.0e})"
             lines.append(
-                f"| {r.method.label} | {_optimizer(r)} | {lam} | {r.epochs} | {score} | "
+                f"| {_label(r)} | {_optimizer(r)} | {lam} | {r.epochs} | {score} | "
                 f"{trained} | {_units(r)} | {100 * kept / total:.1f} % | "
                 f"{r.params[0]} / {r.params[1]} | {r.zeros} | {check} |")
         blocks.append("\n".join(lines))
@@ -109,7 +125,8 @@ def as_json(results: list[Result]) -> list[dict]:
                  mse=r.mse, units=r.units, weights_kept=r.weights_kept, params=r.params,
                  zeros=r.zeros, max_diff=r.max_diff, same_predictions=r.same_predictions,
                  kept_inputs=None if r.kept_inputs is None else r.kept_inputs.tolist(),
-                 kinds=list(r.kinds), flops=r.flops, latency_ms=r.latency_ms)
+                 kinds=list(r.kinds), flops=r.flops, latency_ms=r.latency_ms,
+                 target=r.method.target, target_reached=r.target_reached)
             for r in results]
 
 

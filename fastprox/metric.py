@@ -1,0 +1,312 @@
+"""Proximal steps in an Adam / AdamW step's metric (docs/SPEC.md, "Proximal steps in an
+optimizer's metric").
+
+After an Adam step, ``z`` (the updated weight) minimizes the step's quadratic model in the metric
+``D = diag(d)``, ``d = (sqrt(v_hat) + eps) / lr``; the regularized step is
+
+    x = argmin_x  1/2 (x - z)^T D (x - z) + Omega(x)
+
+* ``foreach_metric_prox_``: one call for a list of tensors with their second moments (the fused
+  op ``torch.ops.fastprox.foreach_metric_prox_``: C++ on the CPU, the float64 reference on other
+  devices; DTensor weights: the local shards when no group spans shards, else the full tensor);
+* ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric, in float64 (every
+  set's groups gathered into one padded matrix);
+* ``optimizer_metric``: what an Adam / AdamW optimizer's state says ``d`` is, per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _checks, reference
+from ._registry import ops
+from .operators import COLUMNS
+
+_FN = "foreach_metric_prox_"
+
+
+def _number(value, name: str, fn: str) -> float:
+    """A Python float from a number or a 0-d tensor (read on the host)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{fn}: {name} must be a real number or a 0-d tensor, got "
+                             f"{value.dtype} of shape {tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got "
+                        f"{type(value).__name__}")
+    return float(value)
+
+
+def _is_number(value) -> bool:
+    return _checks.is_threshold(value)
+
+
+def metric_row(lr, eps, beta2, step, i: int, fn: str) -> tuple[float, float, float]:
+    """(scale, eps, lr) of the op's metric table, d = (sqrt(v * scale) + eps) / lr, checked:
+    lr > 0, eps >= 0, 0 <= beta2 < 1, step >= 1 (None: no bias correction, scale 1)."""
+    lr = _number(lr, f"lr[{i}]", fn)
+    eps = _number(eps, f"eps[{i}]", fn)
+    beta2 = _number(beta2, f"beta2[{i}]", fn)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{fn}: lr[{i}] must be a finite number > 0, got {lr}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{fn}: eps[{i}] must be a finite number >= 0, got {eps}")
+    if not 0 <= beta2 < 1:
+        raise ValueError(f"{fn}: beta2[{i}] must be in [0, 1), got {beta2}")
+    if step is None:
+        return 1.0, eps, lr
+    step = _number(step, f"step[{i}]", fn)
+    if not (math.isfinite(step) and step >= 1):
+        raise ValueError(f"{fn}: step[{i}] must be a number >= 1 (the optimizer's step count), "
+                         f"got {step}")
+    return 1.0 / (1.0 - beta2 ** step), eps, lr
+
+
+@torch.no_grad()
+def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
+                         lam_exclusive=0.0, dim=None, size_weighted=True, exact=True, eps=1e-8,
+                         beta2=0.999, step=None):
+    fn = _FN
+    for name, value in (("weights", weights), ("exp_avg_sqs", exp_avg_sqs)):
+        if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+            raise TypeError(f"{fn}: {name} must be a list or tuple of tensors, got "
+                            f"{type(value).__name__}")
+    count = len(weights)
+    if len(exp_avg_sqs) != count:
+        raise ValueError(f"{fn}: exp_avg_sqs has {len(exp_avg_sqs)} tensors for {count} weights")
+    for i, (w, v) in enumerate(zip(weights, exp_avg_sqs)):
+        _checks.check_weight(w, fn, f"weights[{i}]")
+        _checks.check_grad(w, fn, f"weights[{i}]")
+        _checks.check_weight(v, fn, f"exp_avg_sqs[{i}]")
+        if v.shape != w.shape:
+            raise ValueError(f"{fn}: exp_avg_sqs[{i}] has shape {tuple(v.shape)}, expected "
+                             f"{tuple(w.shape)} (that of weights[{i}])")
+        if _checks.is_dtensor(w) != _checks.is_dtensor(v):
+            raise TypeError(f"{fn}: weights[{i}] and exp_avg_sqs[{i}] must both be DTensors or "
+                            "both plain tensors")
+        if v.device != w.device:
+            raise ValueError(f"{fn}: exp_avg_sqs[{i}] is on {v.device} but weights[{i}] is on "
+                             f"{w.device}")
+    dims = _checks.per_tensor(dim, "dim", count, fn, _checks.is_dim_spec)
+    dims = [_checks.normalize_dim(d, w, f"{fn}: weights[{i}]") for i, (d, w) in
+            enumerate(zip(dims, weights))]
+    columns = [[_number(v, f"{name}[{i}]", fn) for i, v in
+                enumerate(_checks.per_tensor(value, name, count, fn, _checks.is_threshold))]
+               for name, value in zip(COLUMNS, (lam_l1, lam_group, lam_exclusive))]
+    for name, column in zip(COLUMNS, columns):
+        for i, v in enumerate(column):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{fn}: {name}[{i}] must be a finite number >= 0, got {v}")
+    flags = [_checks.per_tensor(value, name, count, fn, lambda v: isinstance(v, bool))
+             for name, value in (("size_weighted", size_weighted), ("exact", exact))]
+    steps = [None] * count if step is None else _checks.per_tensor(
+        step, "step", count, fn, _is_number)
+    rows = [metric_row(r, e, b, s, i, fn) for i, (r, e, b, s) in enumerate(zip(
+        *(_checks.per_tensor(value, name, count, fn, _is_number)
+          for name, value in (("lr", lr), ("eps", eps), ("beta2", beta2))), steps))]
+    lams = [tuple(c[i] for c in columns) for i in range(count)]
+    plain, full = [], []
+    for i, w in enumerate(weights):
+        if lams[i] == (0.0, 0.0, 0.0) or w.numel() == 0:
+            continue
+        if _checks.is_dtensor(w) and _spans_shards(w, dims[i]):
+            full.append(i)
+        else:
+            plain.append(i)
+    _checks_disjoint([(i, weights[i]) for i in sorted(plain + full)], fn)
+    by_device: dict[torch.device, list[int]] = {}
+    for i in plain:
+        by_device.setdefault(_local(weights[i]).device, []).append(i)
+    for idx in by_device.values():
+        _op([_local(weights[i]) for i in idx], [_local(exp_avg_sqs[i]) for i in idx],
+            [lams[i] for i in idx], [rows[i] for i in idx], [dims[i] for i in idx],
+            [flags[0][i] for i in idx], [flags[1][i] for i in idx])
+    for i in full:  # groups across shards: the step on the full tensor, each rank keeps its part
+        w = weights[i]
+        whole = w.full_tensor()
+        _op([whole], [exp_avg_sqs[i].full_tensor()], [lams[i]], [rows[i]], [dims[i]],
+            [flags[0][i]], [flags[1][i]])
+        _local(w).copy_(_reshard(whole, w))
+    return weights
+
+
+def _op(weights, moments, lams, rows, dims, size_weighted, exact) -> None:
+    ops.foreach_metric_prox_(
+        list(weights), list(moments), torch.tensor(lams, dtype=torch.float64).reshape(-1, 3),
+        torch.tensor(rows, dtype=torch.float64).reshape(-1, 3),
+        [d for ds in dims for d in ds], [len(ds) for ds in dims], list(size_weighted),
+        list(exact))
+
+
+def _local(t):
+    return t.to_local() if _checks.is_dtensor(t) else t
+
+
+def _spans_shards(w, dims: list[int]) -> bool:
+    mesh = w.device_mesh
+    for mesh_dim, placement in enumerate(w.placements):
+        if placement.is_partial():
+            raise ValueError(f"{_FN}: a weight has a Partial placement (pending sums); "
+                             "redistribute it to Shard or Replicate first")
+        if placement.is_shard() and placement.dim % w.dim() in dims and mesh.size(mesh_dim) > 1:
+            return True
+    return False
+
+
+def _reshard(whole: torch.Tensor, like) -> torch.Tensor:
+    """This rank's shard of a full tensor that every rank holds alike (no communication)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(whole, like.device_mesh,
+                                    [Replicate()] * like.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(like.device_mesh, like.placements).to_local()
+
+
+def _checks_disjoint(indexed, fn: str) -> None:
+    """Every weight is written in place: none may have elements that share memory, and no two
+    may overlap (checked on the local shards of DTensors)."""
+    by_storage: dict[int, list[tuple[int, int, int]]] = {}
+    for i, w in indexed:
+        local = _local(w)
+        if local.numel() == 0:
+            continue
+        if local.numel() > 1 and any(s == 0 and n > 1 for s, n in zip(local.stride(),
+                                                                      local.shape)):
+            raise ValueError(f"{fn}: weights[{i}] has elements that share memory (an expanded "
+                             "view); it cannot be written in place")
+        start = local.storage_offset()
+        end = start + sum((n - 1) * s for n, s in zip(local.shape, local.stride()))
+        spans = by_storage.setdefault(local.untyped_storage().data_ptr(), [])
+        for j, a, b in spans:
+            if start <= b and a <= end:
+                raise ValueError(f"{fn}: weights[{j}] and weights[{i}] share memory")
+        spans.append((i, start, end))
+
+
+# -- coupled groups ----------------------------------------------------------------------------
+
+def _padded_layout(groups) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Per member, the (row, column) of each of its elements in a (num_groups, L) matrix holding
+    every group's elements (members in order, each member's slices in position order), and L."""
+    device = groups.device
+    fill = torch.zeros(groups.num_groups, dtype=torch.int64)
+    layout = []
+    for m in groups.slices:
+        index = m.index
+        per = m.tensor.numel() // max(m.tensor.shape[m.axis], 1)
+        # the rank of each position among the member's positions of its group
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=groups.num_groups)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(index)
+        rank[order] = torch.arange(index.numel()) - starts[index[order]]
+        offset = fill[index] + rank * per
+        cols = offset[:, None] + torch.arange(per)[None, :]
+        rows = index[:, None].expand_as(cols)
+        layout.append((rows.to(device), cols.to(device)))
+        fill += counts * per
+    return layout, int(fill.max()) if fill.numel() else 0
+
+
+def _member_rows(m) -> torch.Tensor:
+    return m.tensor.movedim(m.axis, 0).reshape(m.tensor.shape[m.axis], -1)
+
+
+@torch.no_grad()
+def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
+                         size_weighted=True, exact=True):
+    """``coupled_prox_`` of one ``CoupledGroups`` in the metric ``diag(d)``: ``ds[k]`` (finite,
+    >= 0, shaped like member k's tensor) is the metric of member k's elements. Per group, over
+    the union of its slices: soft threshold by lam_l1/d_i, the metric group step with
+    t_g = lam_group c_g (c_g = sqrt(n_g) or 1), the metric exclusive step (docs/SPEC.md). In
+    float64; every member written once. Returns ``groups``."""
+    fn = "coupled_metric_prox_"
+    l1, lg, le = (_number(v, n, fn) for v, n in ((lam_l1, "lam_l1"), (lam_group, "lam_group"),
+                                                  (lam_exclusive, "lam_exclusive")))
+    for name, v in zip(COLUMNS, (l1, lg, le)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {v}")
+    if len(ds) != len(groups.slices):
+        raise ValueError(f"{fn}: ds has {len(ds)} tensors for {len(groups.slices)} members")
+    for k, (m, d) in enumerate(zip(groups.slices, ds)):
+        if d.shape != m.tensor.shape:
+            raise ValueError(f"{fn}: ds[{k}] has shape {tuple(d.shape)}, expected "
+                             f"{tuple(m.tensor.shape)}")
+        if not bool((torch.isfinite(d) & (d >= 0)).all()):
+            raise ValueError(f"{fn}: ds[{k}] must be finite and >= 0")
+    if (l1 == 0 and lg == 0 and le == 0) or groups.num_groups == 0:
+        return groups
+    layout, width = _padded_layout(groups)
+    device = groups.device
+    z = torch.zeros(groups.num_groups, width, dtype=torch.float64, device=device)
+    dd = torch.zeros_like(z)  # padding: z = 0, d = 0 (adds nothing to any sum, stays 0)
+    for m, d, (rows, cols) in zip(groups.slices, ds, layout):
+        z[rows, cols] = _member_rows(m).to(torch.float64)
+        dd[rows, cols] = d.movedim(m.axis, 0).reshape(rows.shape).to(device, torch.float64)
+    if l1 > 0:
+        z = reference._metric_soft(z, dd, l1)
+    if lg > 0:
+        c = groups.sizes.to(device, torch.float64).sqrt() if size_weighted else \
+            torch.ones(groups.num_groups, dtype=torch.float64, device=device)
+        z = reference._metric_group_rows(z, dd, (lg * c)[:, None])
+    if le > 0:
+        z = reference._metric_exclusive_rows(z, dd, le, exact)
+    for m, (rows, cols) in zip(groups.slices, layout):
+        view = m.tensor.movedim(m.axis, 0)
+        view.copy_(z[rows, cols].reshape(view.shape).to(m.tensor.dtype))
+    return groups
+
+
+# -- the optimizer's metric ----------------------------------------------------------------------
+
+ADAMS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def optimizer_metric(optimizer, param) -> tuple | None:
+    """For a parameter of an ``Adam`` / ``AdamW`` optimizer: (second moment, lr, eps, beta2,
+    step) of its last step, as the step used them (``max_exp_avg_sq`` under amsgrad), or None
+    when the optimizer has not stepped it yet."""
+    state = optimizer.state.get(param)
+    if not state or "exp_avg_sq" not in state:
+        return None
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    return v, group["lr"], group["eps"], group["betas"][1], state["step"]
+
+
+def _param_of(optimizer, tensor):
+    """The optimizer parameter whose memory ``tensor`` is (the parameter or a view of it)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.untyped_storage().data_ptr() == ptr:
+                return p
+    return None
+
+
+def coupled_metrics(optimizer, groups, fn: str) -> list[torch.Tensor] | None:
+    """Per member of a coupled set, the metric ``d`` of its elements (float64) from the Adam /
+    AdamW optimizer's state of the parameter it is (a view of); None when the optimizer has not
+    stepped every member yet."""
+    ds = []
+    for k, m in enumerate(groups.slices):
+        p = _param_of(optimizer, m.tensor)
+        if p is None:
+            raise ValueError(f"{fn}: member {k} ({m.name}) of {groups.name} is not (a view of) a "
+                             "parameter of the optimizer")
+        found = optimizer_metric(optimizer, p)
+        if found is None:
+            return None
+        v, lr, eps, beta2, step = found
+        if v.stride() != p.stride():
+            raise ValueError(f"{fn}: the second moment of {m.name} is laid out unlike the "
+                             "parameter; its view cannot be found")
+        view = v.as_strided(m.tensor.shape, m.tensor.stride(),
+                            v.storage_offset() + m.tensor.storage_offset() - p.storage_offset())
+        scale, eps, lr = metric_row(lr, eps, beta2, step, k, fn)
+        ds.append(((view.to(torch.float64) * scale).sqrt() + eps) / lr)
+    return ds
