@@ -156,3 +156,30 @@ def fsdp_train(state, x, y, steps, preset, lam, overrides):
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
     return params, penalty.item(), grads, idle, comm.records
+
+
+def adamw_train(model, x, y, steps: int, lam: float):
+    """AdamW with group lasso attached (the step in AdamW's metric), full-batch steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg = fastprox.Regularizer(model, "group_lasso", lam, overrides={"2": {"dim": 1}})
+    reg.attach(opt)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return reg
+
+
+def fsdp_adamw_train(state, x, y, steps, lam):
+    """FSDP2 and AdamW: the full parameters after training with the metric step attached (each
+    rank the whole batch, so that the run equals one process's)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    model.load_state_dict(state)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh())
+    fully_shard(model, mesh=mesh())
+    adamw_train(model, x, y, steps, lam)
+    return {n: p.full_tensor() for n, p in model.named_parameters()}
