@@ -301,17 +301,20 @@ def test_plain_tensors_do_not_import_torch_distributed_tensor():
 def test_fsdp2_adamw_metric_step_trains_like_one_process(world):
     """FSDP2 (Shard(0), uneven) with AdamW: the metric step on DTensor weights and moments
     (columns span shards: the full tensor; layer 2's rows lie within shards: the local
-    shards) ends where a one-process run ends, zero pattern included."""
+    shards) ends where a one-process run ends, zero pattern included. Fixed data: at this
+    strength some groups go and most stay."""
+    torch.manual_seed(1)
     model = W.mlp()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = _data()
-    params = one_result(pool(world).run(W.fsdp_adamw_train, state, x, y, 30, 2e-2))
+    params = one_result(pool(world).run(W.fsdp_adamw_train, state, x, y, 30, 3e-3))
     single = W.mlp()
     single.load_state_dict(state)
-    W.adamw_train(single, x, y, 30, 2e-2)
+    W.adamw_train(single, x, y, 30, 3e-3)
     zeros = 0
     for name, p in single.named_parameters():
         torch.testing.assert_close(params[name], p.detach(), rtol=1e-4, atol=1e-5, msg=name)
         assert torch.equal(params[name] == 0, p.detach() == 0), f"{name}: zero pattern"
         zeros += int((p == 0).sum())
-    assert zeros > 0, "the metric steps zeroed nothing"
+    total = sum(p.numel() for n, p in single.named_parameters() if n.endswith("weight"))
+    assert 0 < zeros < total / 2, "the metric steps zeroed nothing, or most weights"
