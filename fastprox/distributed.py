@@ -56,15 +56,16 @@ def _threshold(value, name: str, weight) -> float:
     return value
 
 
-def _reduction_groups(weight, dims: list[int], name: str) -> tuple:
+def _reduction_groups(weight, dims: list[int], name: str, fn: str = _FN) -> tuple:
     """The process groups over which weight's groups span shards: one per mesh dimension that
-    shards a reduced dimension (mesh dimensions of size 1 need none)."""
+    shards a reduced dimension (mesh dimensions of size 1 need none). ``fn`` names the caller
+    in errors."""
     if not is_dtensor(weight):
         return ()
     mesh, groups = weight.device_mesh, []
     for mesh_dim, placement in enumerate(weight.placements):
         if placement.is_partial():
-            raise ValueError(f"{_FN}: {name} has a Partial placement (pending sums); "
+            raise ValueError(f"{fn}: {name} has a Partial placement (pending sums); "
                              "redistribute it to Shard or Replicate first")
         if placement.is_shard() and placement.dim % weight.dim() in dims \
                 and mesh.size(mesh_dim) > 1:

@@ -223,8 +223,6 @@ def _gate_layer(reg: L0Regularizer, i: int, name: str):
     def scale(s):
         reg.scales[i] = s
 
-    unit = _Unit(name, alive, scores, remove, scale)
-    unit.snapshot = lambda: gate.log_alpha.detach().clone()
-    unit.restore = lambda state: gate.log_alpha.data.copy_(state)
-    return unit
+    return _Unit(name, alive, scores, remove, scale, lambda: gate.log_alpha.detach().clone(),
+                 lambda state: gate.log_alpha.data.copy_(state))
 

@@ -11,7 +11,7 @@ After an Adam step, ``z`` (the updated weight) minimizes the step's quadratic mo
   devices; DTensor weights: the local shards when no group spans shards, else the full tensor);
 * ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric, in float64 (every
   set's groups gathered into one padded matrix);
-* ``optimizer_metric``: what an Adam / AdamW optimizer's state says ``d`` is, per parameter.
+* ``AdamState``: what an Adam / AdamW optimizer's state says ``d`` is, per parameter.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 
 from . import _checks, reference
 from ._registry import ops
+from .coupled import _span
+from .distributed import _local, _reduction_groups
 from .operators import COLUMNS
 
 _FN = "foreach_metric_prox_"
@@ -39,10 +41,6 @@ def _number(value, name: str, fn: str) -> float:
         raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got "
                         f"{type(value).__name__}")
     return float(value)
-
-
-def _is_number(value) -> bool:
-    return _checks.is_threshold(value)
 
 
 def metric_row(lr, eps, beta2, step, i: int, fn: str) -> tuple[float, float, float]:
@@ -104,16 +102,16 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
     flags = [_checks.per_tensor(value, name, count, fn, lambda v: isinstance(v, bool))
              for name, value in (("size_weighted", size_weighted), ("exact", exact))]
     steps = [None] * count if step is None else _checks.per_tensor(
-        step, "step", count, fn, _is_number)
+        step, "step", count, fn, _checks.is_threshold)
     rows = [metric_row(r, e, b, s, i, fn) for i, (r, e, b, s) in enumerate(zip(
-        *(_checks.per_tensor(value, name, count, fn, _is_number)
+        *(_checks.per_tensor(value, name, count, fn, _checks.is_threshold)
           for name, value in (("lr", lr), ("eps", eps), ("beta2", beta2))), steps))]
     lams = [tuple(c[i] for c in columns) for i in range(count)]
     plain, full = [], []
     for i, w in enumerate(weights):
         if lams[i] == (0.0, 0.0, 0.0) or w.numel() == 0:
             continue
-        if _checks.is_dtensor(w) and _spans_shards(w, dims[i]):
+        if _reduction_groups(w, dims[i], f"weights[{i}]", fn):
             full.append(i)
         else:
             plain.append(i)
@@ -142,21 +140,6 @@ def _op(weights, moments, lams, rows, dims, size_weighted, exact) -> None:
         list(exact))
 
 
-def _local(t):
-    return t.to_local() if _checks.is_dtensor(t) else t
-
-
-def _spans_shards(w, dims: list[int]) -> bool:
-    mesh = w.device_mesh
-    for mesh_dim, placement in enumerate(w.placements):
-        if placement.is_partial():
-            raise ValueError(f"{_FN}: a weight has a Partial placement (pending sums); "
-                             "redistribute it to Shard or Replicate first")
-        if placement.is_shard() and placement.dim % w.dim() in dims and mesh.size(mesh_dim) > 1:
-            return True
-    return False
-
-
 def _reshard(whole: torch.Tensor, like) -> torch.Tensor:
     """This rank's shard of a full tensor that every rank holds alike (no communication)."""
     from torch.distributed.tensor import DTensor, Replicate
@@ -168,23 +151,21 @@ def _reshard(whole: torch.Tensor, like) -> torch.Tensor:
 
 def _checks_disjoint(indexed, fn: str) -> None:
     """Every weight is written in place: none may have elements that share memory, and no two
-    may overlap (checked on the local shards of DTensors)."""
+    may overlap (checked on the local shards of DTensors; the ranges of fastprox.coupled)."""
     by_storage: dict[int, list[tuple[int, int, int]]] = {}
     for i, w in indexed:
         local = _local(w)
         if local.numel() == 0:
             continue
-        if local.numel() > 1 and any(s == 0 and n > 1 for s, n in zip(local.stride(),
-                                                                      local.shape)):
+        if any(s == 0 and n > 1 for s, n in zip(local.stride(), local.shape)):
             raise ValueError(f"{fn}: weights[{i}] has elements that share memory (an expanded "
                              "view); it cannot be written in place")
-        start = local.storage_offset()
-        end = start + sum((n - 1) * s for n, s in zip(local.shape, local.stride()))
+        lo, hi = _span(local)
         spans = by_storage.setdefault(local.untyped_storage().data_ptr(), [])
-        for j, a, b in spans:
-            if start <= b and a <= end:
+        for j, jlo, jhi in spans:
+            if lo < jhi and jlo < hi:
                 raise ValueError(f"{fn}: weights[{j}] and weights[{i}] share memory")
-        spans.append((i, start, end))
+        spans.append((i, lo, hi))
 
 
 # -- coupled groups ----------------------------------------------------------------------------
@@ -266,47 +247,52 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
 ADAMS = (torch.optim.Adam, torch.optim.AdamW)
 
 
-def optimizer_metric(optimizer, param) -> tuple | None:
-    """For a parameter of an ``Adam`` / ``AdamW`` optimizer: (second moment, lr, eps, beta2,
-    step) of its last step, as the step used them (``max_exp_avg_sq`` under amsgrad), or None
-    when the optimizer has not stepped it yet."""
-    state = optimizer.state.get(param)
-    if not state or "exp_avg_sq" not in state:
-        return None
-    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-    v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    return v, group["lr"], group["eps"], group["betas"][1], state["step"]
+class AdamState:
+    """What an ``Adam`` / ``AdamW`` optimizer's state says of its parameters' metric, read once
+    per step (the parameter groups indexed once, not searched per parameter)."""
 
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._by_storage = None  # built when a coupled set asks (its members: plain tensors)
 
-def _param_of(optimizer, tensor):
-    """The optimizer parameter whose memory ``tensor`` is (the parameter or a view of it)."""
-    ptr = tensor.untyped_storage().data_ptr()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.untyped_storage().data_ptr() == ptr:
-                return p
-    return None
+    @property
+    def by_storage(self) -> dict:
+        if self._by_storage is None:
+            self._by_storage = {p.untyped_storage().data_ptr(): p
+                                for g in self.optimizer.param_groups for p in g["params"]
+                                if not _checks.is_dtensor(p)}
+        return self._by_storage
 
-
-def coupled_metrics(optimizer, groups, fn: str) -> list[torch.Tensor] | None:
-    """Per member of a coupled set, the metric ``d`` of its elements (float64) from the Adam /
-    AdamW optimizer's state of the parameter it is (a view of); None when the optimizer has not
-    stepped every member yet."""
-    ds = []
-    for k, m in enumerate(groups.slices):
-        p = _param_of(optimizer, m.tensor)
-        if p is None:
-            raise ValueError(f"{fn}: member {k} ({m.name}) of {groups.name} is not (a view of) a "
-                             "parameter of the optimizer")
-        found = optimizer_metric(optimizer, p)
-        if found is None:
+    def metric(self, param) -> tuple | None:
+        """(second moment, lr, eps, beta2, step) of the parameter's last step, as the step used
+        them (``max_exp_avg_sq`` under amsgrad), or None when it has not been stepped yet."""
+        state = self.optimizer.state.get(param)
+        if not state or "exp_avg_sq" not in state:
             return None
-        v, lr, eps, beta2, step = found
-        if v.stride() != p.stride():
-            raise ValueError(f"{fn}: the second moment of {m.name} is laid out unlike the "
-                             "parameter; its view cannot be found")
-        view = v.as_strided(m.tensor.shape, m.tensor.stride(),
-                            v.storage_offset() + m.tensor.storage_offset() - p.storage_offset())
-        scale, eps, lr = metric_row(lr, eps, beta2, step, k, fn)
-        ds.append(((view.to(torch.float64) * scale).sqrt() + eps) / lr)
-    return ds
+        group = self.group_of[id(param)]
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        return v, group["lr"], group["eps"], group["betas"][1], state["step"]
+
+    def coupled(self, groups, fn: str) -> list[torch.Tensor] | None:
+        """Per member of a coupled set, the metric ``d`` of its elements (float64), from the
+        state of the parameter it is (a view of); None when some member has not been stepped
+        yet."""
+        ds = []
+        for k, m in enumerate(groups.slices):
+            p = self.by_storage.get(m.tensor.untyped_storage().data_ptr())
+            if p is None:
+                raise ValueError(f"{fn}: member {k} ({m.name}) of {groups.name} is not (a view "
+                                 "of) a parameter of the optimizer")
+            found = self.metric(p)
+            if found is None:
+                return None
+            v, lr, eps, beta2, step = found
+            if v.stride() != p.stride():
+                raise ValueError(f"{fn}: the second moment of {m.name} is laid out unlike the "
+                                 "parameter; its view cannot be found")
+            view = v.as_strided(m.tensor.shape, m.tensor.stride(), v.storage_offset()
+                                + m.tensor.storage_offset() - p.storage_offset())
+            scale, eps, lr = metric_row(lr, eps, beta2, step, k, fn)  # checked, as the op does
+            ds.append(((view.to(torch.float64) * scale).sqrt() + eps) / lr)
+        return ds

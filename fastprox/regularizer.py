@@ -468,9 +468,10 @@ class Regularizer:
         sets one after another (``coupled_metric_prox_``)."""
         self._lr_of(optimizer)
         fn = "Regularizer.prox_step"
+        state = _metric.AdamState(optimizer)
         by_device: dict[object, list] = {}
         for t in self.targets.values():
-            found = _metric.optimizer_metric(optimizer, t.param)
+            found = state.metric(t.param)
             if found is None or (t.lam_l1 == 0 and t.lam_group == 0 and t.lam_exclusive == 0):
                 continue
             by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
@@ -478,7 +479,7 @@ class Regularizer:
         # every check before anything is written: coupled sets' metrics and thresholds
         coupled = []
         for t in self.coupled.values():
-            ds = _metric.coupled_metrics(optimizer, t.groups, fn)
+            ds = state.coupled(t.groups, fn)
             if ds is not None:
                 coupled.append((t, ds))
         for pairs in by_device.values():
@@ -516,7 +517,8 @@ class Regularizer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Thresholds and groups of every target (by name) and the count of proximal steps."""
+        """Thresholds and groups of every target (by name), the proximal step chosen (``prox``),
+        the count of proximal steps and, with a target, its controller's state."""
         state = {"steps": self.steps, "prox": self.prox,
                  "targets": {name: t.config() for name, t in self.targets.items()}}
         if self.coupled:

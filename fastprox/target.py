@@ -46,7 +46,7 @@ class SparsityTarget:
     per_layer: bool = False
     layers: tuple | None = None  # names of the targets (or L0 gates' layers) counted; None: all
     start: int = 0
-    every: int = 1
+    every: int = 1  # each measurement reads every controlled weight once (group norms)
     rate: float = 0.02
     hold: bool = True
     example_input: object = None
@@ -77,12 +77,19 @@ class SparsityTarget:
         return 1.0 - (1.0 - self.kept) * ramp
 
 
+@dataclasses.dataclass
 class _Unit:
-    """One controlled layer: its groups (alive, score), how to remove some, its strengths."""
+    """One controlled layer: its groups (``alive``, ``scores``), how to remove some, its
+    strengths (``scale``), and a copy of its tensors to undo a trial removal (``snapshot``,
+    ``restore``)."""
 
-    def __init__(self, name, alive, scores, remove, scale):
-        self.name, self.alive, self.scores, self.remove, self.scale = \
-            name, alive, scores, remove, scale
+    name: str
+    alive: object
+    scores: object
+    remove: object
+    scale: object
+    snapshot: object
+    restore: object
 
 
 class Controller:
@@ -253,10 +260,8 @@ def plain_layer(target, dims: list[int]) -> _Unit:
     def scale(s):
         target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
 
-    unit = _Unit(target.name, alive, scores, remove, scale)
-    unit.snapshot = lambda: w.detach().clone()
-    unit.restore = lambda state: w.data.copy_(state)
-    return unit
+    return _Unit(target.name, alive, scores, remove, scale, lambda: w.detach().clone(),
+                 lambda state: w.data.copy_(state))
 
 
 def coupled_layer(target) -> _Unit:
@@ -277,10 +282,12 @@ def coupled_layer(target) -> _Unit:
     def scale(s):
         target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
 
-    unit = _Unit(target.name, g.alive, scores, remove, scale)
-    unit.snapshot = lambda: [m.tensor.detach().clone() for m in g.slices]
-    unit.restore = lambda state: [m.tensor.data.copy_(s) for m, s in zip(g.slices, state)]
-    return unit
+    def restore(state):
+        for m, saved in zip(g.slices, state):
+            m.tensor.data.copy_(saved)
+
+    return _Unit(target.name, g.alive, scores, remove, scale,
+                 lambda: [m.tensor.detach().clone() for m in g.slices], restore)
 
 
 def sequential_count(model, example_input, sparsity_stats):

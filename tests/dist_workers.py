@@ -129,18 +129,24 @@ def ddp_train(state, x, y, steps, preset, lam, snapshot_at):
     return snapshot, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def fsdp_train(state, x, y, steps, preset, lam, overrides):
-    """FSDP2 (fully_shard per Linear and at the root): full parameters after training, the
-    penalty of the trained model and its gradient, and the collectives of proximal steps."""
+def fsdp_mlp(state) -> nn.Sequential:
+    """The MLP with ``state``, under FSDP2's fully_shard per Linear and at the root."""
     from torch.distributed.fsdp import fully_shard
 
-    rank, world = dist.get_rank(), dist.get_world_size()
     model = mlp()
     model.load_state_dict(state)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh())
     fully_shard(model, mesh=mesh())
+    return model
+
+
+def fsdp_train(state, x, y, steps, preset, lam, overrides):
+    """FSDP2 (fully_shard per Linear and at the root): full parameters after training, the
+    penalty of the trained model and its gradient, and the collectives of proximal steps."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = fsdp_mlp(state)
     assert all(isinstance(p, DTensor) and p.placements == (Shard(0),)
                for p in model.parameters())
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -173,13 +179,6 @@ def adamw_train(model, x, y, steps: int, lam: float):
 def fsdp_adamw_train(state, x, y, steps, lam):
     """FSDP2 and AdamW: the full parameters after training with the metric step attached (each
     rank the whole batch, so that the run equals one process's)."""
-    from torch.distributed.fsdp import fully_shard
-
-    model = mlp()
-    model.load_state_dict(state)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh())
-    fully_shard(model, mesh=mesh())
+    model = fsdp_mlp(state)
     adamw_train(model, x, y, steps, lam)
     return {n: p.full_tensor() for n, p in model.named_parameters()}

@@ -320,3 +320,32 @@ def test_target_bad_input():
     with pytest.raises(ValueError, match="target.layers names no regularized"):
         fastprox.Regularizer(_mlp(), "group_lasso", 1e-3,
                              target=fastprox.SparsityTarget(kept=0.5, by_step=5, layers=("9",)))
+
+
+def test_target_on_coupled_groups():
+    """A units target on a conv net's channel groups (coupled sets over several tensors):
+    reached within one group, and the removed channels stay zero in every member."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                          nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    target = fastprox.SparsityTarget(kept=0.5, by_step=40)
+    reg = fastprox.Regularizer(model, "channels", lam=1e-5, example_inputs=x[:1], target=target)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg.attach(opt)
+    for _ in range(50):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    total = sum(t.groups.num_groups for t in reg.coupled.values())
+    assert abs(reg.controller.reached - 0.5) <= 1 / total
+    alive = sum(int(t.groups.alive().sum()) for t in reg.coupled.values())
+    assert alive / total == pytest.approx(reg.controller.reached)
+    for t in reg.coupled.values():
+        dead = ~t.groups.alive()
+        for m in t.groups.slices:
+            assert bool((m.tensor.detach().movedim(m.axis, 0)[dead[m.index]] == 0).all())
+        assert t.lam_group == 0
