@@ -143,6 +143,7 @@ def plans(entries, steps, sms) -> list[launch.Launch]:
                                                   tables):
             out += launches
     out += phase_plans(entries, sms, tables)
+    out += metric_plans(entries, steps, sms, tables)
     for w, d in entries:
         if w.numel() == 0:
             continue
@@ -152,6 +153,22 @@ def plans(entries, steps, sms) -> list[launch.Launch]:
             out += launch.plan_group_norms(w, layout, sms, tables, norms)
         work = w if launch.is_dense(w) else w.contiguous()
         out.append(launch.plan_soft_threshold(work, torch.zeros(1, 3, dtype=torch.float64)))
+    return out
+
+
+def metric_plans(entries, steps, sms, tables) -> list[launch.Launch]:
+    """The launches of foreach_metric_prox_ over one list of weights, with second moments of the
+    weights' dtype and layout (what torch.optim.Adam / AdamW keep), for every combination of
+    steps (the exact exclusive threshold is chosen at run time: one specialization serves
+    both)."""
+    table = torch.zeros(len(entries), 3, dtype=torch.float64)
+    metric = torch.zeros(len(entries), 3, dtype=torch.float64)
+    rows = [(w, torch.empty_like(w), list(d), True, True) for w, d in entries]
+    out = []
+    for flags in dict.fromkeys(STEPS[step][0] for step in steps):
+        for _, _, launches, _ in launch.plan_metric_step(rows, [flags] * len(entries), table,
+                                                         metric, sms, tables):
+            out += launches
     return out
 
 

@@ -2,7 +2,9 @@
 PyTorch, torch.compile of it (mode max-autotune-no-cudagraphs) and the floor, a
 device-to-device copy of the same bytes; plus whole-model parameter lists through foreach_prox_
 against a Python loop of single calls and the user's eager loop, and the coupled step of
-ResNet-50's and GPT-2 small's coupled groups against the per-tensor step and the copy floor.
+ResNet-50's and GPT-2 small's coupled groups against the per-tensor step and the copy floor,
+and the step in an Adam step's metric on their weights and second moments against the Euclidean
+step, the float64 reference and its floor (one read of both, one write).
 
     make bench-gpu                        # or: python bench/gpu_kernels.py [--out FILE.json]
     python bench/gpu_kernels.py --ops group_shrink_ --dtypes fp32 --shapes rows-4096
@@ -136,31 +138,38 @@ def _count_launches(fn) -> int:
     return len(seen)
 
 
-def bench_models(args, device, bench, records: list, save=lambda: None) -> list[dict]:
+def _model_lists(args, device, skip=()):
+    """(model, dtype name, (shape, dim) list, weights) of ResNet-50 and GPT-2 small in each
+    dtype asked (the first layers, shrunk, with --tiny; no bf16 under the interpreter)."""
     from model_shapes import gpt2_small_weights, resnet50_weights
 
     models = {"resnet50": resnet50_weights, "gpt2-small": gpt2_small_weights}
     for model, layout in models.items():
         for dtype_name in args.dtypes:
-            if INTERPRET and dtype_name == "bf16":
+            if dtype_name in skip or (INTERPRET and dtype_name == "bf16"):
                 continue
-            dtype = harness.DTYPES[dtype_name]
             shapes = layout()
-            if args.tiny:  # the first layers, shrunk
+            if args.tiny:
                 shapes = [(tuple(max(2, s // 64) for s in shape), d) for shape, d in shapes[:4]]
-            weights = [torch.randn(s, device=device).mul_(0.02).to(dtype) for s, _ in shapes]
-            dims = [d for _, d in shapes]
-            copies = [torch.empty_like(w) for w in weights]
-            steps = harness.model_steps(dims, MODEL_LAM)
-            row = dict(model=model, dtype=dtype_name, tensors=len(weights),
-                       bytes=2 * sum(w.numel() * w.element_size() for w in weights))
-            row["launches"] = _count_launches(lambda: steps["foreach"](weights))
-            for impl in ("foreach", "loop", "eager"):
-                row[f"{impl}_s"] = bench(lambda: steps[impl](weights))
-            row["floor_s"] = bench(lambda: torch._foreach_copy_(copies, weights))
-            records.append(row)
-            save()
-            print(harness.report("", "", [], [row]).splitlines()[-1], flush=True)
+            weights = [torch.randn(s, device=device).mul_(0.02).to(harness.DTYPES[dtype_name])
+                       for s, _ in shapes]
+            yield model, dtype_name, shapes, weights
+
+
+def bench_models(args, device, bench, records: list, save=lambda: None) -> list[dict]:
+    for model, dtype_name, shapes, weights in _model_lists(args, device):
+        dims = [d for _, d in shapes]
+        copies = [torch.empty_like(w) for w in weights]
+        steps = harness.model_steps(dims, MODEL_LAM)
+        row = dict(model=model, dtype=dtype_name, tensors=len(weights),
+                   bytes=2 * sum(w.numel() * w.element_size() for w in weights))
+        row["launches"] = _count_launches(lambda: steps["foreach"](weights))
+        for impl in ("foreach", "loop", "eager"):
+            row[f"{impl}_s"] = bench(lambda: steps[impl](weights))
+        row["floor_s"] = bench(lambda: torch._foreach_copy_(copies, weights))
+        records.append(row)
+        save()
+        print(harness.report("", "", [], [row]).splitlines()[-1], flush=True)
     return records
 
 
@@ -209,6 +218,40 @@ def bench_coupled(args, device, bench, records: list, save=lambda: None) -> list
     return records
 
 
+def bench_metric(args, device, bench, records: list, save=lambda: None) -> list[dict]:
+    """Group lasso in an Adam step's metric on every weight of ResNet-50 and GPT-2 small
+    (foreach_metric_prox_, each weight with its second moment), against the Euclidean step
+    (foreach_prox_), the float64 reference (float32 only) and the floor: one read of each weight
+    and its moment and one write of the weight (``torch._foreach_add_``)."""
+    import fastprox
+
+    for model, dtype_name, shapes, weights in _model_lists(args, device, skip=("fp16",)):
+        dtype = weights[0].dtype
+        moments = [torch.rand(s, device=device).mul_(1e-4).to(dtype) for s, _ in shapes]
+        dims = [[d] if isinstance(d, int) else list(d) for _, d in shapes]
+        n = len(weights)
+        lams = torch.tensor([(0.0, MODEL_LAM, 0.0)] * n, dtype=torch.float64)
+        metric = torch.tensor([(1 / (1 - 0.999 ** 100), 1e-8, 1e-3)] * n,
+                              dtype=torch.float64)
+        flat, counts = [d for ds in dims for d in ds], [len(ds) for ds in dims]
+        flags = [True] * n
+        op = fastprox.metric.ops.foreach_metric_prox_
+        row = dict(metric_model=f"{model} {dtype_name}", tensors=n,
+                   bytes=3 * sum(w.numel() * w.element_size() for w in weights))
+        row["metric_s"] = bench(lambda: op(weights, moments, lams, metric, flat, counts,
+                                           flags, flags))
+        row["euclidean_s"] = bench(lambda: fastprox.foreach_prox_(
+            weights, lam_group=1e-3 * MODEL_LAM, dim=[tuple(d) for d in dims]))
+        if dtype_name == "fp32":
+            row["reference_s"] = bench(lambda: fastprox.reference.foreach_metric_prox_op(
+                weights, moments, lams, metric, flat, counts, flags, flags))
+        row["floor_s"] = bench(lambda: torch._foreach_add_(weights, moments, alpha=1e-30))
+        records.append(row)
+        save()
+        print(harness.report("", "", [], metric=[row]).splitlines()[-1], flush=True)
+    return records
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes, wall clock, no compile")
@@ -219,6 +262,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-models", action="store_true")
     parser.add_argument("--no-coupled", action="store_true")
+    parser.add_argument("--no-metric", action="store_true")
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     parser.add_argument("--compile-ops", nargs="*", choices=list(harness.BY_LABEL),
                         help="compile the baseline for these operators only (default: all)")
@@ -234,7 +278,7 @@ def main(argv=None) -> dict:
     bench = _timer(args.tiny)
     machine = _machine()
     print(f"Machine: {machine['name']}")
-    result = dict(machine=machine, ops=[], models=[], coupled=[])
+    result = dict(machine=machine, ops=[], models=[], coupled=[], metric=[])
 
     def save():  # after every row: a run cut short keeps what it measured
         with open(args.out, "w") as f:
@@ -246,9 +290,12 @@ def main(argv=None) -> dict:
             bench_models(args, device, bench, result["models"], save)
         if not args.no_coupled:
             bench_coupled(args, device, bench, result["coupled"], save)
+        if not args.no_metric:
+            bench_metric(args, device, bench, result["metric"], save)
     save()
     print(harness.report(machine["name"], "device-to-device copy", result["ops"],
-                         result["models"], [r for r in result["coupled"] if "coupled_s" in r]))
+                         result["models"], [r for r in result["coupled"] if "coupled_s" in r],
+                         result["metric"]))
     print(f"written: {args.out}")
     return result
 

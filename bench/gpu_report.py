@@ -46,7 +46,8 @@ def report(result: dict) -> str:
     m = result["machine"]
     coupled = result.get("coupled", [])
     lines = [harness.report(m.get("name", m.get("gpu")), "device-to-device copy", result["ops"],
-                            result["models"], [r for r in coupled if "coupled_s" in r]),
+                            result["models"], [r for r in coupled if "coupled_s" in r],
+                            result.get("metric", [])),
              *[f"Coupled {r['coupled_model']}: skipped ({r['skipped']})." for r in coupled
                if "skipped" in r], "",
              "| operator | weight | dtype | of copy | vs compiled | target |",

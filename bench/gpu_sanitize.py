@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck python3 bench/gpu_sanitize.py
 
 prox_kernel with groups in one tile, looped, and both in one launch; the split kernels; the soft
-threshold; group_norms; foreach over mixed dtypes; a view that is not 16-byte aligned. Each
+threshold; group_norms; foreach over mixed dtypes; a view that is not 16-byte aligned; the step
+in an Adam step's metric (metric_kernel, both paths). Each
 result is compared with the float64 reference; the script prints one line per call and exits
 1 if any differs (the sanitizer reports memory errors itself).
 """
@@ -59,6 +60,21 @@ def calls():
     view = base.view(-1)[1:1 + 256 * 128].view(256, 128)  # 2 bytes off 16-byte alignment
     yield "unaligned view (fp16)", view, lambda x: fastprox.group_shrink_(x, 0.5, 1), \
         lambda x: reference.group_shrink_(x, 0.5, 1)
+    # the step in an Adam step's metric: groups in one tile and longer ones (looped sweeps) in
+    # one launch, every sub-step; then 16-bit weights, and float64 with conv filter groups
+    for name, shapes, dims, dtype in (
+            ("metric tile + looped (cges, sgl)", [(64, 300), (3, 20000)], [1, 1], torch.float32),
+            ("metric bf16 columns", [(300, 64)], [0], torch.bfloat16),
+            ("metric fp64 conv filters", [(64, 32, 3, 3)], [(1, 2, 3)], torch.float64)):
+        weights = [w(sh, dtype).mul_(0.05) for sh in shapes]
+        moments = [torch.rand(sh, generator=g).mul_(1e-4).to(dtype).cuda() for sh in shapes]
+        kw = dict(lam_l1=1e-4, lam_group=0.02, lam_exclusive=0.01)
+        yield name, weights, \
+            lambda xs, v=moments, d=dims: fastprox.foreach_metric_prox_(
+                xs, v, lr=1e-3, step=10, dim=d, **kw), \
+            lambda xs, v=moments, d=dims: [reference.metric_prox_(
+                x, reference.adam_metric(m.cpu(), 10, 0.999, 1e-8, 1e-3), dim=dd, **kw)
+                for x, m, dd in zip(xs, v, d)]
 
 
 def main() -> int:

@@ -190,9 +190,9 @@ def served_by_kernels(enabled: bool = True):
     if not enabled:
         yield
         return
-    from fastprox import _phases, coupled
+    from fastprox import _phases, coupled, metric
 
-    modules = (fastprox.ops, _fused, _phases, coupled)
+    modules = (fastprox.ops, _fused, _phases, coupled, metric)
     saved = [m.ops for m in modules]
     for m in modules:
         m.ops = _KernelOps()

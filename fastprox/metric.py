@@ -7,10 +7,11 @@ After an Adam step, ``z`` (the updated weight) minimizes the step's quadratic mo
     x = argmin_x  1/2 (x - z)^T D (x - z) + Omega(x)
 
 * ``foreach_metric_prox_``: one call for a list of tensors with their second moments (the fused
-  op ``torch.ops.fastprox.foreach_metric_prox_``: C++ on the CPU, the float64 reference on other
-  devices; DTensor weights: the local shards when no group spans shards, else the full tensor);
-* ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric, in float64 (every
-  set's groups gathered into one padded matrix);
+  op ``torch.ops.fastprox.foreach_metric_prox_``: C++ on the CPU, Triton on CUDA, the float64
+  reference on other devices; DTensor weights: the local shards when no group spans shards,
+  else the full tensor);
+* ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric (every set's groups
+  gathered into a float64 matrix, a row per group, solved by the same op);
 * ``AdamState``: what an Adam / AdamW optimizer's state says ``d`` is, per parameter.
 """
 
@@ -21,7 +22,7 @@ import numbers
 
 import torch
 
-from . import _checks, reference
+from . import _checks
 from ._registry import ops
 from .coupled import _span
 from .distributed import _local, _reduction_groups
@@ -203,8 +204,10 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
     """``coupled_prox_`` of one ``CoupledGroups`` in the metric ``diag(d)``: ``ds[k]`` (finite,
     >= 0, shaped like member k's tensor) is the metric of member k's elements. Per group, over
     the union of its slices: soft threshold by lam_l1/d_i, the metric group step with
-    t_g = lam_group c_g (c_g = sqrt(n_g) or 1), the metric exclusive step (docs/SPEC.md). In
-    float64; every member written once. Returns ``groups``."""
+    t_g = lam_group c_g (c_g = sqrt(n_g) or 1), the metric exclusive step (docs/SPEC.md). The
+    groups are gathered into a float64 matrix (a row per group, padded with z = 0, d = 0: adds
+    nothing to any sum, stays 0), solved by the fused op (C++ on the CPU, Triton on CUDA) and
+    written back: every member written once. Returns ``groups``."""
     fn = "coupled_metric_prox_"
     l1, lg, le = (_number(v, n, fn) for v, n in ((lam_l1, "lam_l1"), (lam_group, "lam_group"),
                                                   (lam_exclusive, "lam_exclusive")))
@@ -228,14 +231,17 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
     for m, d, (rows, cols) in zip(groups.slices, ds, layout):
         z[rows, cols] = _member_rows(m).to(torch.float64)
         dd[rows, cols] = d.movedim(m.axis, 0).reshape(rows.shape).to(device, torch.float64)
-    if l1 > 0:
-        z = reference._metric_soft(z, dd, l1)
-    if lg > 0:
-        c = groups.sizes.to(device, torch.float64).sqrt() if size_weighted else \
-            torch.ones(groups.num_groups, dtype=torch.float64, device=device)
-        z = reference._metric_group_rows(z, dd, (lg * c)[:, None])
-    if le > 0:
-        z = reference._metric_exclusive_rows(z, dd, le, exact)
+    # The fused op on the matrix, its rows the groups (one matrix per group size n, whose c =
+    # sqrt(n) goes into lam_group); d enters as the moment d^2 with (s, eps, lr) = (1, 0, 1).
+    sizes = groups.sizes.to(torch.int64)
+    parts = [(int(n), (sizes == n).nonzero().squeeze(1).to(device)) for n in sizes.unique()]
+    mats = [z[rows] for _, rows in parts]
+    _op(mats, [dd[rows].square() for _, rows in parts],
+        [(l1, lg * (math.sqrt(n) if size_weighted else 1.0), le) for n, _ in parts],
+        [(1.0, 0.0, 1.0)] * len(parts), [[1]] * len(parts), [False] * len(parts),
+        [exact] * len(parts))
+    for (_, rows), mat in zip(parts, mats):
+        z[rows] = mat
     for m, (rows, cols) in zip(groups.slices, layout):
         view = m.tensor.movedim(m.axis, 0)
         view.copy_(z[rows, cols].reshape(view.shape).to(m.tensor.dtype))

@@ -328,7 +328,8 @@ OPERATORS = [
         lam_l1, lam_group, lam_exclusive, dim, size_weighted, exact: as ``foreach_prox_``.
 
     One read of each weight and second moment and one write of the weight, per group (C++ on
-    the CPU, deterministic for any thread count; the float64 reference on other devices).
+    the CPU, deterministic for any thread count; Triton on CUDA, deterministic; the float64
+    reference on other devices).
     Edge cases as ``foreach_prox_``'s: every ``lam`` = 0 leaves the weights bit-identical; a
     zero group stays zero (never NaN); a NaN group becomes NaN; a group of infinite norm keeps
     its values. Numbers are read on the host. DTensor weights (with DTensor moments): the local

@@ -2,7 +2,8 @@
 the ops of the ``fastprox`` library (schemas: csrc/fastprox.cpp): ``group_norms``, the fused
 in-place step ``foreach_prox_``, of which every in-place operator is a preset
 (fastprox/operators.py), and the phases of steps whose groups span several tensors
-(``foreach_group_sums``, ``foreach_group_sums_above``, ``foreach_group_rewrite_``).
+(``foreach_group_sums``, ``foreach_group_sums_above``, ``foreach_group_rewrite_``), and the step
+in an Adam step's metric ``foreach_metric_prox_``.
 
 One file per op holds its CUDA entry (checks, then the launch), as csrc/cpu/ does for the CPU;
 the kernels they share are in group_engine.py, the host side (layouts, thresholds, buckets,
@@ -22,11 +23,13 @@ import torch
 from .foreach_prox import foreach_prox_
 from .group_norms import group_norms
 from .group_phases import foreach_group_rewrite_, foreach_group_sums, foreach_group_sums_above
+from .metric_prox import foreach_metric_prox_
 
 ENTRIES = {"group_norms": group_norms, "foreach_prox_": foreach_prox_,
            "foreach_group_sums": foreach_group_sums,
            "foreach_group_sums_above": foreach_group_sums_above,
-           "foreach_group_rewrite_": foreach_group_rewrite_}
+           "foreach_group_rewrite_": foreach_group_rewrite_,
+           "foreach_metric_prox_": foreach_metric_prox_}
 
 _registered = False
 

@@ -239,16 +239,23 @@ def tile_shape(layout: GroupLayout, cap: int, cap_tall: int | None = None,
     return bo, bg, bi
 
 
-def choose_tile(layout: GroupLayout, base: torch.Tensor) -> tuple[tuple[int, int, int], int]:
+def choose_tile(layout: GroupLayout, base: torch.Tensor, arrays: int = 1,
+                aligned: bool = True) -> tuple[tuple[int, int, int], int]:
     """(tile, VEC) of a weight whose bucket starts at ``base``: the largest tile its accesses
-    allow (16-byte ones if it is aligned, element-wise ones otherwise)."""
+    allow (16-byte ones if it is aligned, element-wise ones otherwise), for a kernel that holds
+    ``arrays`` values per element in registers. ``aligned=False``: element-wise accesses."""
     wide = layout.work.dtype == torch.float64
     off64 = is_off64(layout)
+
+    def shape(vec):
+        return tile_shape(layout, tile_cap(wide, vec, off64) // arrays,
+                          tile_cap(wide, vec, off64, 8) // arrays, wide)
+
     vec = 16 // layout.work.element_size()
-    tile = tile_shape(layout, tile_cap(wide, vec, off64), tile_cap(wide, vec, off64, 8), wide)
-    vec = vector_width(layout, tile, base)
+    tile = shape(vec)
+    vec = vector_width(layout, tile, base) if aligned else 1
     if vec == 1:
-        tile = tile_shape(layout, tile_cap(wide, 1, off64), tile_cap(wide, 1, off64, 8), wide)
+        tile = shape(1)
     return tile, vec
 
 
@@ -317,13 +324,15 @@ def vector_width(layout: GroupLayout, tile, base: torch.Tensor) -> int:
 
 
 class Item:
-    """One weight of a launch: its layout, thresholds row and flags."""
+    """One weight of a launch: its layout, thresholds row and flags (and, for the metric step,
+    its second moment laid out like the layout's working tensor)."""
 
-    __slots__ = ("weight", "layout", "row", "size_weighted", "exact", "maybe")
+    __slots__ = ("weight", "layout", "row", "size_weighted", "exact", "maybe", "moment")
 
-    def __init__(self, weight, layout, row, size_weighted, exact, maybe):
+    def __init__(self, weight, layout, row, size_weighted, exact, maybe, moment=None):
         self.weight, self.layout, self.row = weight, layout, row
         self.size_weighted, self.exact, self.maybe = size_weighted, exact, maybe
+        self.moment = moment
 
 
 def _tables(items: list[Item], tile, split_rows: int):
@@ -567,7 +576,7 @@ def _scratch(items: list[Item]) -> list[Item]:
                                    device=work.device).copy_(work)
         lay = GroupLayout(copy, it.layout.batch, it.layout.outer, it.layout.groups,
                           it.layout.inner)
-        out.append(Item(copy, lay, it.row, it.size_weighted, it.exact, it.maybe))
+        out.append(Item(copy, lay, it.row, it.size_weighted, it.exact, it.maybe, it.moment))
     return out
 
 
@@ -780,3 +789,132 @@ def to_group_order(values: torch.Tensor, weight: torch.Tensor, layout: GroupLayo
     logical = sorted(order)
     view = values.reshape([weight.size(d) for d in logical])
     return view.permute([logical.index(d) for d in order]).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Proximal steps in an optimizer's metric (kernels/metric_prox.py): each weight with its second
+# moment, laid out alike; buckets as for the step, one launch of metric_kernel per bucket.
+
+METRIC_ARRAYS = 2  # the fused path holds the weight and d in registers: half the tile
+
+
+def moment_like(moment: torch.Tensor, weight: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """The second moment with the element order of ``layout.work``: itself when its strides are
+    the weight's (and the weight is its own working tensor), else a copy laid out so."""
+    if not layout.is_copy:
+        same = all(a == b for a, b, n in zip(moment.stride(), weight.stride(), weight.shape)
+                   if n > 1)
+        if same:
+            return moment
+        return torch.empty_strided(weight.shape, weight.stride(), dtype=moment.dtype,
+                                   device=moment.device).copy_(moment)
+    source = moment.permute(layout.copy_perm) if layout.copy_perm else moment
+    return source.contiguous()
+
+
+def _moment_aligned(it: Item, base: torch.Tensor | None = None) -> bool:
+    """16-byte accesses of the moment: the weight's dtype, 16-byte aligned (from ``base``)."""
+    m = it.moment
+    ok = m.dtype == it.layout.work.dtype and address(m) % 16 == 0
+    return ok if base is None else ok and (address(m) - address(base)) % 16 == 0
+
+
+def _metric_key(it: Item):
+    lay = it.layout
+    aligned = _moment_aligned(it)
+    tile, vec = choose_tile(lay, lay.work, METRIC_ARRAYS, aligned)
+    return (lay.work.dtype, it.moment.dtype, tile, vec > 1, is_off64(lay))
+
+
+def plan_metric(items: list[Item], lams: torch.Tensor, metric: torch.Tensor, flags, sms: int,
+                tables: Tables) -> tuple[list[Launch], tuple]:
+    """The launch of one bucket of the metric step and its tuning key. ``lams`` and ``metric``:
+    the (T, 3) float64 tables of thresholds and of (s, eps, 1/lr) on the weights' device."""
+    work, mom = items[0].layout.work, items[0].moment
+    aligned = all(_moment_aligned(it, mom) for it in items)
+    tile, _ = choose_tile(items[0].layout, work, METRIC_ARRAYS, aligned)
+    bo, bg, bi = tile
+    layouts = [it.layout for it in items]
+    wide = work.dtype == torch.float64
+    vec = min(vector_width(lay, tile, work) for lay in layouts) if aligned else 1
+    off64 = any(is_off64(lay) for lay in layouts)
+    per = elems_per_thread(wide, vec, off64)
+    meta, blocks, num_blocks, grid = _persistent(items, tile, sms, tables)
+    size = mom.element_size()
+    offsets = tables.get(("moments", mom.dtype, tuple(address(it.moment) for it in items)),
+                         lambda: (torch.tensor([(address(it.moment) - address(mom)) // size
+                                                for it in items], dtype=torch.int64),))[0]
+    fit = [fits(lay, tile) for lay in layouts]
+    fit_mode = 1 if all(fit) else 2 if not any(fit) else 3
+    # the looped sweeps hold four accumulators beside the loaded values: a quarter of the tile
+    lo, li = loop_tile(tile, tile_cap(wide, vec, off64) // (2 * METRIC_ARRAYS))
+    paths = ([(bo * bg * bi, per // METRIC_ARRAYS)] if fit_mode != 2 else []) + \
+        ([(lo * bg * li, per // (2 * METRIC_ARRAYS))] if fit_mode != 1 else [])
+    args = (work, mom, meta, lams, metric, offsets, blocks, num_blocks,
+            triton.cdiv(num_blocks, grid))
+    constexprs = dict(BLOCK_O=bo, BLOCK_G=bg, BLOCK_I=bi, LOOP_O=lo, LOOP_I=li, FIT=fit_mode,
+                      VEC=vec, OFF64=off64, DO_L1=flags[0], DO_GROUP=flags[1],
+                      DO_EXCL=flags[2], WIDE=wide, ACC=_acc(work.dtype))
+    configs = warp_configs(paths, wide, vec, 8 if fit_mode != 1 else MAX_WARPS[wide])
+    n_key = _p2(max(lay.group_size for lay in layouts)).bit_length()
+    g_key = _p2(sum(lay.num_groups for lay in layouts)).bit_length()
+    tune_key = ("metric", work.dtype, mom.dtype, tile, tuple(flags), n_key, g_key, vec,
+                fit_mode, str(work.device))
+    return [Launch("metric_kernel", (grid,), args, constexprs, configs)], tune_key
+
+
+def _by_offsets(items: list[Item]) -> list[list[Item]]:
+    """_by_offset for the weights and for their moments: a launch addresses both from its first
+    item's."""
+    out = []
+    for same in _by_offset(items):
+        size = same[0].moment.element_size()
+        base = address(same[0].moment)
+        ok = [it for it in same if (address(it.moment) - base) % size == 0]
+        rest = [it for it in same if (address(it.moment) - base) % size != 0]
+        out += [ok] + (_by_offsets(rest) if rest else [])
+    return out
+
+
+def plan_metric_step(entries, maybe, lams: torch.Tensor, metric: torch.Tensor, sms: int,
+                     tables: Tables):
+    """The launches of one metric step: entries (weight, moment, dims, size_weighted, exact),
+    checked; maybe[i]: which thresholds of weight i may be nonzero. Per bucket: its items,
+    flags, launches and tuning key."""
+    buckets: dict = {}
+    for row, (weight, moment, dims, size_weighted, exact) in enumerate(entries):
+        if weight.numel() == 0 or not any(maybe[row]):
+            continue  # bit-identical: nothing to do
+        layout = analyze(weight, dims)
+        if layout.num_groups == 0 or layout.group_size == 0:
+            continue
+        it = Item(weight, layout, row, size_weighted, exact, maybe[row],
+                  moment_like(moment, weight, layout))
+        buckets.setdefault(_metric_key(it), []).append(it)
+    plans = []
+    for items in buckets.values():
+        for same in _by_offsets(items):
+            flags = tuple(any(it.maybe[k] for it in same) for k in range(3))
+            plans.append((same, flags, *plan_metric(same, lams, metric, flags, sms, tables)))
+    return plans
+
+
+def metric_(entries, lam_rows, metric_rows) -> None:
+    """The metric step (entries as for plan_metric_step; lam_rows: per weight its three checked
+    thresholds; metric_rows: its checked (s, eps, lr))."""
+    if not entries:
+        return
+    device = entries[0][0].device
+    table = torch.tensor(lam_rows, dtype=torch.float64).reshape(-1, 3).to(device)
+    metric = torch.tensor([(s, eps, 1.0 / lr) for s, eps, lr in metric_rows],
+                          dtype=torch.float64).reshape(-1, 3).to(device)
+    maybe = [tuple(v != 0 for v in row) for row in lam_rows]
+    sms = sm_count(device)
+    tables = Tables(device, upload=True)
+    plans = plan_metric_step(entries, maybe, table, metric, sms, tables)
+    for items, flags, launches, tune_key in plans:
+        _run_bucket(items, launches, tune_key,
+                    lambda its, f=flags: plan_metric(its, table, metric, f, sms, tables)[0])
+    for items, _, _, _ in plans:
+        for it in items:
+            finish(it.weight, it.layout)

@@ -73,6 +73,55 @@ def assert_matches_reference(op: Op, weight: torch.Tensor, lams=None, dim=None) 
     return weight
 
 
+def metric_group_kkt(z, d, x, dims, lam_l1: float, t: float, atol: float = 1e-9) -> int:
+    """Checks that x (float64) is the metric sparse-group step of z in diag(d) (docs/SPEC.md),
+    without a reference: 0 in D(x - z) + lam_l1 d|x| + t d||x_g||. Kept groups satisfy the
+    gradient condition elementwise (elements zeroed in them have |d z| <= lam_l1), removed ones
+    ||soft(D z, lam_l1)|| <= t. Returns the number of kept groups."""
+    from fastprox import reference
+
+    zr, dr, xr = (reference._as_groups(a.to("cpu", torch.float64), dims) for a in (z, d, x))
+    theta = torch.linalg.vector_norm(xr, dim=1, keepdim=True)
+    kept = (theta > 0).squeeze(1)
+    soft = reference.shrink_magnitude(dr * zr, lam_l1)
+    assert bool((torch.linalg.vector_norm(soft[~kept], dim=1) <= t * (1 + 1e-9)).all())
+    on = xr != 0
+    grad = dr * (xr - zr) + lam_l1 * xr.sign() + t * xr / torch.where(theta > 0, theta, 1.0)
+    torch.testing.assert_close(grad[on], torch.zeros_like(grad)[on], atol=atol, rtol=0)
+    assert bool(((dr * zr).abs()[kept[:, None] & ~on] <= lam_l1 * (1 + 1e-12) + 1e-15).all())
+    return int(kept.sum())
+
+
+def metric_exclusive_kkt(z, d, x, dims, lam: float) -> int:
+    """Checks that x (float64) is the metric exclusive step of z: d_i (x_i - z_i) + lam S
+    sign(x_i) = 0 where x_i != 0 and |d_i z_i| <= lam S where x_i = 0, S = ||x_g||_1. Returns
+    the number of nonzero results."""
+    from fastprox import reference
+
+    zr, dr, xr = (reference._as_groups(a.to("cpu", torch.float64), dims) for a in (z, d, x))
+    s = xr.abs().sum(dim=1, keepdim=True)
+    on = xr != 0
+    grad = dr * (xr - zr) + lam * s * xr.sign()
+    torch.testing.assert_close(grad[on], torch.zeros_like(grad)[on], atol=1e-9, rtol=0)
+    bar = (lam * s).expand_as(zr)
+    assert bool(((dr * zr).abs()[~on] <= bar[~on] * (1 + 1e-9) + 1e-12).all())
+    return int(on.sum())
+
+
+def random_moment(shape, dtype=torch.float32) -> torch.Tensor:
+    """A second moment as Adam leaves it (>= 0, spread over orders of magnitude, some 0), its
+    scale falling along every dimension (so that groups of any layout differ: some removed)."""
+    import math
+
+    v = torch.exp(torch.empty(shape).uniform_(math.log(1e-4), math.log(1e-2)))
+    for k, size in enumerate(shape):
+        fall = torch.logspace(0, -6, size).reshape([size if j == k else 1
+                                                    for j in range(len(shape))])
+        v = v * fall
+    v.view(-1)[::5] = 0
+    return v.to(dtype)
+
+
 def random_weight(shape, dtype, generator=None) -> torch.Tensor:
     """N(0, 1) values, with a few exact zeros and whole zero slices to exercise zero groups."""
     w = torch.randn(shape, dtype=torch.float64, generator=generator)

@@ -54,6 +54,25 @@ def test_unaligned_view_gets_element_accesses():
     assert vec == {1}
 
 
+def test_metric_moments_set_the_access_width():
+    """The metric step's 16-byte accesses need the moment aligned too, and of the weight's
+    dtype: a moment one element off, or of another dtype, gives element-wise accesses."""
+    tables = launch.Tables(torch.device("cpu"), upload=False)
+    table = torch.zeros(1, 3, dtype=torch.float64)
+
+    def vec(weight, moment):
+        plans = launch.plan_metric_step([(weight, moment, [1], True, True)],
+                                        [(False, True, False)], table, table, 132, tables)
+        return {lau.constexprs["VEC"] for _, _, launches, _ in plans for lau in launches}
+
+    w = torch.randn(64, 64)
+    flat = torch.zeros(65 * 64)
+    assert vec(w, flat[:64 * 64].view(64, 64)) == {4}
+    assert vec(w, flat[1:1 + 64 * 64].view(64, 64)) == {1}
+    assert vec(w, torch.zeros(64, 64, dtype=torch.float64)) == {1}
+    assert vec(w, torch.zeros(64, 64).t()) == {4}  # laid out like the weight by a copy
+
+
 def test_warp_candidates_bound_elements_per_thread():
     for elems in (64, 512, 4096, 16384):
         for wide in (False, True):
@@ -99,7 +118,7 @@ def test_quick_gate_compiles_clean(tmp_path):
     assert {r["arch"] for r in result["rows"]} == {"sm_90a", "sm_80"}
     assert {r["kernel"] for r in result["rows"]} == {
         "prox_kernel", "split_stats_kernel", "split_apply_kernel", "soft_threshold_kernel",
-        "phase_kernel"}
+        "phase_kernel", "metric_kernel"}
     assert {r["steps"] for r in result["rows"] if r["kernel"] == "phase_kernel"} == {
         "sums", "above", "rewrite"}
     assert summary["aligned"] > 0 and summary["aligned_128"] == summary["aligned"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastprox import reference
+from helpers import metric_exclusive_kkt, metric_group_kkt
 
 DIMS = [((9, 14), 1), ((14, 9), 0), ((6, 4, 3, 3), (1, 2, 3)), ((6, 4, 3, 3), (0, 2, 3)),
         ((11,), ())]
@@ -63,18 +64,9 @@ def test_kkt_group_and_sparse_group(shape, dim, lam_l1):
     t = float(torch.linalg.vector_norm(reference.shrink_magnitude(dr * zr, lam_l1), dim=1)
               .median())
     x = _prox(z, d, dim, lam_l1=lam_l1, lam_group=t / c)
-    xr = _rows(x, dim)[0]
-    theta = torch.linalg.vector_norm(xr, dim=1, keepdim=True)
-    kept = (theta > 0).squeeze(1)
-    soft_dz = reference.shrink_magnitude(dr * zr, lam_l1)
-    assert bool((torch.linalg.vector_norm(soft_dz[~kept], dim=1) <= t * (1 + 1e-9)).all())
-    on = xr != 0
-    grad = dr * (xr - zr) + lam_l1 * xr.sign() + t * xr / torch.where(theta > 0, theta, 1.0)
-    torch.testing.assert_close(grad[on], torch.zeros_like(grad)[on], atol=1e-9, rtol=0)
-    inside = kept[:, None] & ~on  # zeroed by the L1 part of a kept group: |d z| <= lam_l1
-    assert bool(((dr * zr).abs()[inside] <= lam_l1 + 1e-12).all())
+    kept = metric_group_kkt(z, d, x, dims, lam_l1, t)
     if zr.shape[0] > 2:
-        assert 0 < int(kept.sum()) < zr.shape[0], "the sample should keep some groups only"
+        assert 0 < kept < zr.shape[0], "the sample should keep some groups only"
 
 
 @pytest.mark.parametrize("shape,dim", DIMS, ids=str)
@@ -84,12 +76,7 @@ def test_kkt_exclusive(shape, dim):
     z, d = torch.randn(shape, dtype=torch.float64), _metric(shape, zeros=True)
     lam = 0.3
     x = _prox(z, d, dim, lam_exclusive=lam)
-    zr, dr, xr = (_rows(t, dim)[0] for t in (z, d, x))
-    s = xr.abs().sum(dim=1, keepdim=True)
-    on = xr != 0
-    grad = dr * (xr - zr) + lam * s * xr.sign()
-    torch.testing.assert_close(grad[on], torch.zeros_like(grad)[on], atol=1e-9, rtol=0)
-    assert bool(((dr * zr).abs()[~on] <= (lam * s).expand_as(zr)[~on] + 1e-9).all())
+    metric_exclusive_kkt(z, d, x, _rows(z, dim)[1], lam)
 
 
 def test_exclusive_bound_and_cges_composition():
@@ -172,24 +159,12 @@ def test_adam_metric_is_the_steps_preconditioner(opt_name, kwargs):
 
 # -- the fused op (foreach_metric_prox_: C++ on the CPU) against the reference -----------------
 
-from helpers import DTYPES, TOLERANCES  # noqa: E402
+from helpers import DTYPES, TOLERANCES, random_moment as _moments  # noqa: E402
 
 OP = torch.ops.fastprox.foreach_metric_prox_
 STEPS = {"l1": (0.02, 0, 0), "group": (0, 0.5, 0), "sgl": (0.01, 0.5, 0),
          "excl": (0, 0, 0.02), "excl-bound": (0, 0, 0.002), "cges": (0, 0.5, 0.02),
          "all": (0.01, 0.3, 0.01)}
-
-
-def _moments(shape, dtype=torch.float32):
-    """A second moment as Adam leaves it (>= 0, spread over orders of magnitude, some 0), its
-    scale falling along every dimension (so that groups of any layout differ: some removed)."""
-    v = torch.exp(torch.empty(shape).uniform_(math.log(1e-4), math.log(1e-2)))
-    for k, size in enumerate(shape):
-        fall = torch.logspace(0, -6, size).reshape([size if j == k else 1
-                                                    for j in range(len(shape))])
-        v = v * fall
-    v.view(-1)[::5] = 0
-    return v.to(dtype)
 
 
 def _call(fn, weights, moments, steps, dims, exact=True, metric=(1 / (1 - 0.999 ** 10), 1e-8,

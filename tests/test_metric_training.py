@@ -95,6 +95,38 @@ def test_coupled_metric_step_is_the_step_on_the_union(lams):
         assert 0 < int((a == 0).all(dim=1).sum()) < 8
 
 
+def coupled_sizes_case(device="cpu"):
+    """A coupled set whose groups differ in size (a member with two rows in group 0 and none in
+    group 3), its metrics, and per group the reference metric step on the union of its
+    elements (c_g = sqrt(n_g)): (groups, ds, members, want per member)."""
+    a = torch.randn(5, 4, dtype=torch.float64) * 0.1
+    b = torch.randn(5, 3, dtype=torch.float64) * 0.1
+    index_b = [0, 0, 1, 2, 4]
+    da = torch.exp(torch.empty(5, 4, dtype=torch.float64).uniform_(-2, 3))
+    db = torch.exp(torch.empty(5, 3, dtype=torch.float64).uniform_(-2, 3))
+    want_a, want_b = a.clone(), b.clone()
+    lams = dict(lam_l1=0.02, lam_group=0.15, lam_exclusive=0.03)
+    for g in range(5):
+        rows_b = [k for k, i in enumerate(index_b) if i == g]
+        z = torch.cat([a[g]] + [b[k] for k in rows_b])[None]
+        d = torch.cat([da[g]] + [db[k] for k in rows_b])[None]
+        reference.metric_prox_(z, d, dim=1, **lams)
+        want_a[g] = z[0, :4]
+        for j, k in enumerate(rows_b):
+            want_b[k] = z[0, 4 + 3 * j:7 + 3 * j]
+    a, b, da, db = (t.to(device) for t in (a, b, da, db))
+    groups = fastprox.CoupledGroups([(a, 0, list(range(5))), (b, 0, index_b)], 5)
+    return groups, [da, db], (a, b), (want_a, want_b), lams
+
+
+def test_coupled_metric_groups_of_different_sizes():
+    groups, ds, members, want, lams = coupled_sizes_case()
+    assert len(set(groups.sizes.tolist())) > 1
+    coupled_metric_prox_(groups, ds, **lams)
+    for got, w in zip(members, want):
+        torch.testing.assert_close(got, w)
+
+
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),

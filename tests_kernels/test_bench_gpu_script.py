@@ -33,6 +33,12 @@ def test_bench_script_tiny(tmp_path):
     else:
         assert math.isfinite(c["coupled_s"]) and c["coupled_s"] > 0 and c["groups"] > 0
     coupled_lines = 2 if "coupled_s" in c else 0  # its header and its row
+    # the metric step on both models' lists, against the Euclidean step, the reference, floor
+    assert [r["metric_model"] for r in result["metric"]] == ["resnet50 fp32", "gpt2-small fp32"]
+    for r in result["metric"]:
+        for impl in ("metric", "euclidean", "reference", "floor"):
+            assert math.isfinite(r[f"{impl}_s"]) and r[f"{impl}_s"] > 0
+    metric_lines = 1 + len(result["metric"])  # its header and rows ("|---" is not counted)
     # the report of bench/gpu_report.py (gpu_check.sh's summary) reads the same JSON
     spec = importlib.util.spec_from_file_location(
         "gpu_report", os.path.join(HERE, "..", "bench", "gpu_report.py"))
@@ -42,6 +48,6 @@ def test_bench_script_tiny(tmp_path):
     assert text.count("\n| ") == report.report(dict(result, coupled=[])).count("\n| ") + \
         coupled_lines
     assert report.report(dict(result, coupled=[])).count("\n| ") == \
-        2 * (len(result["ops"]) + len(result["models"]) + 2)
+        2 * (len(result["ops"]) + len(result["models"]) + 2) + metric_lines
     assert ("| resnet-tiny |" in text) == ("coupled_s" in c)
     assert "Targets met:" in text
