@@ -654,24 +654,28 @@ def _theta_start(dz2, dmax, thr, bad, WIDE: tl.constexpr):
 
 @triton.jit
 def _theta_terms(y, d, theta, thr, WIDE: tl.constexpr):
-    """Per element, its terms of F(theta) = sum r^2 and of the slope -F'/2 = sum d r^2 /
-    (d theta + t), r = d y / (d theta + t)."""
-    inv = _inv(d * theta + thr, WIDE)
-    r = d * y * inv
-    r2 = r * r
-    return r2, d * r2 * inv
+    """Per element, its terms of P = sum (w y)^2 and Q = sum w (w y)^2, w = d theta / (d theta
+    + t) in [0, 1]: F(theta) = P / theta^2 and its slope -F'/2 = Q / theta^3, sums bounded by
+    ||y||^2 (F itself and its slope can overflow float32 where d spans many decades)."""
+    dth = d * theta
+    w = dth * _inv(dth + thr, WIDE)
+    wy = w * y
+    p = wy * wy
+    return p, w * p
 
 
 @triton.jit
-def _theta_step(theta, iterate, f, slope, WIDE: tl.constexpr):
-    """One Newton step on phi = F^(-1/2) - 1: theta + (F^(3/2) - F) / slope, taken while F > 1;
-    done when a step no longer moves theta by more than 4 ulps (rounding)."""
+def _theta_step(theta, iterate, P, Q, WIDE: tl.constexpr):
+    """One Newton step on phi = F^(-1/2) - 1, theta + (F^(3/2) - F) / slope, which is
+    theta + (sqrt(P) - theta) P / Q; taken while F > 1 (P > theta^2), done when it no longer
+    moves theta by more than 4 ulps (rounding)."""
     if WIDE:
         ulp = 2.220446049250313e-16
     else:
         ulp = 1.1920928955078125e-07
-    go = iterate & (f > 1) & (slope != 0)
-    nxt = theta + _div(tl.where(go, f * _sqrt(f, WIDE) - f, 0.0), tl.where(go, slope, 1.0), WIDE)
+    go = iterate & (P > theta * theta) & (Q > 0)
+    nxt = theta + (_sqrt(P, WIDE) - theta) * _div(tl.where(go, P, 0.0), tl.where(go, Q, 1.0),
+                                                  WIDE)
     small = ~(nxt > theta * (1 + 4 * ulp))
     theta = tl.where(go, tl.where(small, tl.maximum(theta, nxt), nxt), theta)
     return theta, go & ~small

@@ -258,3 +258,20 @@ def test_op_deterministic_across_threads_and_opcheck():
     lams = torch.tensor([STEPS["all"]], dtype=torch.float64)
     metric = torch.tensor([(1.0, 1e-8, 1e-3)], dtype=torch.float64)
     torch.library.opcheck(OP, ([w.clone()], [v], lams, metric, [1], [1], [True], [True]))
+
+
+def test_op_extreme_metric_spread():
+    """d over 15 orders of magnitude and a tiny t: F(theta_L) ~ 1e27 and its slope beyond
+    float32's range; the op's sums (P, Q: at most ||z||^2) stay finite and it matches the
+    reference."""
+    w = torch.full((3, 40), 10.0)
+    w[:, 0] = 1e-12
+    w[1] *= -1
+    d = torch.full((3, 40), 1e-9)
+    d[:, 0] = 1e6
+    x, ref = w.clone(), w.clone()
+    _call(OP, [x], [d * d], (0, 1e-22, 0), [[1]], metric=(1.0, 0.0, 1.0))
+    _call(reference.foreach_metric_prox_op, [ref], [d * d], (0, 1e-22, 0), [[1]],
+          metric=(1.0, 0.0, 1.0))
+    assert not x.isnan().any()
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)

@@ -214,6 +214,24 @@ def test_huge_lams_and_sizes():
         assert w.shape == want.shape
 
 
+def test_extreme_metric_spread(path):
+    """d over 15 orders of magnitude, a tiny t: in the group below, the large-d element sets
+    theta_L ~ 1e-12 and the others give F(theta_L) ~ 1e27, whose F^(3/2) overflows float32. The
+    Newton step must stay finite: no NaN, the reference's result."""
+    w = torch.full((3, 40), 10.0)
+    w[:, 0] = 1e-12
+    d = torch.full((3, 40), 1e-9)
+    d[:, 0] = 1e6
+    w[1] *= -1
+    metric = (1.0, 0.0, 1.0)  # d = sqrt(v)
+    v = (d * d).to(DEVICE)
+    w = w.to(DEVICE)
+    want = _reference([w], [v], (0, 1e-22, 0), [[1]], metric=metric)[0]
+    _call(kernels.foreach_metric_prox_, [w], [v], (0, 1e-22, 0), [[1]], metric=metric)
+    assert not w.isnan().any()
+    _close(w, want, torch.float32, "spread")
+
+
 def test_moments_laid_out_unlike_their_weights(path):
     """A transposed moment, a moment of another dtype (float32 for a bfloat16 weight), a weight
     that is a strided view (elements outside it untouched), a layout copied to kept-first."""

@@ -84,37 +84,42 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
     }
     double theta = (double(a) - double(p.t)) / double(dmax);
     for (int k = 0; k < kMaxNewton; ++k) {
-      // F and -F'/2, in the accumulation type, vector lanes then a fixed-order reduction
+      // With w_i = d_i theta / (d_i theta + t) in [0, 1]: F = P / theta^2 and -F'/2 = Q /
+      // theta^3, P = sum (w x)^2, Q = sum w (w x)^2 (bounded by ||x||^2, where F and its slope
+      // can overflow a float when d spans many decades). The Newton step on phi,
+      // theta + (F^(3/2) - F) / (-F'/2), is theta + (sqrt(P) - theta) P / Q. Vector lanes in
+      // the accumulation type, then a fixed-order reduction in double.
       using V = at::vec::Vectorized<A>;
       constexpr int64_t L = V::size();
       const A th = static_cast<A>(theta);
-      const V vth(th), vt(p.t), one(A(1));
-      V vf(A(0)), vs(A(0));
+      const V vth(th), vt(p.t);
+      V vp(A(0)), vq(A(0));
       int64_t i = 0;
       for (; i + L <= n; i += L) {
-        const V dd = V::loadu(d + i);
-        const V inv = one / (dd * vth + vt);
-        const V r = dd * V::loadu(x + i) * inv;
-        const V r2 = r * r;
-        vf = vf + r2;
-        vs = vs + dd * r2 * inv;
+        const V dth = V::loadu(d + i) * vth;
+        const V w = dth / (dth + vt);
+        const V wx = w * V::loadu(x + i);
+        const V p2 = wx * wx;
+        vp = vp + p2;
+        vq = vq + w * p2;
       }
-      A lanes_f[L], lanes_s[L];
-      vf.store(lanes_f);
-      vs.store(lanes_s);
-      double f = 0.0, slope = 0.0;
+      A lanes_p[L], lanes_q[L];
+      vp.store(lanes_p);
+      vq.store(lanes_q);
+      double sp = 0.0, sq = 0.0;
       for (int64_t j = 0; j < L; ++j) {
-        f += double(lanes_f[j]);
-        slope += double(lanes_s[j]);
+        sp += double(lanes_p[j]);
+        sq += double(lanes_q[j]);
       }
       for (; i < n; ++i) {
-        const A inv = A(1) / (d[i] * th + p.t);
-        const A r = d[i] * x[i] * inv;
-        f += double(r * r);
-        slope += double(d[i] * r * r * inv);
+        const A dth = d[i] * th;
+        const A w = dth / (dth + p.t);
+        const A wx = w * x[i];
+        sp += double(wx * wx);
+        sq += double(w * wx * wx);
       }
-      if (!(f > 1.0) || slope == 0.0) break;  // at or past the root (rounding): done
-      const double next = theta + (std::pow(f, 1.5) - f) / slope;
+      if (!(sp > theta * theta) || sq == 0.0) break;  // at or past the root (rounding): done
+      const double next = theta + (std::sqrt(sp) - theta) * (sp / sq);
       if (!(next > theta * (1.0 + 4.0 * std::numeric_limits<A>::epsilon()))) {
         theta = std::max(theta, next);
         break;
