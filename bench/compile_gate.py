@@ -128,7 +128,8 @@ def _limits(**values):
 TEST_PATHS = {"tile": dict(SPLIT_BELOW_BLOCKS=0),
               "looped": dict(ONE_TILE_ELEMS=16, TILE_ELEMS=8, SPLIT_BELOW_BLOCKS=0),
               "split": dict(ONE_TILE_ELEMS=16, TILE_ELEMS=8, SPLIT_BELOW_BLOCKS=10 ** 6),
-              "sweeps": dict(LOOP_ELEMS=32)}  # tests_kernels/test_phases.py
+              "sweeps": dict(LOOP_ELEMS=32),  # tests_kernels/test_phases.py
+              "metric-looped": dict(ONE_TILE_ELEMS=64, TILE_ELEMS=32)}  # test_metric_kernel.py
 
 
 def plans(entries, steps, sms) -> list[launch.Launch]:
