@@ -371,15 +371,18 @@ def first_call(jobs: int) -> list[dict]:
         for dname in ("fp32", "bf16"):
             entries = [(torch.empty(s, dtype=DTYPES[dname], device="meta"),
                         (d,) if isinstance(d, int) else tuple(d)) for s, d in shapes]
-            launches = _step_launches(entries, sms)
-            specs = list(dict.fromkeys(s for lau in launches for s in specs_of(lau, cap)))
-            start = time.perf_counter()
-            rows = compile_all(specs, jobs)  # a cold cache: what a first call costs
-            wall = time.perf_counter() - start
-            out.append(dict(model=model, dtype=dname, launches=len(launches),
-                            specializations=len(specs), compile_wall_s=round(wall, 2),
-                            compile_cpu_s=round(sum(r["seconds"] for r in rows), 2),
-                            jobs=jobs))
+            # the Euclidean step (SGD) and the step in the optimizer's metric (Adam / AdamW)
+            for step, launches in (("sgd", _step_launches(entries, sms)),
+                                   ("adam", metric_plans(entries, ["group"], sms,
+                                                         launch.Tables("cpu", upload=False)))):
+                specs = list(dict.fromkeys(s for lau in launches for s in specs_of(lau, cap)))
+                start = time.perf_counter()
+                rows = compile_all(specs, jobs)  # a cold cache: what a first call costs
+                wall = time.perf_counter() - start
+                out.append(dict(model=model, dtype=dname, step=step, launches=len(launches),
+                                specializations=len(specs), compile_wall_s=round(wall, 2),
+                                compile_cpu_s=round(sum(r["seconds"] for r in rows), 2),
+                                jobs=jobs))
     return out
 
 

@@ -288,10 +288,10 @@ def main(argv=None) -> dict:
         bench_ops(args, device, bench, result["ops"], save)
         if not args.no_models:
             bench_models(args, device, bench, result["models"], save)
-        if not args.no_coupled:
-            bench_coupled(args, device, bench, result["coupled"], save)
         if not args.no_metric:
             bench_metric(args, device, bench, result["metric"], save)
+        if not args.no_coupled:
+            bench_coupled(args, device, bench, result["coupled"], save)
     save()
     print(harness.report(machine["name"], "device-to-device copy", result["ops"],
                          result["models"], [r for r in result["coupled"] if "coupled_s" in r],
