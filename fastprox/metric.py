@@ -235,13 +235,16 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
     # sqrt(n) goes into lam_group); d enters as the moment d^2 with (s, eps, lr) = (1, 0, 1).
     sizes = groups.sizes.to(torch.int64)
     parts = [(int(n), (sizes == n).nonzero().squeeze(1).to(device)) for n in sizes.unique()]
-    mats = [z[rows] for _, rows in parts]
-    _op(mats, [dd[rows].square() for _, rows in parts],
+    dd.square_()
+    single = len(parts) == 1  # every group of one size (the usual case): the matrix itself
+    mats = [z] if single else [z[rows] for _, rows in parts]
+    _op(mats, [dd] if single else [dd[rows] for _, rows in parts],
         [(l1, lg * (math.sqrt(n) if size_weighted else 1.0), le) for n, _ in parts],
         [(1.0, 0.0, 1.0)] * len(parts), [[1]] * len(parts), [False] * len(parts),
         [exact] * len(parts))
-    for (_, rows), mat in zip(parts, mats):
-        z[rows] = mat
+    if not single:
+        for (_, rows), mat in zip(parts, mats):
+            z[rows] = mat
     for m, (rows, cols) in zip(groups.slices, layout):
         view = m.tensor.movedim(m.axis, 0)
         view.copy_(z[rows, cols].reshape(view.shape).to(m.tensor.dtype))

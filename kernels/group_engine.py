@@ -829,16 +829,7 @@ def _metric_looped(p, q, outer, groups, inner, gg, l1, thr, le, exact, s, eps, i
                 iterate = iterate & (k < MAX_NEWTON)
         if DO_EXCL:
             skip_e = tl.where(le > 0, bad, True)
-            a_m = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
-            for o0 in range(0, outer, LOOP_O):
-                for i0 in range(0, inner, LOOP_I):
-                    off, mask = _tile(o0 + lo, g, i0 + li, outer, groups, inner, BLOCK_I)
-                    y, d = _metric_value(p, q, off, mask, l1, thr, s, eps, inv_lr, theta, keep,
-                                         skip, DO_L1, DO_GROUP, WIDE, ACC)
-                    a_m += tl.abs(y)
-            S = _sum2(a_m)  # CGES's bound
             if exact:
-                S = zero
                 active = tl.full((BLOCK_G,), -1.0, ACC)
                 iterate = ~skip_e
                 k = 0
@@ -861,6 +852,15 @@ def _metric_looped(p, q, outer, groups, inner, gg, l1, thr, le, exact, s, eps, i
                                                     _sum2(a_c), le, WIDE)
                     k += 1
                     iterate = iterate & (k < MAX_NEWTON)
+            else:  # CGES's bound: one sweep for ||y||_1
+                a_m = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
+                for o0 in range(0, outer, LOOP_O):
+                    for i0 in range(0, inner, LOOP_I):
+                        off, mask = _tile(o0 + lo, g, i0 + li, outer, groups, inner, BLOCK_I)
+                        y, d = _metric_value(p, q, off, mask, l1, thr, s, eps, inv_lr, theta,
+                                             keep, skip, DO_L1, DO_GROUP, WIDE, ACC)
+                        a_m += tl.abs(y)
+                S = _sum2(a_m)
     for o0 in range(0, outer, LOOP_O):
         for i0 in range(0, inner, LOOP_I):
             off, mask = _tile(o0 + lo, g, i0 + li, outer, groups, inner, BLOCK_I)
