@@ -44,10 +44,13 @@ TORCH_LIBRARY(fastprox, m) {
       "float[] lam_l1, Tensor?[] scales, Tensor[] taus) -> Tensor[]");
   // The fused step in an optimizer's diagonal metric d = (sqrt(v * s) + eps) / lr, per weight
   // with its second moment v (lams: (T, 3) thresholds as in foreach_prox_; metric: (T, 3)
-  // float64 (s, eps, lr)). csrc/cpu/metric_prox.cpp.
+  // float64 (s, eps, lr)). Every v must be finite and >= 0 and share no memory with a weight
+  // (checked before any write); `names` names the moments in errors (default "moments[i]").
+  // csrc/cpu/metric_prox.cpp.
   m.def(
       "foreach_metric_prox_(Tensor(a!)[] weights, Tensor[] moments, Tensor lams, Tensor metric, "
-      "int[] dims, int[] dim_counts, bool[] size_weighted, bool[] exact) -> ()");
+      "int[] dims, int[] dim_counts, bool[] size_weighted, bool[] exact, "
+      "str[]? names=None) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight

@@ -85,6 +85,39 @@ def check_number(value, name: str, fn: str) -> None:
                         f"{type(value).__name__}")
 
 
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may be one place in memory. Views made by indexing,
+    slicing, ``narrow``, ``select``, ``t()`` / ``permute`` of a tensor whose elements are
+    distinct nest their strides: sorted by stride, each dimension's stride exceeds the span of
+    the smaller ones, and no two elements meet. Anything else (``expand``, a self-overlapping
+    ``as_strided``) is checked element by element (from metadata alone under torch.compile,
+    where it is refused)."""
+    extent = 0
+    for stride, size in sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride <= extent:
+            break
+        extent += (size - 1) * stride
+    else:
+        return False
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())) \
+            or torch.compiler.is_compiling():
+        return True
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return int(offsets.unique().numel()) != t.numel()
+
+
+def check_writable(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
+    """A tensor written in place must not have two elements in one memory location: the
+    result would depend on the order of the writes and match no formula."""
+    if weight.numel() > 1 and overlaps_itself(weight):
+        raise ValueError(
+            f"{fn}: {name} has elements that share memory (an expanded or self-overlapping "
+            f"view: shape {tuple(weight.shape)}, strides {tuple(weight.stride())}); it cannot be "
+            "written in place. Step the tensor it is a view of, or a .clone() of it")
+
+
 def check_grad(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
     """In-place on a tensor that requires grad, in grad mode: a leaf raises torch's own error for
     in-place ops; a non-leaf raises too, since the proximal steps have no derivative and would

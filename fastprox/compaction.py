@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from . import _atomic
 from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED, flatten as _flatten
 from .l0 import L0Gate
 
@@ -415,11 +416,19 @@ def save_compact(compacted: Compacted, path) -> None:
     set: its unit and the kept group indices, by the compacted model's module names) and the
     discovery's example inputs when they are tensors. Everything is read back by
     ``torch.load(weights_only=True)``; ``load_compact`` rebuilds the model."""
+    if not isinstance(compacted, Compacted):
+        raise TypeError(f"save_compact: compacted must be what fastprox.compact returned (a "
+                        f"Compacted), got {type(compacted).__name__}")
     if compacted.plan is None:
         raise ValueError("save_compact: this model was compacted on the Sequential path; save "
                          "compacted.model with torch.save (it is a plain nn.Sequential)")
-    torch.save({"state_dict": compacted.model.state_dict(), "plan": compacted.plan,
-                "example_inputs": _tensors_only(compacted)}, path)
+    payload = {"format": _FORMAT, "state_dict": compacted.model.state_dict(),
+               "plan": compacted.plan, "example_inputs": _tensors_only(compacted)}
+    if isinstance(path, (str, os.PathLike)):
+        # atomic: a failed save (full disk, killed process) leaves the previous file intact
+        _atomic.write_file(path, lambda f: torch.save(payload, f))
+    else:  # a file object the caller owns
+        torch.save(payload, path)
 
 
 def _tensors_only(compacted):
@@ -441,13 +450,91 @@ def load_compact(path, build, *, example_inputs=None, forward_fn=None,
     configuration as the one compacted, any weights), the saved plan removes the same groups,
     and the saved weights are loaded (strictly). ``example_inputs``: for channel groups, what
     the model is called with (the saved ones by default)."""
-    saved = torch.load(path, weights_only=True, map_location=map_location)
+    fn = "load_compact"
+    where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the file"
+    if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
+        raise FileNotFoundError(f"{fn}: {where} does not exist (or is not a file)")
+    try:
+        saved = torch.load(path, weights_only=True, map_location=map_location)
+    except Exception as exc:  # noqa: BLE001 (truncated, empty, foreign or damaged files)
+        raise ValueError(f"{fn}: {where} is not a file save_compact wrote, or it is damaged "
+                         f"(torch.load failed: {type(exc).__name__}: {exc}); a truncated file "
+                         "comes from a save that did not finish: use an earlier save") from exc
+    state_dict, plan_ = _check_saved(saved, where)
     model = build()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: build() must return the dense nn.Module, got "
+                        f"{type(model).__name__}")
+    _check_plan_fits(model, plan_, where)
     inputs = example_inputs if example_inputs is not None else saved.get("example_inputs")
     with torch.no_grad():
-        apply_plan(model, saved["plan"], inputs, forward_fn)
-    model.load_state_dict(saved["state_dict"])
+        apply_plan(model, plan_, inputs, forward_fn)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise ValueError(f"{fn}: the weights in {where} do not fit the model build() made, "
+                         f"compacted by the saved plan ({exc}); build() must make the "
+                         "architecture that was compacted") from exc
     return model
+
+
+_FORMAT = "fastprox.compact/1"
+_KINDS = ("channels", "neurons", "heads")
+
+
+def _check_saved(saved, where: str) -> tuple[dict, dict]:
+    """(state_dict, plan) of what torch.load read, every entry checked."""
+    fn = "load_compact"
+    if not isinstance(saved, dict) or "plan" not in saved or "state_dict" not in saved:
+        plain = isinstance(saved, dict) and saved and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in saved.items())
+        hint = (" It holds a plain state_dict: load that with model.load_state_dict, or save "
+                "with fastprox.save_compact." if plain else "")
+        raise ValueError(f"{fn}: {where} is not a file save_compact wrote (no plan and "
+                         f"state_dict entries).{hint}")
+    if saved.get("format", _FORMAT) != _FORMAT:
+        raise ValueError(f"{fn}: {where} has format {saved.get('format')!r}; this fastprox "
+                         f"reads {_FORMAT!r}")
+    state_dict, plan_ = saved["state_dict"], saved["plan"]
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise ValueError(f"{fn}: {where}: state_dict must map names to tensors")
+    if not isinstance(plan_, dict):
+        raise ValueError(f"{fn}: {where}: plan must be a dict of coupled sets")
+    fields = {f.name for f in dataclasses.fields(_unit_type())}
+    for name, p in plan_.items():
+        bad = f"{fn}: {where}: plan entry {name!r}"
+        if not isinstance(p, dict) or set(p) != fields | {"groups", "kept"}:
+            raise ValueError(f"{bad} must hold {sorted(fields | {'groups', 'kept'})}")
+        if p["kind"] not in _KINDS or not all(isinstance(p[k], str) for k in
+                                             ("module", "family", "root")):
+            raise ValueError(f"{bad} has an unknown kind or layout ({p['kind']!r})")
+        groups, kept = p["groups"], p["kept"]
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:
+            raise ValueError(f"{bad}: groups must be an int >= 0, got {groups!r}")
+        if not isinstance(kept, torch.Tensor) or kept.dtype != torch.int64 or kept.dim() != 1 \
+                or (kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= groups
+                                      or not bool((kept[1:] > kept[:-1]).all()))):
+            raise ValueError(f"{bad}: kept must be increasing int64 group indices in "
+                             f"[0, {groups})")
+    return state_dict, plan_
+
+
+def _unit_type():
+    from .groups import Unit
+
+    return Unit
+
+
+def _check_plan_fits(model: nn.Module, plan_: dict, where: str) -> None:
+    """Every module the plan names is in the model build() made."""
+    names = {n for n, _ in model.named_modules()}
+    for name, p in plan_.items():
+        for key in ("module", "root"):
+            if p[key] and p[key] not in names:
+                raise ValueError(f"load_compact: {where} was saved from another model: its "
+                                 f"set {name!r} names the module {p[key]!r}, which the model "
+                                 f"build() made ({type(model).__name__}) does not have")
 
 
 def save_pretrained_compact(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -497,7 +584,7 @@ def save_pretrained_compact(model: nn.Module, directory: str | os.PathLike) -> N
             config.head_dim = hd
     original = model.config
     model.config = config
-    try:
-        model.save_pretrained(directory)
+    try:  # atomic: a failed save leaves the previous directory as it was
+        _atomic.write_directory(directory, model.save_pretrained)
     finally:
         model.config = original

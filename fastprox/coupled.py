@@ -117,9 +117,7 @@ class CoupledGroups:
             raise TypeError(f"{fn}: {where}.tensor is a DTensor; coupled groups take plain "
                             "tensors (sharded coupled groups are not supported)")
         _checks.check_weight(tensor, fn, f"{where}.tensor")
-        if any(s == 0 for s in tensor.stride()) and tensor.numel() > 1:
-            raise ValueError(f"{fn}: {where}.tensor has elements that share memory (an expanded "
-                             "view); it cannot be written in place")
+        _checks.check_writable(tensor, fn, f"{where}.tensor")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) \
                 or not -tensor.dim() <= axis < tensor.dim():
             raise ValueError(f"{fn}: {where}.axis must be an int in [{-tensor.dim()}, "

@@ -120,6 +120,7 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     for i, w in enumerate(weights):
         _checks.check_weight(w, _FN, f"weights[{i}]")
         _checks.check_grad(w, _FN, f"weights[{i}]")
+        _checks.check_writable(w, _FN, f"weights[{i}]")
     dims = _checks.per_tensor(dim, "dim", count, _FN, _checks.is_dim_spec)
     dims = [_checks.normalize_dim(d, w, f"{_FN}: weights[{i}]")
             for i, (d, w) in enumerate(zip(dims, weights))]

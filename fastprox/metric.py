@@ -46,12 +46,14 @@ def _number(value, name: str, fn: str) -> float:
 
 def metric_row(lr, eps, beta2, step, i: int, fn: str) -> tuple[float, float, float]:
     """(scale, eps, lr) of the op's metric table, d = (sqrt(v * scale) + eps) / lr, checked:
-    lr > 0, eps >= 0, 0 <= beta2 < 1, step >= 1 (None: no bias correction, scale 1)."""
+    lr >= 0, eps >= 0, 0 <= beta2 < 1, step >= 1 (None: no bias correction, scale 1). At
+    lr = 0 (a warmup's first step) the metric is infinite and the step the identity: the
+    callers skip that tensor."""
     lr = _number(lr, f"lr[{i}]", fn)
     eps = _number(eps, f"eps[{i}]", fn)
     beta2 = _number(beta2, f"beta2[{i}]", fn)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"{fn}: lr[{i}] must be a finite number > 0, got {lr}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{fn}: lr[{i}] must be a finite number >= 0, got {lr}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{fn}: eps[{i}] must be a finite number >= 0, got {eps}")
     if not 0 <= beta2 < 1:
@@ -65,7 +67,6 @@ def metric_row(lr, eps, beta2, step, i: int, fn: str) -> tuple[float, float, flo
     return 1.0 / (1.0 - beta2 ** step), eps, lr
 
 
-@torch.no_grad()
 def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
                          lam_exclusive=0.0, dim=None, size_weighted=True, exact=True, eps=1e-8,
                          beta2=0.999, step=None):
@@ -80,6 +81,7 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
     for i, (w, v) in enumerate(zip(weights, exp_avg_sqs)):
         _checks.check_weight(w, fn, f"weights[{i}]")
         _checks.check_grad(w, fn, f"weights[{i}]")
+        _checks.check_writable(w, fn, f"weights[{i}]")
         _checks.check_weight(v, fn, f"exp_avg_sqs[{i}]")
         if v.shape != w.shape:
             raise ValueError(f"{fn}: exp_avg_sqs[{i}] has shape {tuple(v.shape)}, expected "
@@ -110,35 +112,41 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
     lams = [tuple(c[i] for c in columns) for i in range(count)]
     plain, full = [], []
     for i, w in enumerate(weights):
-        if lams[i] == (0.0, 0.0, 0.0) or w.numel() == 0:
-            continue
+        if lams[i] == (0.0, 0.0, 0.0) or w.numel() == 0 or rows[i][2] == 0:
+            continue  # nothing to do: no threshold, no element, or lr = 0 (the identity)
         if _reduction_groups(w, dims[i], f"weights[{i}]", fn):
             full.append(i)
         else:
             plain.append(i)
-    _checks_disjoint([(i, weights[i]) for i in sorted(plain + full)], fn)
+    if not torch.compiler.is_compiling():  # (compiled: the op's kernel checks the same)
+        _checks_disjoint([(i, weights[i]) for i in sorted(plain + full)],
+                         [(i, exp_avg_sqs[i]) for i in sorted(plain + full)], fn)
     by_device: dict[torch.device, list[int]] = {}
     for i in plain:
         by_device.setdefault(_local(weights[i]).device, []).append(i)
-    for idx in by_device.values():
-        _op([_local(weights[i]) for i in idx], [_local(exp_avg_sqs[i]) for i in idx],
-            [lams[i] for i in idx], [rows[i] for i in idx], [dims[i] for i in idx],
-            [flags[0][i] for i in idx], [flags[1][i] for i in idx])
-    for i in full:  # groups across shards: the step on the full tensor, each rank keeps its part
-        w = weights[i]
-        whole = w.full_tensor()
-        _op([whole], [exp_avg_sqs[i].full_tensor()], [lams[i]], [rows[i]], [dims[i]],
-            [flags[0][i]], [flags[1][i]])
-        _local(w).copy_(_reshard(whole, w))
+    with torch.no_grad():  # (check_grad above: no weight that needs grad, in grad mode)
+        for idx in by_device.values():
+            _op([_local(weights[i]) for i in idx], [_local(exp_avg_sqs[i]) for i in idx],
+                [lams[i] for i in idx], [rows[i] for i in idx], [dims[i] for i in idx],
+                [flags[0][i] for i in idx], [flags[1][i] for i in idx], idx)
+        for i in full:  # groups across shards: the step on the full tensor, each rank keeps its
+            w = weights[i]  # part
+            whole = w.full_tensor()
+            _op([whole], [exp_avg_sqs[i].full_tensor()], [lams[i]], [rows[i]], [dims[i]],
+                [flags[0][i]], [flags[1][i]], [i])
+            _local(w).copy_(_reshard(whole, w))
     return weights
 
 
-def _op(weights, moments, lams, rows, dims, size_weighted, exact) -> None:
+def _op(weights, moments, lams, rows, dims, size_weighted, exact, positions=None,
+        what: str = "exp_avg_sqs") -> None:
+    """The fused op; ``positions``: each tensor's index in the caller's lists, which the op's
+    errors name (``exp_avg_sqs[i]``)."""
     ops.foreach_metric_prox_(
         list(weights), list(moments), torch.tensor(lams, dtype=torch.float64).reshape(-1, 3),
         torch.tensor(rows, dtype=torch.float64).reshape(-1, 3),
         [d for ds in dims for d in ds], [len(ds) for ds in dims], list(size_weighted),
-        list(exact))
+        list(exact), None if positions is None else [f"{what}[{i}]" for i in positions])
 
 
 def _reshard(whole: torch.Tensor, like) -> torch.Tensor:
@@ -150,23 +158,31 @@ def _reshard(whole: torch.Tensor, like) -> torch.Tensor:
     return replicated.redistribute(like.device_mesh, like.placements).to_local()
 
 
-def _checks_disjoint(indexed, fn: str) -> None:
-    """Every weight is written in place: none may have elements that share memory, and no two
-    may overlap (checked on the local shards of DTensors; the ranges of fastprox.coupled)."""
+def _checks_disjoint(indexed, moments, fn: str) -> None:
+    """Every weight is written in place: no two may overlap, and no second moment may share
+    memory with a weight (checked on the local shards of DTensors; the ranges of
+    fastprox.coupled)."""
     by_storage: dict[int, list[tuple[int, int, int]]] = {}
     for i, w in indexed:
         local = _local(w)
         if local.numel() == 0:
             continue
-        if any(s == 0 and n > 1 for s, n in zip(local.stride(), local.shape)):
-            raise ValueError(f"{fn}: weights[{i}] has elements that share memory (an expanded "
-                             "view); it cannot be written in place")
         lo, hi = _span(local)
         spans = by_storage.setdefault(local.untyped_storage().data_ptr(), [])
         for j, jlo, jhi in spans:
             if lo < jhi and jlo < hi:
                 raise ValueError(f"{fn}: weights[{j}] and weights[{i}] share memory")
         spans.append((i, lo, hi))
+    for i, v in moments:
+        local = _local(v)
+        if local.numel() == 0:
+            continue
+        lo, hi = _span(local)
+        for j, jlo, jhi in by_storage.get(local.untyped_storage().data_ptr(), []):
+            if lo < jhi and jlo < hi:
+                raise ValueError(f"{fn}: exp_avg_sqs[{i}] shares memory with weights[{j}], "
+                                 "which the step writes; pass the optimizer's second moment "
+                                 "(state['exp_avg_sq']), not a view of a weight")
 
 
 # -- coupled groups ----------------------------------------------------------------------------
@@ -198,7 +214,6 @@ def _member_rows(m) -> torch.Tensor:
     return m.tensor.movedim(m.axis, 0).reshape(m.tensor.shape[m.axis], -1)
 
 
-@torch.no_grad()
 def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
                          size_weighted=True, exact=True):
     """``coupled_prox_`` of one ``CoupledGroups`` in the metric ``diag(d)``: ``ds[k]`` (finite,
@@ -222,8 +237,16 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
                              f"{tuple(m.tensor.shape)}")
         if not bool((torch.isfinite(d) & (d >= 0)).all()):
             raise ValueError(f"{fn}: ds[{k}] must be finite and >= 0")
+    for k, m in enumerate(groups.slices):
+        _checks.check_grad(m.tensor, fn, f"member {k} ({m.name})")
     if (l1 == 0 and lg == 0 and le == 0) or groups.num_groups == 0:
         return groups
+    with torch.no_grad():
+        _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact)
+    return groups
+
+
+def _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact) -> None:
     layout, width = _padded_layout(groups)
     device = groups.device
     z = torch.zeros(groups.num_groups, width, dtype=torch.float64, device=device)
@@ -248,7 +271,6 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
     for m, (rows, cols) in zip(groups.slices, layout):
         view = m.tensor.movedim(m.axis, 0)
         view.copy_(z[rows, cols].reshape(view.shape).to(m.tensor.dtype))
-    return groups
 
 
 # -- the optimizer's metric ----------------------------------------------------------------------
@@ -286,8 +308,8 @@ class AdamState:
     def coupled(self, groups, fn: str) -> list[torch.Tensor] | None:
         """Per member of a coupled set, the metric ``d`` of its elements (float64), from the
         state of the parameter it is (a view of); None when some member has not been stepped
-        yet."""
-        ds = []
+        yet, or when every member's lr is 0 (the step is then the identity)."""
+        ds, rates = [], []
         for k, m in enumerate(groups.slices):
             p = self.by_storage.get(m.tensor.untyped_storage().data_ptr())
             if p is None:
@@ -303,5 +325,22 @@ class AdamState:
             view = v.as_strided(m.tensor.shape, m.tensor.stride(), v.storage_offset()
                                 + m.tensor.storage_offset() - p.storage_offset())
             scale, eps, lr = metric_row(lr, eps, beta2, step, k, fn)  # checked, as the op does
-            ds.append(((view.to(torch.float64) * scale).sqrt() + eps) / lr)
-        return ds
+            rates.append(lr)
+            ds.append((view, scale, eps, lr))
+        if all(lr == 0 for lr in rates):
+            return None
+        if any(lr == 0 for lr in rates):
+            raise ValueError(f"{fn}: the members of {groups.name} have learning rates "
+                             f"{sorted(set(rates))}: some 0, some not; a coupled set's "
+                             "parameters need one learning rate (one parameter group)")
+        out = []
+        for k, (v, scale, eps, lr) in enumerate(ds):
+            v = v.to(torch.float64)
+            if not bool((torch.isfinite(v) & (v >= 0)).all()):
+                m = groups.slices[k]
+                raise ValueError(f"{fn}: the second moment (exp_avg_sq) of member {k} "
+                                 f"({m.name}) of {groups.name} has negative, NaN or infinite "
+                                 "entries; the optimizer's state is damaged (check the loss and "
+                                 "gradients for NaN/inf, or reload a checkpoint)")
+            out.append(((v * scale).sqrt() + eps) / lr)
+        return out

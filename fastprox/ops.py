@@ -41,6 +41,7 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     for i, w in enumerate(weights):
         _checks.check_weight(w, fn, f"weights[{i}]")
         _checks.check_grad(w, fn, f"weights[{i}]")
+        _checks.check_writable(w, fn, f"weights[{i}]")
         if w.device != weights[0].device:
             raise ValueError(f"{fn}: weights[{i}] is on {w.device} but weights[0] is on "
                              f"{weights[0].device}; call once per device")
@@ -77,6 +78,7 @@ def _write_preset(op: Operator):
         "{" + ", ".join(f"{f!r}: {f}" for f in op.flags) + "})",
         "    check_weight(weight, NAME)",
         "    check_grad(weight, NAME)",
+        "    check_writable(weight, NAME)",
         "    dims = normalize_dim(dim, weight, NAME)" if op.grouped else "    dims = []",
         *(f"    check_flag({f}, {f!r}, NAME)" for f in op.flags),
         *(f"    if type({lam}) is not float:\n"
@@ -93,7 +95,8 @@ def _write_preset(op: Operator):
     ]
     scope = dict(OP=op, NAME=op.name, LAM_NAMES=op.lam_names(), is_dtensor=_checks.is_dtensor,
                  sharded=_preset_sharded, check_weight=_checks.check_weight,
-                 check_grad=_checks.check_grad, normalize_dim=_checks.normalize_dim,
+                 check_grad=_checks.check_grad, check_writable=_checks.check_writable,
+                 normalize_dim=_checks.normalize_dim,
                  check_flag=_checks.check_flag,
                  preset_table=_fused.preset_table, host_number=_fused.host_number,
                  fused=_fused_op)

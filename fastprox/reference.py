@@ -428,8 +428,22 @@ def metric_prox_(weight: torch.Tensor, d: torch.Tensor, *, lam_l1=0.0, lam_group
     return _from_groups(weight, dims, z.to(weight.dtype))
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the elements of ``a`` and ``b`` may overlap (their address ranges meet)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        return lo, lo + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) \
+            * t.element_size()
+
+    (alo, ahi), (blo, bhi) = span(a), span(b)
+    return alo < bhi and blo < ahi
+
+
 def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, size_weighted,
-                           exact) -> None:
+                           exact, names=None) -> None:
     """``torch.ops.fastprox.foreach_metric_prox_`` by the reference: per weight, d from its
     second moment and (scale, eps, lr) = metric[i], then metric_prox_ (every argument checked
     before any weight is written)."""
@@ -444,10 +458,20 @@ def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, siz
         if not (all(math.isfinite(x) for x in (scale, eps, lr)) and scale >= 0 and eps >= 0
                 and lr > 0):
             raise ValueError(f"{op}: metric[{i}] must be (scale >= 0, eps >= 0, lr > 0), finite")
+        label = names[i] if names is not None else f"moments[{i}]"
         if v.shape != w.shape:
-            raise ValueError(f"{op}: moments[{i}] has shape {tuple(v.shape)}, expected "
+            raise ValueError(f"{op}: {label} has shape {tuple(v.shape)}, expected "
                              f"{tuple(w.shape)}")
-        ds.append(((v.to(torch.float64) * scale).sqrt() + eps) / lr)
+        v = v.to(torch.float64)
+        if any(lam) and w.numel():
+            if not bool((torch.isfinite(v) & (v >= 0)).all()):
+                raise ValueError(f"{op}: {label} has negative, NaN or infinite entries (a "
+                                 "second moment is finite and >= 0)")
+            for j, other in enumerate(weights):
+                if _shares_memory(moments[i], other):
+                    raise ValueError(f"{op}: {label} shares memory with weights[{j}], which "
+                                     "the step writes")
+        ds.append(((v * scale).sqrt() + eps) / lr)
     for w, d, lam, tensor_dims, sw, ex in zip(weights, ds, lams, _split_dims(dims, dim_counts),
                                              size_weighted, exact):
         metric_prox_(w, d, lam_l1=lam[0], lam_group=lam[1], lam_exclusive=lam[2],

@@ -322,13 +322,23 @@ class Regularizer:
     def add(self, name: str, param: torch.Tensor, *, kind: str = "custom", lam_l1: float = 0.0,
             lam_group: float = 0.0, lam_exclusive: float = 0.0, dim=None,
             size_weighted: bool = True, exact: bool = True) -> Target:
-        """Adds (or replaces) the target of one tensor, with explicit thresholds and groups."""
+        """Adds (or replaces) the target of one tensor, with explicit thresholds and groups.
+        A tensor that shares memory with another target (the same parameter under another
+        name, a view of it) is refused: one tensor has one target, whose thresholds can combine
+        L1, group and exclusive terms."""
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"Regularizer.add: param must be a tensor, got {type(param).__name__}")
         target = Target(name, param, kind, _check_lam(lam_l1, "lam_l1"),
                         _check_lam(lam_group, "lam_group"),
                         _check_lam(lam_exclusive, "lam_exclusive"), dim, size_weighted, exact)
         _check_dim(target)
+        for other in self.targets.values():
+            if other.name != name and _shares_memory(other.param, param):
+                raise ValueError(
+                    f"Regularizer.add: {name} shares memory with the target {other.name} (the "
+                    "same tensor or a view of it); a tensor takes one target: give all its "
+                    f"thresholds in one call, or replace {other.name} with add({other.name!r}, "
+                    "...)")
         self.targets[name] = target
         return target
 
@@ -528,35 +538,64 @@ class Regularizer:
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restores what ``state_dict`` saved; the target names must match."""
-        names = set(state["targets"])
+        """Restores what ``state_dict`` saved. Everything is checked first (target and set
+        names, each setting, ``dim`` against its tensor, the step count, ``prox``, the
+        controller's state against its layers); a state that does not fit changes nothing."""
+        fn = "Regularizer.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{fn}: the state must be a dict (what state_dict() returns), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in ("steps", "targets") if k not in state]
+        if missing:
+            raise ValueError(f"{fn}: the state lacks {missing}; it is not a regularizer's state")
+        saved_targets = state["targets"]
+        if not isinstance(saved_targets, Mapping):
+            raise TypeError(f"{fn}: targets must be a dict of per-target settings")
+        names = set(saved_targets)
         if names != set(self.targets):
             raise ValueError(
-                "Regularizer.load_state_dict: targets differ; missing "
-                f"{sorted(set(self.targets) - names)}, unexpected {sorted(names - set(self.targets))}")
+                f"{fn}: targets differ; missing {sorted(set(self.targets) - names)}, "
+                f"unexpected {sorted(names - set(self.targets))}")
         coupled = state.get("coupled", {})
+        if not isinstance(coupled, Mapping):
+            raise TypeError(f"{fn}: coupled must be a dict of per-set settings")
         if set(coupled) != set(self.coupled):
             raise ValueError(
-                "Regularizer.load_state_dict: coupled sets differ; missing "
-                f"{sorted(set(self.coupled) - set(coupled))}, unexpected "
-                f"{sorted(set(coupled) - set(self.coupled))}")
-        for name, config in state["targets"].items():
-            _apply_override(self.targets[name], config)
-            _check_dim(self.targets[name])
-        for name, config in coupled.items():
-            _apply_override(self.coupled[name], config)
-        self.steps = int(state["steps"])
+                f"{fn}: coupled sets differ; missing {sorted(set(self.coupled) - set(coupled))}, "
+                f"unexpected {sorted(set(coupled) - set(self.coupled))}")
+        # every setting applied to a copy and checked; the originals are written only below
+        staged = {}
+        for name, config in [*saved_targets.items(), *coupled.items()]:
+            original = self.targets.get(name) if name in saved_targets else self.coupled[name]
+            if not isinstance(config, Mapping):
+                raise TypeError(f"{fn}: the settings of {name} must be a dict, got "
+                                f"{type(config).__name__}")
+            copy = dataclasses.replace(original)
+            _apply_override(copy, config)
+            if isinstance(copy, Target):
+                if not isinstance(copy.kind, str):
+                    raise TypeError(f"{fn}: {name}: kind must be a string, got {copy.kind!r}")
+                _check_dim(copy)
+            staged[name] = (original, copy)
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{fn}: steps must be an int >= 0, got {steps!r}")
         prox = state.get("prox", "auto")
         if prox not in PROX_MODES:
-            raise ValueError(f"Regularizer.load_state_dict: prox must be one of {PROX_MODES}, "
-                             f"got {prox!r}")
-        self.prox = prox
+            raise ValueError(f"{fn}: prox must be one of {PROX_MODES}, got {prox!r}")
         if (self.controller is None) != ("controller" not in state):
-            raise ValueError("Regularizer.load_state_dict: the saved regularizer "
+            raise ValueError(f"{fn}: the saved regularizer "
                              f"{'had' if 'controller' in state else 'had no'} target, this one "
                              f"{'has none' if self.controller is None else 'has one'}")
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
+        controller = None if self.controller is None else \
+            self.controller.check_state(state["controller"], fn)
+        # all checked: apply (in place: the controller's layers hold these targets)
+        for original, copy in staged.values():
+            for key in copy.config():
+                setattr(original, key, getattr(copy, key))
+        self.steps, self.prox = steps, prox
+        if controller is not None:
+            self.controller.set_state(controller)
 
 
 def _preset_target(kind: str, name: str, param, module, lam: float, lam_l1: float, layer: int,
@@ -638,6 +677,16 @@ def _check_dim(target: Target) -> None:
     _checks.normalize_dim(target.dim, target.param, f"Regularizer: {target.name}")
     for flag in ("size_weighted", "exact"):
         _checks.check_flag(getattr(target, flag), flag, f"Regularizer: {target.name}")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors (their local shards, for DTensors) may have elements in common."""
+    a, b = (t.to_local() if is_dtensor(t) else t for t in (a, b))
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device \
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (alo, ahi), (blo, bhi) = _coupled._span(a), _coupled._span(b)
+    return alo < bhi and blo < ahi
 
 
 def _why_skipped(model: nn.Module, pname: str, param, exclude) -> str:

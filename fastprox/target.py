@@ -220,16 +220,80 @@ class Controller:
                 "reached": self.reached, "history": list(self.history)}
 
     def load_state_dict(self, state) -> None:
-        if len(state["log_scale"]) != len(self.log_scale):
-            raise ValueError("SparsityTarget: the saved controller has "
-                             f"{len(state['log_scale'])} strengths, this one "
-                             f"{len(self.log_scale)}")
-        self.log_scale = list(state["log_scale"])
-        self.steps = int(state["steps"])
-        self.held = state["held"]
-        self.reached = state["reached"]
-        self.history = list(state["history"])
+        """Restores what ``state_dict`` saved, after checking all of it (``check_state``):
+        a state that does not fit this controller changes nothing."""
+        self.set_state(self.check_state(state))
+
+    def set_state(self, checked: tuple) -> None:
+        """Takes a state ``check_state`` returned."""
+        self.log_scale, self.steps, self.held, self.reached, self.history = checked
         self._apply()
+
+    def check_state(self, state, fn: str = "SparsityTarget.load_state_dict") -> tuple:
+        """The values of a saved state, checked against this controller (its layers' group
+        counts, the target's measure and layers), as (log_scale, steps, held, reached,
+        history); ValueError / TypeError naming the entry otherwise."""
+        if not isinstance(state, dict):
+            raise TypeError(f"{fn}: the state must be a dict (what state_dict() returns), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in ("log_scale", "steps", "held", "reached", "history")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"{fn}: the state lacks {missing}; it is not a controller's state")
+        saved = state.get("target")
+        if isinstance(saved, dict):
+            for key in ("measure", "per_layer", "layers"):
+                mine = getattr(self.target, key)
+                theirs = saved.get(key)
+                theirs = tuple(theirs) if isinstance(theirs, (list, tuple)) else theirs
+                if key in saved and theirs != mine:
+                    raise ValueError(f"{fn}: the saved target has {key}={theirs!r}, this one "
+                                     f"{mine!r}; a state counts what its own target counts")
+        log_scale = state["log_scale"]
+        if not isinstance(log_scale, (list, tuple)) or len(log_scale) != len(self.log_scale) \
+                or not all(_finite_number(v) for v in log_scale):
+            raise ValueError(f"{fn}: log_scale must be a list of {len(self.log_scale)} finite "
+                             f"numbers (one per {'layer' if self.target.per_layer else 'pool'}), "
+                             f"got {log_scale!r}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{fn}: steps must be an int >= 0, got {steps!r}")
+        held = state["held"]
+        if held is not None:
+            if not isinstance(held, (list, tuple)) or len(held) != len(self.layers):
+                count = len(held) if isinstance(held, (list, tuple)) else type(held).__name__
+                raise ValueError(f"{fn}: held must be None or one mask per controlled layer "
+                                 f"({len(self.layers)}), got {count}")
+            checked = []
+            for layer, mask in zip(self.layers, held):
+                shape = tuple(layer.alive().shape)
+                if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                        or tuple(mask.shape) != shape:
+                    got = (f"{mask.dtype} of shape {tuple(mask.shape)}"
+                           if isinstance(mask, torch.Tensor) else type(mask).__name__)
+                    raise ValueError(f"{fn}: the held mask of {layer.name} must be a bool "
+                                     f"tensor of shape {shape} (one entry per group), got "
+                                     f"{got}: a state from a model of another width?")
+                checked.append(mask.detach().to("cpu").clone())
+            held = checked
+        reached = state["reached"]
+        if not (reached is None or _finite_number(reached) or (
+                isinstance(reached, (list, tuple)) and all(_finite_number(v) for v in reached))):
+            raise ValueError(f"{fn}: reached must be None, a number or a list of numbers, got "
+                             f"{reached!r}")
+        history = state["history"]
+        if not isinstance(history, (list, tuple)) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and _finite_number(h[0])
+                and _finite_number(h[1]) for h in history):
+            raise ValueError(f"{fn}: history must be a list of (step, fraction) pairs")
+        return (list(log_scale), steps, held,
+                list(reached) if isinstance(reached, (list, tuple)) else reached,
+                [tuple(h) for h in history])
+
+
+def _finite_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) \
+        and math.isfinite(value)
 
 
 # -- the layers of each regularizer --------------------------------------------------------------

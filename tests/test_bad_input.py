@@ -55,7 +55,64 @@ CATALOG = [
      "exact"),
     ("expanded weight", lambda w: fastprox.group_shrink_(w[:1].expand(6, 5), 0.1), ValueError,
      "weight"),
+    # a self-overlapping view: rows that share elements (matches no formula), for every
+    # operator that writes
+    *[(f"self-overlapping view, {name}", call, ValueError, f"{name}: {arg} has elements that "
+       "share memory") for name, arg, call in [
+        ("group_shrink_", "weight", lambda w: fastprox.group_shrink_(_overlapping(w), 0.1)),
+        ("soft_threshold_", "weight", lambda w: fastprox.soft_threshold_(_overlapping(w), 0.1)),
+        ("sparse_group_shrink_", "weight",
+         lambda w: fastprox.sparse_group_shrink_(_overlapping(w), 0.1, 0.1)),
+        ("exclusive_shrink_", "weight",
+         lambda w: fastprox.exclusive_shrink_(_overlapping(w), 0.1)),
+        ("cges_shrink_", "weight", lambda w: fastprox.cges_shrink_(_overlapping(w), 0.1, 0.1)),
+        ("foreach_prox_", "weights\\[0\\]",
+         lambda w: fastprox.foreach_prox_([_overlapping(w)], lam_group=0.1)),
+        ("foreach_metric_prox_", "weights\\[0\\]", lambda w: fastprox.foreach_metric_prox_(
+            [_overlapping(w)], [torch.rand(6, 5)], lr=1e-3, lam_group=0.1)),
+        ("CoupledGroups", "slices\\[0\\].tensor",
+         lambda w: fastprox.CoupledGroups([(_overlapping(w), 0, range(6))], 6)),
+    ]],
+    # the metric step's second moments (the optimizer's state): damaged, wrong or aliased
+    ("negative moment", lambda w: _metric(w, _moment(-1e-8)), ValueError,
+     "exp_avg_sqs\\[0\\] has negative, NaN or infinite entries"),
+    ("NaN moment", lambda w: _metric(w, _moment(math.nan)), ValueError,
+     "exp_avg_sqs\\[0\\] has negative, NaN or infinite entries"),
+    ("inf moment", lambda w: _metric(w, _moment(math.inf)), ValueError,
+     "exp_avg_sqs\\[0\\] has negative, NaN or infinite entries"),
+    ("moment of the wrong shape", lambda w: _metric(w, torch.rand(5, 6)), ValueError,
+     "exp_avg_sqs\\[0\\] has shape"),
+    ("integer moment", lambda w: _metric(w, torch.ones(6, 5, dtype=torch.int32)), TypeError,
+     "exp_avg_sqs\\[0\\] must be float"),
+    ("moment that is the weight", lambda w: _metric(w, w), ValueError,
+     "exp_avg_sqs\\[0\\] shares memory with weights\\[0\\]"),
+    ("moment that views the weight", lambda w: _metric(w, w.t().t()), ValueError,
+     "exp_avg_sqs\\[0\\] shares memory with weights\\[0\\]"),
+    ("moment on another device", lambda w: _metric(w, torch.rand(6, 5, device="meta")),
+     ValueError, "exp_avg_sqs\\[0\\] is on meta"),
+    ("moment list of the wrong length", lambda w: fastprox.foreach_metric_prox_(
+        [w], [], lr=1e-3, lam_group=0.1), ValueError, "exp_avg_sqs has 0 tensors"),
+    ("negative lr", lambda w: _metric(w, torch.rand(6, 5), lr=-1e-3), ValueError, "lr\\[0\\]"),
+    ("NaN lr", lambda w: _metric(w, torch.rand(6, 5), lr=math.nan), ValueError, "lr\\[0\\]"),
+    ("metric NaN lam_group", lambda w: _metric(w, torch.rand(6, 5), lam_group=math.nan),
+     ValueError, "lam_group\\[0\\]"),
+    ("metric grad mode", lambda w: _metric(w.requires_grad_(), torch.rand(6, 5)), RuntimeError,
+     "foreach_metric_prox_: weights\\[0\\] is a leaf Variable that requires grad"),
 ]
+
+
+def _overlapping(w):
+    return torch.as_strided(w, (6, 5), (2, 1))
+
+
+def _moment(bad):
+    v = torch.rand(6, 5)
+    v[3, 2] = bad
+    return v
+
+
+def _metric(w, v, lr=1e-3, lam_group=0.1):
+    return fastprox.foreach_metric_prox_([w], [v], lr=lr, lam_group=lam_group, step=3)
 
 
 @pytest.mark.parametrize("name, call, exc, fragment", CATALOG, ids=[c[0] for c in CATALOG])
@@ -65,7 +122,8 @@ def test_bad_input_raises_and_leaves_weight_untouched(name, call, exc, fragment)
     before = w.clone()
     with pytest.raises(exc, match=fragment):
         call(w)
-    assert w.view(torch.int32).equal(before.view(torch.int32)), "weight changed by a failed call"
+    assert w.detach().view(torch.int32).equal(before.view(torch.int32)), \
+        "weight changed by a failed call"
 
 
 F64 = lambda *v: torch.tensor([v], dtype=torch.float64)  # noqa: E731

@@ -52,7 +52,9 @@ def test_public_op_matches_reference_with_per_tensor_settings():
     (lambda w, v: fastprox.foreach_metric_prox_(w, v[:1], lr=1e-3), "exp_avg_sqs has 1"),
     (lambda w, v: fastprox.foreach_metric_prox_(w, [v[0], v[0]], lr=1e-3, lam_group=0.1),
      "exp_avg_sqs\\[1\\] has shape"),
-    (lambda w, v: fastprox.foreach_metric_prox_(w, v, lr=0.0, lam_group=0.1), "lr\\[0\\]"),
+    (lambda w, v: fastprox.foreach_metric_prox_(w, v, lr=-1e-3, lam_group=0.1), "lr\\[0\\]"),
+    (lambda w, v: fastprox.foreach_metric_prox_(w, v, lr=[1e-3, float("inf")], lam_group=0.1),
+     "lr\\[1\\]"),
     (lambda w, v: fastprox.foreach_metric_prox_(w, v, lr=1e-3, beta2=1.0, lam_group=0.1),
      "beta2\\[0\\]"),
     (lambda w, v: fastprox.foreach_metric_prox_(w, v, lr=1e-3, step=0, lam_group=0.1),
@@ -381,3 +383,34 @@ def test_target_on_coupled_groups():
         for m in t.groups.slices:
             assert bool((m.tensor.detach().movedim(m.axis, 0)[dead[m.index]] == 0).all())
         assert t.lam_group == 0
+
+
+@pytest.mark.parametrize("preset", ["group_lasso", ("heads", "neurons")])
+def test_a_warmup_from_lr_zero_takes_the_identity_step(preset):
+    """Hugging Face's linear warmup starts at lr 0: that step's proximal step is the identity
+    (an infinite metric), for plain and coupled targets, and the next steps shrink as usual."""
+    pytest.importorskip("transformers")
+    import models as M
+
+    torch.manual_seed(0)
+    model = M.gpt2(layers=2, d=32, heads=4)
+    reg = fastprox.Regularizer(model, preset, lam=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(step / 3, 1.0))
+    reg.attach(opt)
+    x = torch.randint(0, 64, (4, 8))
+    assert opt.param_groups[0]["lr"] == 0.0
+    before = copy.deepcopy(model.state_dict())
+    model(x, labels=x).loss.backward()
+    opt.step()  # lr 0: Adam does not move, nor does the proximal step
+    sched.step()
+    for (name, a), b in zip(model.state_dict().items(), before.values()):
+        assert torch.equal(a, b), name
+    assert reg.steps == 1
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    for _ in range(5):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+        sched.step()
+    assert sum(int((p == 0).sum()) for p in model.parameters()) > zeros

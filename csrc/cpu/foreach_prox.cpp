@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <functional>
+#include <string>
 #include <type_traits>
 
 #include "cpu/group_engine.h"
@@ -84,13 +85,14 @@ void with_step(bool l1, bool group, bool excl, F&& f) {
 void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArrayRef dims,
                       at::IntArrayRef dim_counts, const c10::List<bool>& size_weighted,
                       const c10::List<bool>& exact, c10::string_view caller,
-                      const std::optional<std::vector<c10::string_view>>& names) {
+                      const std::optional<std::vector<std::string>>& names) {
   const int64_t n = static_cast<int64_t>(weights.size());
   TORCH_CHECK_VALUE(dim_counts.size() == weights.size() && size_weighted.size() == weights.size() &&
                         exact.size() == weights.size(),
                     caller, ": dim_counts, size_weighted and exact need one entry per weight");
-  const std::vector<c10::string_view> lam_names =
-      names ? *names : std::vector<c10::string_view>{"lam_l1", "lam_group", "lam_exclusive"};
+  // owned strings: views of a str[] argument need not outlive its conversion
+  const std::vector<std::string> lam_names =
+      names ? *names : std::vector<std::string>{"lam_l1", "lam_group", "lam_exclusive"};
   TORCH_CHECK_VALUE(lam_names.size() == 3, caller, ": lam_names must name the three thresholds");
   TORCH_CHECK_VALUE(lams.numel() == 3 * n && lams.scalar_type() == at::kDouble &&
                         lams.device().is_cpu(),

@@ -20,10 +20,45 @@ void check_weight(const at::Tensor& weight) {
   TORCH_CHECK_VALUE(weight.dim() >= 1, "weight must have at least one dimension, got a 0-d tensor");
 }
 
+bool overlaps_itself(const at::Tensor& t) {
+  if (t.numel() <= 1) return false;
+  const at::MemOverlap overlap = at::has_internal_overlap(t);
+  if (overlap != at::MemOverlap::TooHard) return overlap == at::MemOverlap::Yes;
+  // Views made by indexing, slicing or permuting nest their strides: sorted by stride, each
+  // dimension's stride exceeds the span of the smaller ones, and no two elements meet.
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (|stride|, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(std::abs(t.stride(d)), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 0;
+  bool nested = true;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= extent) {
+      nested = false;
+      break;
+    }
+    extent += (size - 1) * stride;
+  }
+  if (nested) return false;
+  // Anything else (a self-overlapping as_strided): element by element.
+  std::vector<int64_t> offsets{0};
+  for (const auto& [stride, size] : dims) {
+    std::vector<int64_t> next;
+    next.reserve(offsets.size() * size);
+    for (int64_t o : offsets) {
+      for (int64_t k = 0; k < size; ++k) next.push_back(o + k * stride);
+    }
+    offsets.swap(next);
+  }
+  std::sort(offsets.begin(), offsets.end());
+  return std::adjacent_find(offsets.begin(), offsets.end()) != offsets.end();
+}
+
 void check_writable(const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(at::has_internal_overlap(weight) != at::MemOverlap::Yes,
-                    "weight has elements that share memory (e.g. an expanded tensor) and cannot "
-                    "be updated in place");
+  TORCH_CHECK_VALUE(!overlaps_itself(weight),
+                    "weight has elements that share memory (an expanded or self-overlapping "
+                    "view) and cannot be updated in place");
 }
 
 std::vector<bool> reduced_mask(const at::Tensor& weight, at::IntArrayRef dim) {

@@ -51,7 +51,9 @@ at::Tensor to_kept_shape(const at::Tensor& per_group, const at::Tensor& weight,
 // Common argument checks of the C++ entry points (the Python API checks first, with friendlier
 // messages; these keep direct torch.ops calls from reaching undefined behaviour).
 void check_weight(const at::Tensor& weight);
-// A weight whose elements share memory (an expanded tensor) cannot be updated in place.
+// Whether two elements of `t` may be one memory location (an expanded or self-overlapping view).
+bool overlaps_itself(const at::Tensor& t);
+// A weight whose elements share memory cannot be updated in place.
 void check_writable(const at::Tensor& weight);
 std::vector<bool> reduced_mask(const at::Tensor& weight, at::IntArrayRef dim);
 

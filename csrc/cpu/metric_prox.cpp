@@ -18,6 +18,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <optional>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -225,12 +228,46 @@ at::Tensor like_work(const at::Tensor& v, const at::Tensor& weight, const GroupL
   return source.contiguous();
 }
 
+// Whether every entry of a second moment is finite and >= 0 (NaN fails too): one parallel read.
+template <typename V>
+bool valid_moment(const V* v, int64_t n) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, kParallelGrainElems, [&](int64_t begin, int64_t end) {
+    using A = at::opmath_type<V>;
+    const A top = std::numeric_limits<A>::max();
+    bool good = true;
+    for (int64_t i = begin; i < end; ++i) {
+      const A x = static_cast<A>(v[i]);
+      good &= (x >= A(0)) & (x <= top);
+    }
+    if (!good) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+bool valid_moment(const at::Tensor& moment) {
+  // dense in some order of its dimensions: its elements are one block of memory
+  const at::Tensor v = moment.is_non_overlapping_and_dense() ? moment : moment.contiguous();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "valid_moment", [&] {
+    const int64_t lo = address_range(v).first;
+    ok = valid_moment(reinterpret_cast<const scalar_t*>(lo), v.numel());
+  });
+  return ok;
+}
+
 void foreach_metric_prox_cpu(at::TensorList weights, at::TensorList moments,
                              const at::Tensor& lams, const at::Tensor& metric,
                              at::IntArrayRef dims, at::IntArrayRef dim_counts,
-                             const c10::List<bool>& size_weighted, const c10::List<bool>& exact) {
+                             const c10::List<bool>& size_weighted, const c10::List<bool>& exact,
+                             const std::optional<std::vector<std::string>>& names) {
   static constexpr const char* op = "foreach_metric_prox_";
   const int64_t n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK_VALUE(!names || int64_t(names->size()) == n, op,
+                    ": names needs one entry per weight");
+  auto moment_name = [&](int64_t i) {
+    return names ? (*names)[i] : "moments[" + std::to_string(i) + "]";
+  };
   TORCH_CHECK_VALUE(int64_t(moments.size()) == n && int64_t(dim_counts.size()) == n &&
                         int64_t(size_weighted.size()) == n && int64_t(exact.size()) == n,
                     op, ": moments, dim_counts, size_weighted and exact need one entry per weight");
@@ -253,11 +290,11 @@ void foreach_metric_prox_cpu(at::TensorList weights, at::TensorList moments,
     check_weight(weights[i]);
     reduced_mask(weights[i], tensor_dims.back());
     check_writable(weights[i]);
-    TORCH_CHECK_VALUE(moments[i].sizes() == weights[i].sizes(), op, ": moments[", i,
-                      "] has shape ", moments[i].sizes(), ", expected ", weights[i].sizes());
+    TORCH_CHECK_VALUE(moments[i].sizes() == weights[i].sizes(), op, ": ", moment_name(i),
+                      " has shape ", moments[i].sizes(), ", expected ", weights[i].sizes());
     TORCH_CHECK_VALUE(moments[i].device() == weights[i].device() &&
                           at::isFloatingType(moments[i].scalar_type()),
-                      op, ": moments[", i, "] must be a floating tensor on ",
+                      op, ": ", moment_name(i), " must be a floating tensor on ",
                       weights[i].device());
     for (int k = 0; k < 3; ++k) {
       TORCH_CHECK_VALUE(std::isfinite(L[3 * i + k]) && L[3 * i + k] >= 0, op, ": lams[", i,
@@ -269,10 +306,27 @@ void foreach_metric_prox_cpu(at::TensorList weights, at::TensorList moments,
   }
   TORCH_CHECK_VALUE(offset == int64_t(dims.size()), op, ": dim_counts do not match dims");
   check_disjoint(weights, op);
+  auto skipped = [&](int64_t i) {
+    return weights[i].numel() == 0 || (L[3 * i] == 0 && L[3 * i + 1] == 0 && L[3 * i + 2] == 0);
+  };
+  for (int64_t i = 0; i < n; ++i) {  // the moments used: apart from the weights, finite, >= 0
+    if (skipped(i)) continue;
+    const auto range = address_range(moments[i]);
+    for (int64_t j = 0; j < n; ++j) {
+      const auto other = address_range(weights[j]);
+      TORCH_CHECK_VALUE(range.first >= other.second || other.first >= range.second, op, ": ",
+                        moment_name(i), " shares memory with weights[", j,
+                        "], which the step writes");
+    }
+    TORCH_CHECK_VALUE(valid_moment(moments[i]), op, ": ", moment_name(i),
+                      " has negative, NaN or infinite entries (a second moment is finite and "
+                      ">= 0); the optimizer's state is damaged: check the loss and gradients "
+                      "for NaN/inf, or reload a checkpoint");
+  }
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
     const double l1 = L[3 * i], lg = L[3 * i + 1], le = L[3 * i + 2];
-    if (w.numel() == 0 || (l1 == 0 && lg == 0 && le == 0)) continue;  // bit-identical
+    if (skipped(i)) continue;  // bit-identical
     const GroupLayout layout = analyze_groups(w, tensor_dims[i]);
     const at::Tensor v = like_work(moments[i], w, layout);
     const double c = size_weighted[i] ? std::sqrt(double(layout.shape.group_size())) : 1.0;
