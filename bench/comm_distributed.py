@@ -103,11 +103,39 @@ def _measure(fn, restore, repeats: int):
 
 
 def _worker(rank, world, store, dtype_name, tiny, repeats, out_path):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    result = _rows(world, dtype_name, tiny, repeats)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    _teardown()
+
+
+def _teardown() -> None:
+    """Ends this rank with no gloo thread racing the interpreter's shutdown.
+
+    DTensor's caches (sharding propagation, redistribute plans) keep the DeviceMesh, and so the
+    gloo process group and its worker threads, alive past ``destroy_process_group`` until the
+    interpreter shuts down. A worker thread releases each finished collective's work (and the
+    tensors it holds) just after the rank saw it complete; when that release happens while the
+    interpreter is finalizing, the thread must take the GIL, CPython ends it with a forced
+    unwind, which crosses a noexcept destructor: std::terminate, "terminate called without an
+    active exception", SIGABRT. So the ranks meet (every collective done on both), the group is
+    destroyed, and the process ends without finalizing (its results are written and flushed).
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _rows(world, dtype_name, tiny, repeats) -> dict:
+    """The measurements of one rank (the mesh and every DTensor live only in here)."""
     import fastprox  # noqa: F401  (kernels)
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     shapes = gpt2_small_shapes(tiny)
@@ -144,12 +172,9 @@ def _worker(rank, world, store, dtype_name, tiny, repeats, out_path):
                              result_bytes=sum(size for _, size in records),
                              ring_bytes_sent=wire, ms=seconds * 1e3,
                              max_abs_difference=difference))
-    if rank == 0:
-        params = sum(s[0] * s[1] for _, s in shapes)
-        with open(out_path, "w") as f:
-            json.dump(dict(world=world, dtype=dtype_name, params=params,
-                           weights=len(shapes), floor_ms=floor_s * 1e3, rows=rows), f)
-    dist.destroy_process_group()
+    params = sum(s[0] * s[1] for _, s in shapes)
+    return dict(world=world, dtype=dtype_name, params=params, weights=len(shapes),
+                floor_ms=floor_s * 1e3, rows=rows)
 
 
 def _machine() -> str:

@@ -97,7 +97,6 @@ def _all_reduce(parts: list[list[torch.Tensor]], groups: tuple, acc: torch.dtype
     return out
 
 
-@torch.no_grad()
 def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=None,
                   size_weighted=True, exact=True, max_newton_steps: int = 64):
     """``fastprox.foreach_prox_`` on a list of DTensors (and plain tensors), sharded any way.
@@ -146,13 +145,15 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
                                   lg * (math.sqrt(n) if sizes[i] else 1.0))
         buckets.setdefault((spans[i], step.acc), []).append(step)
 
-    for idx in local.values():
-        _fused.prox_([_local(weights[i]) for i in idx],
-                     [[column[i] for i in idx] for column in lams], [dims[i] for i in idx],
-                     [sizes[i] for i in idx], [exacts[i] for i in idx])
-    for (groups, acc), steps in buckets.items():
-        _phases.run(steps, lambda parts, groups=groups, acc=acc: _all_reduce(parts, groups, acc),
-                    max_newton_steps, _FN)
+    with torch.no_grad():  # (check_grad above: no weight that needs grad, in grad mode)
+        for idx in local.values():
+            _fused.prox_([_local(weights[i]) for i in idx],
+                         [[column[i] for i in idx] for column in lams], [dims[i] for i in idx],
+                         [sizes[i] for i in idx], [exacts[i] for i in idx])
+        for (groups, acc), steps in buckets.items():
+            _phases.run(steps,
+                        lambda parts, groups=groups, acc=acc: _all_reduce(parts, groups, acc),
+                        max_newton_steps, _FN)
     return weights
 
 

@@ -320,9 +320,11 @@ OPERATORS = [
 
     Args:
         weights: a list of tensors on one device, no two sharing memory.
-        exp_avg_sqs: the second moment of each (same shapes; any float dtype).
+        exp_avg_sqs: the second moment of each (same shapes; any float dtype; finite and >= 0,
+            sharing no memory with a weight: checked before anything is written).
         lr, eps, beta2: the step's, a number or 0-d tensor for every tensor or a list with one
-            per tensor (lr > 0, eps >= 0, 0 <= beta2 < 1).
+            per tensor (lr >= 0, eps >= 0, 0 <= beta2 < 1). At lr = 0 (a warmup's first step)
+            the metric is infinite and the step the identity: that tensor is left as it is.
         step: the optimizer's step count (bias correction ``1 - beta2 ** step``), or None
             (no correction: ``exp_avg_sqs`` already is ``v_hat``).
         lam_l1, lam_group, lam_exclusive, dim, size_weighted, exact: as ``foreach_prox_``.

@@ -53,8 +53,9 @@ def group_norms(weight: torch.Tensor, dim=None) -> torch.Tensor:
 
 def group_scale(norms: torch.Tensor, t: float) -> torch.Tensor:
     """s = 0 if ||W_g|| <= t else 1 - t/||W_g||: a NaN norm gives a NaN scale, an infinite one
-    1, a zero group 0 (never a division by zero)."""
-    return torch.where(norms <= t, torch.zeros_like(norms), 1 - t / norms)
+    1 (also when t overflows the norms' dtype), a zero group 0 (never a division by zero)."""
+    scale = torch.where(norms <= t, torch.zeros_like(norms), 1 - t / norms)
+    return torch.where(torch.isinf(norms), torch.ones_like(norms), scale)
 
 
 def cges_bound(l1: torch.Tensor, lam: float) -> torch.Tensor:
@@ -90,7 +91,10 @@ def group_shrink_(weight, lam, dim=None, *, size_weighted=True):
 
 def shrink_magnitude(y: torch.Tensor, tau, out: torch.Tensor | None = None) -> torch.Tensor:
     """sign(y) max(|y| - tau, 0), into ``out`` if given. NaN in y or tau stays NaN (copysign,
-    not sign(): torch.sign(nan) is 0; clamp propagates NaN)."""
+    not sign(): torch.sign(nan) is 0; clamp propagates NaN). A number tau beyond y's dtype is
+    its largest value (an infinite y minus it stays infinite, as with the real tau)."""
+    if isinstance(tau, float) and y.is_floating_point():
+        tau = min(tau, torch.finfo(y.dtype).max)
     return torch.copysign(torch.clamp(y.abs() - tau, min=0), y, out=out)
 
 

@@ -146,7 +146,19 @@ def _valid(v):
 
 
 @triton.jit
-def _tensor_params(meta, lams, t, ACC: tl.constexpr):
+def _threshold_as(v, WIDE: tl.constexpr):
+    """A float64 threshold in the accumulation type: in float32, one beyond its range becomes
+    its largest value, not inf (an infinite element minus it stays infinite, an infinite norm
+    is not <= it, every finite float32 value or norm is below it: the real threshold's
+    results). Mirrors threshold_as of the CPU engine."""
+    if WIDE:
+        return v
+    else:
+        return tl.minimum(v, 3.4028234663852886e38).to(tl.float32)
+
+
+@triton.jit
+def _tensor_params(meta, lams, t, WIDE: tl.constexpr):
     """Thresholds of tensor t: (valid, l1, group threshold t = lam_group * c, lam_e, exact)."""
     row = meta + t * META_COLS
     lam_row = lams + tl.load(row + META_LAM) * 3
@@ -156,7 +168,8 @@ def _tensor_params(meta, lams, t, ACC: tl.constexpr):
     valid = _valid(l1) & _valid(lg) & _valid(le)
     c = tl.load(row + META_C).to(tl.float64, bitcast=True)
     exact = tl.load(row + META_EXACT) != 0
-    return valid, l1.to(ACC), (lg * c).to(ACC), le.to(ACC), exact
+    return valid, _threshold_as(l1, WIDE), _threshold_as(lg * c, WIDE), _threshold_as(le, WIDE), \
+        exact
 
 
 @triton.jit
@@ -401,7 +414,7 @@ def prox_kernel(base, meta, lams, blocks, norms, num_blocks, per_program,
             t, outer, groups, inner, b, g0, p = _block(base, meta, blocks, num_blocks, blk,
                                                        BLOCK_G, BLOCK_I, VEC, OFF64)
             gg = g0 + tl.arange(0, BLOCK_G)
-            valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
+            valid, l1, thr, le, exact = _tensor_params(meta, lams, t, WIDE)
             if FIT == 1:
                 if valid:
                     _fused_group(p, meta, norms, t, b, outer, groups, inner, gg, l1, thr, le,
@@ -426,7 +439,7 @@ def prox_kernel(base, meta, lams, blocks, norms, num_blocks, per_program,
 @triton.jit
 def _split_tile(base, meta, lams, blocks, num_blocks, blk, chunk, BLOCK_O: tl.constexpr,
                 BLOCK_G: tl.constexpr, BLOCK_I: tl.constexpr, VEC: tl.constexpr,
-                OFF64: tl.constexpr, ACC: tl.constexpr):
+                OFF64: tl.constexpr, WIDE: tl.constexpr):
     """Chunk `chunk` (BLOCK_O rows of the outer dimension) of block blk: its tensor t, pointers,
     mask, and the tensor's thresholds (_tensor_params)."""
     t, outer, groups, inner, b, g0, p = _block(base, meta, blocks, num_blocks, blk, BLOCK_G,
@@ -435,7 +448,7 @@ def _split_tile(base, meta, lams, blocks, num_blocks, blk, chunk, BLOCK_O: tl.co
     o = chunk * BLOCK_O + tl.arange(0, BLOCK_O)[:, None, None]
     i = tl.arange(0, BLOCK_I)[None, None, :]
     off, mask = _tile(o, g, i, outer, groups, inner, BLOCK_I)
-    valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
+    valid, l1, thr, le, exact = _tensor_params(meta, lams, t, WIDE)
     return t, p + off, mask, valid, l1, thr, le
 
 
@@ -451,7 +464,7 @@ def split_stats_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks
     chunk = tl.program_id(1)
     t, ptrs, mask, valid, l1, thr, le = _split_tile(base, meta, lams, blocks, num_blocks, blk,
                                                     chunk, BLOCK_O, BLOCK_G, BLOCK_I, VEC, OFF64,
-                                                    ACC)
+                                                    WIDE)
     y = _pre(_load(ptrs, mask).to(ACC), l1, DO_L1, WIDE)
     slot = partial + ((blk * max_chunks + chunk) * 3) * BLOCK_G + tl.arange(0, BLOCK_G)
     tl.store(slot, tl.sum(tl.sum(y * y, 2), 0))
@@ -474,7 +487,7 @@ def split_apply_kernel(base, meta, lams, blocks, partial, num_blocks, max_chunks
     chunk = max_chunks - 1 - tl.program_id(1)
     t, ptrs, mask, valid, l1, thr, le = _split_tile(base, meta, lams, blocks, num_blocks, blk,
                                                     chunk, BLOCK_O, BLOCK_G, BLOCK_I, VEC, OFF64,
-                                                    ACC)
+                                                    WIDE)
     chunks = tl.load(meta + t * META_COLS + META_CHUNKS)
     g_idx = tl.arange(0, BLOCK_G)
     if valid & (chunk < chunks):
@@ -509,7 +522,8 @@ def soft_threshold_kernel(ptr, numel_vec, lams, BLOCK: tl.constexpr, VEC: tl.con
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = _load(ptr + offs, mask).to(ACC)
-        tl.store(ptr + offs, _shrink(x, lam.to(ACC), WIDE).to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + offs, _shrink(x, _threshold_as(lam, WIDE), WIDE).to(ptr.dtype.element_ty),
+                 mask=mask)
 
 
 # The phases of a step whose groups lie in several places (fastprox/_phases.py, kernels/
@@ -546,7 +560,7 @@ def phase_kernel(base, meta, l1s, blocks, params, out, num_blocks, per_program, 
             gg = g0 + tl.arange(0, BLOCK_G)
             gmask = gg < groups
             slot = tl.load(row + META_OUT) + b * groups + gg
-            l1 = tl.load(l1s + tl.load(row + META_LAM)).to(ACC)
+            l1 = _threshold_as(tl.load(l1s + tl.load(row + META_LAM)), WIDE)
             scale = tl.full((BLOCK_G,), 1.0, ACC)
             tau = tl.zeros((BLOCK_G,), ACC)
             if PHASE != PHASE_SUMS:
@@ -623,7 +637,9 @@ def _metric_load(p, q, off, mask, l1, s, eps, inv_lr, DO_L1: tl.constexpr, WIDE:
     d = tl.where(mask, (_sqrt(v * s, WIDE) + eps) * inv_lr, 0.0)
     y = x
     if DO_L1:
-        soft = tl.where(d > 0, _shrink(x, l1 * _inv(d, WIDE), WIDE),
+        # l1 / d is finite for d > 0: an infinite x stays infinite where the quotient overflows
+        infinite = (x * 0 != 0) & (x == x)
+        soft = tl.where(d > 0, tl.where(infinite, x, _shrink(x, l1 * _inv(d, WIDE), WIDE)),
                         tl.where(x != x, x, 0.0))
         y = tl.where(l1 > 0, soft, x)
     return y, d
@@ -894,7 +910,7 @@ def metric_kernel(base, moments, meta, lams, metric, moment_offsets, blocks, num
                 m_off = tl.multiple_of(m_off, VEC)
             q = moments + m_off + b.to(tl.int64) * outer * groups * inner
             gg = g0 + tl.arange(0, BLOCK_G)
-            valid, l1, thr, le, exact = _tensor_params(meta, lams, t, ACC)
+            valid, l1, thr, le, exact = _tensor_params(meta, lams, t, WIDE)
             ok, s, eps, inv_lr = _metric_params(meta, metric, t, ACC)
             valid = valid & ok
             if FIT == 1:

@@ -136,3 +136,53 @@ def test_a_zero_lam_sub_step_is_skipped(dtype):
                         ((0.4, 0.0), lambda t: fastprox.group_shrink_(t, 0.4))]:
         v = torch.randn(5, 7).to(dtype)
         assert torch.equal(fastprox.cges_shrink_(v.clone(), *lams), alone(v.clone()))
+
+
+@pytest.mark.parametrize("dim", [None, 0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_thresholds_beyond_the_accumulation_type(op, dtype, dim):
+    """Finite thresholds whose value (lam, or t = lam * sqrt(n)) overflows the type the kernels
+    compute in give the real threshold's result (the float64 reference's): a group holding inf
+    keeps its values, an infinite element stays infinite under the soft threshold, every
+    finite group is zeroed (the exclusive step: as the reference), never a NaN."""
+    if dim is not None and not op.grouped:
+        pytest.skip("elementwise")
+    w = random_weight((8, 10), dtype)
+    w[4, 7], w[5, 2] = math.inf, -math.inf  # rows 4, 5; columns 7, 2
+    before = w.clone()
+    huge = 1e308 if dtype == torch.float64 else 1e39  # t overflows float64 / float32
+    assert_matches_reference(op, w, lams=(huge,) * len(op.lams), dim=dim)
+    assert not w.isnan().any()
+    assert w[4, 7] == math.inf and w[5, 2] == -math.inf
+    if op.name in ("group_shrink_", "cges_shrink_"):
+        kept = [4, 5] if dim is None else [7, 2]
+        group = (lambda t, g: t[g]) if dim is None else (lambda t, g: t[:, g])
+        for g in kept:
+            assert torch.equal(group(w, g), group(before, g)), "an infinite group keeps its values"
+        others = torch.ones(8 if dim is None else 10, dtype=torch.bool)
+        others[kept] = False
+        assert (w[others] if dim is None else w[:, others]).eq(0).all()
+
+
+def test_coupled_and_metric_thresholds_beyond_float32():
+    w = torch.randn(6, 5)
+    w[2, 1] = math.inf
+    before = w.clone()
+    sets = fastprox.CoupledGroups([(w, 0, range(6))], 6)
+    fastprox.coupled_prox_(sets, lam_l1=1e39, lam_group=1e39)
+    assert w[2, 1] == math.inf and (w[2, [0, 2, 3, 4]] == 0).all()  # soft threshold, group kept
+    assert (w[[0, 1, 3, 4, 5]] == 0).all() and not w.isnan().any()
+    w = before.clone()
+    fastprox.coupled_prox_(fastprox.CoupledGroups([(w, 0, range(6))], 6), lam_group=1e39)
+    assert torch.equal(w[2], before[2]) and (w[[0, 1, 3, 4, 5]] == 0).all()
+    for lams in (dict(lam_l1=1e39), dict(lam_group=1e39), dict(lam_l1=1e39, lam_group=1e39)):
+        w = before.clone()
+        v = torch.rand(6, 5) * 1e-4
+        fastprox.foreach_metric_prox_([w], [v], lr=1e-3, step=5, **lams)
+        want = before.double()
+        fastprox.reference.metric_prox_(
+            want, fastprox.reference.adam_metric(v.double(), lr=1e-3, eps=1e-8, beta2=0.999,
+                                                 step=5), **lams)
+        assert not w.isnan().any() and w[2, 1] == math.inf, lams
+        torch.testing.assert_close(w.double(), want, equal_nan=False)

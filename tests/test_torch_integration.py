@@ -163,3 +163,27 @@ def test_default_backend_checks_thresholds_first():
         _default_backend(op)(ws, lams, [1, 1], [1, 1], [True, True], [True, True],
                              "foreach_prox_", list(COLUMNS))
     assert all(torch.equal(a, b) for a, b in zip(ws, before))
+
+
+def test_metric_step_compiles_fullgraph():
+    """foreach_metric_prox_ under torch.compile(fullgraph=True) gives the eager result, and the
+    op's own checks still refuse damaged moments inside the graph."""
+    w = torch.randn(16, 12)
+    v = torch.rand(16, 12) * 1e-4
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(w, v):
+        fastprox.foreach_metric_prox_([w], [v], lr=1e-3, lam_l1=0.01, lam_group=0.5, dim=0,
+                                      step=7)
+        return w
+
+    eager = w.clone()
+    fastprox.foreach_metric_prox_([eager], [v], lr=1e-3, lam_l1=0.01, lam_group=0.5, dim=0,
+                                  step=7)
+    assert torch.equal(step(w.clone(), v), eager)
+    bad = v.clone()
+    bad[3, 4] = float("nan")
+    x = w.clone()
+    with pytest.raises(Exception, match="has negative, NaN or infinite entries"):
+        step(x, bad)
+    assert torch.equal(x, w)

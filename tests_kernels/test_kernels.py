@@ -107,6 +107,20 @@ def test_huge_lam(op):
     assert not w.isnan().any()
 
 
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_thresholds_beyond_float32(op, path):
+    """Finite thresholds above float32's range (lam, and lam * sqrt(n)): the real threshold's
+    result, as the float64 reference gives it: an infinite group keeps its values, an infinite
+    element stays infinite, finite groups go, no NaN (on every path of the engine)."""
+    w = _weight((6, 40), torch.float32)
+    w[3, 5], w[1, 0] = math.inf, -math.inf
+    before = w.clone()
+    assert_matches_reference(op, w, tuple(1e39 for _ in op.lams), 1)
+    assert not w.isnan().any() and w[3, 5] == math.inf and w[1, 0] == -math.inf
+    if op.name in ("group_shrink_", "cges_shrink_"):
+        assert torch.equal(w[[1, 3]], before[[1, 3]]) and (w[[0, 2, 4, 5]] == 0).all()
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0,)], ids=str)
 @pytest.mark.parametrize("op", OPS, ids=str)
 def test_empty(op, shape):

@@ -292,6 +292,26 @@ def test_deterministic():
     assert torch.equal(out[0], out[1])
 
 
+def _damaged(v, bad):
+    v = v.clone()
+    v[2, 7] = bad
+    return v
+
+
+def test_thresholds_beyond_float32(path):
+    """lam_l1 / d and t = lam_group * c beyond float32: an infinite element stays infinite (its
+    group keeps its values), finite groups go, no NaN; as the float64 reference."""
+    w = (torch.randn(6, 40) * 0.05).to(DEVICE)
+    w[3, 5] = math.inf
+    v = random_moment((6, 40)).to(DEVICE)
+    for steps in ((1e39, 0, 0), (0, 1e39, 0), (1e39, 1e39, 0), (0, 1e39, 1e39)):
+        x = w.clone()
+        want = _reference([w], [v], steps, [[1]])[0]
+        _call(kernels.foreach_metric_prox_, [x], [v], steps, [[1]])
+        assert not x.isnan().any() and x[3, 5] == math.inf, steps
+        _close(x, want, torch.float32, f"{steps}")
+
+
 def test_bad_input_leaves_the_weights():
     w = (torch.randn(6, 10) * 0.05).to(DEVICE)
     v = random_moment((6, 10)).to(DEVICE)
@@ -309,7 +329,16 @@ def test_bad_input_leaves_the_weights():
              r"metric\[0\]"),
             (lambda: _call(op, [w, w[:2]], [v, v[:2]], (0, 0.1, 0), [[1], [1]]),
              "share memory"),
-            (lambda: _call(op, [w], [v], (0, 0.1, 0), [[4]]), "out of range")):
+            (lambda: _call(op, [w], [v], (0, 0.1, 0), [[4]]), "out of range"),
+            *[(lambda bad=bad: _call(op, [w], [_damaged(v, bad)], (0, 0.1, 0), [[1]]),
+               r"moments\[0\] has negative, NaN or infinite entries")
+              for bad in (-1e-9, math.nan, math.inf)],
+            (lambda: _call(op, [w], [w], (0, 0.1, 0), [[1]]),
+             r"moments\[0\] shares memory with weights\[0\]"),
+            (lambda: op([w], [_damaged(v, math.nan)], torch.tensor([[0, 0.1, 0]],
+                        dtype=torch.float64), torch.tensor([METRIC], dtype=torch.float64), [1],
+                        [1], [True], [True], ["exp_avg_sqs[3]"]),
+             r"exp_avg_sqs\[3\] has negative")):
         with pytest.raises(ValueError, match=words):
             bad()
         assert torch.equal(w, before)

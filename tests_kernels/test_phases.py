@@ -4,6 +4,8 @@ phases of the sharded path running on them."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -81,3 +83,20 @@ def test_coupled_step_on_the_kernels(exact, sweeps):
     reference.coupled_prox_(ref, 5, **lams, exact=exact)
     for a, b in zip(mine, ref):
         torch.testing.assert_close(a[0].cpu().to(torch.float64), b[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.usefixtures("kernels_served")
+def test_coupled_thresholds_beyond_float32(sweeps):
+    """lam_l1 and lam_group above float32's range, with an infinite element: the soft
+    threshold keeps it infinite, its group keeps its values, the other groups go, no NaN."""
+    w = torch.randn(6, 5)
+    w[2, 1] = math.inf
+    before = w.clone()
+    for lams in (dict(lam_group=1e39), dict(lam_l1=1e39, lam_group=1e39)):
+        x = before.clone().to(DEVICE)
+        fastprox.coupled_prox_(CoupledGroups([Slice(x, 0, range(6))], 6), **lams)
+        x = x.cpu()
+        assert not x.isnan().any() and x[2, 1] == math.inf, lams
+        assert (x[[0, 1, 3, 4, 5]] == 0).all()
+        if "lam_l1" not in lams:
+            assert torch.equal(x[2], before[2])

@@ -144,7 +144,7 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[i].scalar_type(),
                                       "foreach_prox_", [&] {
         add_elementwise_units(flat.work.data_ptr<scalar_t>(), flat.work.numel(),
-                              static_cast<at::opmath_type<scalar_t>>(l1), span, units);
+                              threshold_as<at::opmath_type<scalar_t>>(l1), span, units);
       });
       continue;
     }
@@ -156,9 +156,9 @@ void foreach_prox_cpu(at::TensorList weights, const at::Tensor& lams, at::IntArr
       using A = at::opmath_type<scalar_t>;
       with_step(l1 > 0, lg > 0, le > 0, [&](auto kL1, auto kGroup, auto kExcl) {
         ProxStep<A, decltype(kL1)::value, decltype(kGroup)::value, decltype(kExcl)::value> step;
-        step.l1 = static_cast<A>(l1);
-        step.t = static_cast<A>(lg * c);
-        step.lam_e = static_cast<A>(le);
+        step.l1 = threshold_as<A>(l1);
+        step.t = threshold_as<A>(lg * c);
+        step.lam_e = threshold_as<A>(le);
         step.exact = exact[i];
         add_units(layouts[i].work.data_ptr<scalar_t>(), s, step, unit, units, alone);
       });

@@ -49,6 +49,15 @@ constexpr int64_t kColumnChunk = 1 << 12;            // column path: columns per
 constexpr int64_t kColumnPartialElems = 1 << 22;     // column path: partial sums per statistic
 constexpr int64_t kChunkPathMinInner = 128;          // inner runs this long use the chunk path
 
+// A threshold (given in float64) in the accumulation type A: one beyond A's range becomes A's
+// largest value, not inf, so that the results are the real threshold's: an infinite element
+// minus it stays infinite, an infinite norm is not <= it (the group keeps its values), and
+// every finite value or norm of A is below it (zeroed).
+template <typename A>
+inline A threshold_as(double value) {
+  return static_cast<A>(std::min(value, double(std::numeric_limits<A>::max())));
+}
+
 // Loads and stores of storage type T as vectors of its accumulation type.
 template <typename T>
 struct Lanes {

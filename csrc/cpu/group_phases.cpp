@@ -154,7 +154,7 @@ std::vector<at::Tensor> foreach_group_sums_cpu(at::TensorList weights, at::IntAr
       using A = at::opmath_type<scalar_t>;
       with_flags(lam_l1[i] > 0, sq, abs, [&](auto kL1, auto kSq, auto kAbs) {
         SumsStep<A, decltype(kL1)::value, decltype(kSq)::value, decltype(kAbs)::value> step;
-        step.l1 = static_cast<A>(lam_l1[i]);
+        step.l1 = threshold_as<A>(lam_l1[i]);
         A* base = sums[i].data_ptr<A>();
         step.sum_sq = sq ? base : nullptr;
         step.sum_abs = abs ? base + (sq ? groups : 0) : nullptr;
@@ -228,7 +228,7 @@ void foreach_group_rewrite_cpu(at::TensorList weights, at::IntArrayRef dims,
       with_flags(lam_l1[i] > 0, has_scale, has_tau, [&](auto kL1, auto kScale, auto kTau) {
         RewriteStep<A, decltype(kL1)::value, decltype(kScale)::value, decltype(kTau)::value>
             step;
-        step.l1 = static_cast<A>(lam_l1[i]);
+        step.l1 = threshold_as<A>(lam_l1[i]);
         step.scale = has_scale ? scale[i].data_ptr<A>() : nullptr;
         step.tau = has_tau ? tau[i].data_ptr<A>() : nullptr;
         add_units(layouts[i].work.data_ptr<scalar_t>(), layouts[i].shape, step, unit, units,
@@ -279,7 +279,7 @@ std::vector<at::Tensor> foreach_group_sums_above_cpu(
       using A = at::opmath_type<scalar_t>;
       with_flags(lam_l1[i] > 0, has_scale, [&](auto kL1, auto kScale) {
         AboveStep<A, decltype(kL1)::value, decltype(kScale)::value> step;
-        step.l1 = static_cast<A>(lam_l1[i]);
+        step.l1 = threshold_as<A>(lam_l1[i]);
         step.scale = has_scale ? scale[i].data_ptr<A>() : nullptr;
         step.tau = tau[i].data_ptr<A>();
         step.sum_above = sums[i].data_ptr<A>();

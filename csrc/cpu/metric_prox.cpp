@@ -52,9 +52,12 @@ inline A shrink(A x, A tau) {
 template <typename A>
 void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
   const A inf = std::numeric_limits<A>::infinity();
-  if (p.l1 > 0) {  // the soft threshold by l1 / d_i; d_i = 0: 0 (NaN stays NaN)
+  if (p.l1 > 0) {  // the soft threshold by l1 / d_i; d_i = 0: 0 (NaN stays NaN); l1 / d_i is
+    // finite for d_i > 0, so an infinite x_i stays infinite even where the quotient overflows
     for (int64_t i = 0; i < n; ++i) {
-      x[i] = d[i] > A(0) ? shrink(x[i], p.l1 / d[i]) : (x[i] != x[i] ? x[i] : A(0));
+      const bool infinite = std::abs(x[i]) == inf;
+      x[i] = d[i] > A(0) ? (infinite ? x[i] : shrink(x[i], p.l1 / d[i]))
+                         : (x[i] != x[i] ? x[i] : A(0));
     }
   }
   if (p.t <= A(0) && p.le <= A(0)) return;
@@ -335,9 +338,9 @@ void foreach_metric_prox_cpu(at::TensorList weights, at::TensorList moments,
       using A = at::opmath_type<scalar_t>;
       using W = scalar_t;
       MetricParams<A> p;
-      p.l1 = static_cast<A>(l1);
-      p.t = static_cast<A>(lg * c);
-      p.le = static_cast<A>(le);
+      p.l1 = threshold_as<A>(l1);
+      p.t = threshold_as<A>(lg * c);
+      p.le = threshold_as<A>(le);
       p.exact = exact[i];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
                                       "foreach_metric_prox_", [&] {
