@@ -35,13 +35,26 @@ def _sync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _mode(path: str, default: int) -> int:
+    """The permissions a new save at ``path`` gets: those of what it replaces, else what
+    ``open`` / ``mkdir`` would give (``default`` less the umask); temporary files are private."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return default & ~umask
+
+
 def write_file(path, write) -> None:
     """Writes ``path`` atomically: ``write(f)`` fills a binary file object."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    mode = _mode(path, 0o666)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -94,8 +107,10 @@ def write_directory(directory, write) -> None:
         raise NotADirectoryError(f"{directory} exists and is not a directory")
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
+    mode = _mode(directory, 0o777)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         write(tmp)
         if os.path.isdir(directory):
             for entry in os.listdir(directory):

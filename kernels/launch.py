@@ -54,9 +54,11 @@ def _p2(x: int) -> int:
 # with bad arguments, as the CPU kernels' own checks do (csrc/cpu/group_layout.cpp).
 
 def check_writable(weight: torch.Tensor, name: str = "weight") -> None:
-    if torch._debug_has_internal_overlap(weight) == 1:
-        raise ValueError(f"{name} has elements that share memory (e.g. an expanded tensor) and "
-                         "cannot be updated in place")
+    from .._checks import overlaps_itself
+
+    if weight.numel() > 1 and overlaps_itself(weight):
+        raise ValueError(f"{name} has elements that share memory (an expanded or "
+                         "self-overlapping view) and cannot be updated in place")
 
 
 def check_weights(caller: str, weights, dims, dim_counts, writes: bool) -> list[list[int]]:

@@ -209,8 +209,13 @@ def test_save_pretrained_replaces_the_directory_and_keeps_other_files(pretrained
     import transformers
 
     directory, tree, x, _ = pretrained
+    umask = os.umask(0)
+    os.umask(umask)
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it
+    os.chmod(directory, 0o750)
     model, small = save_child.compacted_llama(seed=2, fraction=0.25)
     fastprox.save_pretrained_compact(small, directory)
+    assert directory.stat().st_mode & 0o777 == 0o750
     assert (directory / "notes.txt").read_text() == "the user's own file\n"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,3 +224,18 @@ def test_save_pretrained_replaces_the_directory_and_keeps_other_files(pretrained
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, small(x).logits, rtol=1e-4, atol=1e-5)
     _no_temporaries(directory.parent)
+
+
+def test_saves_get_the_usual_permissions(tmp_path):
+    """A new save gets what open() would give it; a replaced one keeps its own mode."""
+    umask = os.umask(0o022)
+    try:
+        _, small, _ = save_child.compacted_resnet(seed=1, fraction=0.5)
+        path = tmp_path / "small.pt"
+        fastprox.save_compact(small, path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o600)
+        fastprox.save_compact(small, path)
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)

@@ -165,6 +165,11 @@ def test_bad_input_names_the_argument():
     expanded = torch.randn(4, 1, device=DEVICE).expand(4, 4)
     with pytest.raises(ValueError, match="share memory"):
         one(expanded, [1])
+    base = torch.randn(40, device=DEVICE)
+    before = base.clone()
+    with pytest.raises(ValueError, match="self-overlapping"):
+        one(torch.as_strided(base, (6, 5), (2, 1)), [1])
+    assert torch.equal(base, before)
     with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
         kernels.foreach_prox_([w, w[1:]], torch.zeros(2, 3, dtype=torch.float64) + 0.1,
                               [1, 1], [1, 1], [True, True], [True, True], "foreach_prox_",
