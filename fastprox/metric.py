@@ -138,15 +138,14 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
     return weights
 
 
-def _op(weights, moments, lams, rows, dims, size_weighted, exact, positions=None,
-        what: str = "exp_avg_sqs") -> None:
+def _op(weights, moments, lams, rows, dims, size_weighted, exact, positions=None) -> None:
     """The fused op; ``positions``: each tensor's index in the caller's lists, which the op's
     errors name (``exp_avg_sqs[i]``)."""
     ops.foreach_metric_prox_(
         list(weights), list(moments), torch.tensor(lams, dtype=torch.float64).reshape(-1, 3),
         torch.tensor(rows, dtype=torch.float64).reshape(-1, 3),
         [d for ds in dims for d in ds], [len(ds) for ds in dims], list(size_weighted),
-        list(exact), None if positions is None else [f"{what}[{i}]" for i in positions])
+        list(exact), None if positions is None else [f"exp_avg_sqs[{i}]" for i in positions])
 
 
 def _reshard(whole: torch.Tensor, like) -> torch.Tensor:
