@@ -108,6 +108,27 @@ def overlaps_itself(t: torch.Tensor) -> bool:
     return int(offsets.unique().numel()) != t.numel()
 
 
+def span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [lo, hi) a tensor's elements occupy in its storage."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = t.storage_offset()
+    hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st > 0) + 1
+    lo += sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
+    return lo * t.element_size(), hi * t.element_size()
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors (their local shards, for DTensors) may have elements in common:
+    one storage and address ranges that meet."""
+    a, b = (t.to_local() if is_dtensor(t) else t for t in (a, b))
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device \
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (alo, ahi), (blo, bhi) = span(a), span(b)
+    return alo < bhi and blo < ahi
+
+
 def check_writable(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
     """A tensor written in place must not have two elements in one memory location: the
     result would depend on the order of the writes and match no formula."""

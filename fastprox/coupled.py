@@ -233,16 +233,6 @@ def _gather_table(index: torch.Tensor, counts: torch.Tensor, num_groups: int) ->
     return table
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The byte range [lo, hi) a tensor's elements occupy in its storage."""
-    if t.numel() == 0:
-        return (0, 0)
-    lo = t.storage_offset()
-    hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st > 0) + 1
-    lo += sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
-    return lo * t.element_size(), hi * t.element_size()
-
-
 def _check_disjoint(members: list[Slice], fn: str) -> None:
     """No two members may share memory: views of one storage must cover disjoint address ranges
     (``w[:3]`` and ``w[3:]``; interleaved ones like ``w[:, :3]`` and ``w[:, 3:]`` are refused)."""
@@ -252,7 +242,7 @@ def _check_disjoint(members: list[Slice], fn: str) -> None:
         if t.numel() == 0:
             continue
         base = t.untyped_storage().data_ptr()
-        lo, hi = _span(t)
+        lo, hi = _checks.span(t)
         for j, jlo, jhi in seen.get(base, []):
             if lo < jhi and jlo < hi:
                 raise ValueError(f"{fn}: {_label(m, i)} and {_label(members[j], j)} share memory "
@@ -320,7 +310,7 @@ def waves(sets: list[CoupledGroups]) -> list[list[int]]:
             if m.tensor.numel() == 0:
                 continue
             base = m.tensor.untyped_storage().data_ptr()
-            lo, hi = _span(m.tensor)
+            lo, hi = _checks.span(m.tensor)
             for i, ilo, ihi in seen.get(base, []):
                 if lo < ihi and ilo < hi:
                     wave = max(wave, wave_of[i] + 1)

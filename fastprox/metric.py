@@ -24,7 +24,6 @@ import torch
 
 from . import _checks
 from ._registry import ops
-from .coupled import _span
 from .distributed import _local, _reduction_groups
 from .operators import COLUMNS
 
@@ -166,7 +165,7 @@ def _checks_disjoint(indexed, moments, fn: str) -> None:
         local = _local(w)
         if local.numel() == 0:
             continue
-        lo, hi = _span(local)
+        lo, hi = _checks.span(local)
         spans = by_storage.setdefault(local.untyped_storage().data_ptr(), [])
         for j, jlo, jhi in spans:
             if lo < jhi and jlo < hi:
@@ -176,7 +175,7 @@ def _checks_disjoint(indexed, moments, fn: str) -> None:
         local = _local(v)
         if local.numel() == 0:
             continue
-        lo, hi = _span(local)
+        lo, hi = _checks.span(local)
         for j, jlo, jhi in by_storage.get(local.untyped_storage().data_ptr(), []):
             if lo < jhi and jlo < hi:
                 raise ValueError(f"{fn}: exp_avg_sqs[{i}] shares memory with weights[{j}], "
@@ -235,7 +234,11 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
             raise ValueError(f"{fn}: ds[{k}] has shape {tuple(d.shape)}, expected "
                              f"{tuple(m.tensor.shape)}")
         if not bool((torch.isfinite(d) & (d >= 0)).all()):
-            raise ValueError(f"{fn}: ds[{k}] must be finite and >= 0")
+            raise ValueError(f"{fn}: ds[{k}], the metric of member {k} ({m.name}) of "
+                             f"{groups.name}, must be finite and >= 0; from an optimizer's "
+                             "state: its second moment (exp_avg_sq) has negative, NaN or "
+                             "infinite entries, the state is damaged (check the loss and "
+                             "gradients for NaN/inf, or reload a checkpoint)")
     for k, m in enumerate(groups.slices):
         _checks.check_grad(m.tensor, fn, f"member {k} ({m.name})")
     if (l1 == 0 and lg == 0 and le == 0) or groups.num_groups == 0:
@@ -332,14 +335,5 @@ class AdamState:
             raise ValueError(f"{fn}: the members of {groups.name} have learning rates "
                              f"{sorted(set(rates))}: some 0, some not; a coupled set's "
                              "parameters need one learning rate (one parameter group)")
-        out = []
-        for k, (v, scale, eps, lr) in enumerate(ds):
-            v = v.to(torch.float64)
-            if not bool((torch.isfinite(v) & (v >= 0)).all()):
-                m = groups.slices[k]
-                raise ValueError(f"{fn}: the second moment (exp_avg_sq) of member {k} "
-                                 f"({m.name}) of {groups.name} has negative, NaN or infinite "
-                                 "entries; the optimizer's state is damaged (check the loss and "
-                                 "gradients for NaN/inf, or reload a checkpoint)")
-            out.append(((v * scale).sqrt() + eps) / lr)
-        return out
+        # (a damaged v gives a d that coupled_metric_prox_ refuses before anything is written)
+        return [((v.to(torch.float64) * scale).sqrt() + eps) / lr for v, scale, eps, lr in ds]

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._checks import normalize_dim
+from ._checks import normalize_dim, shares_memory
 
 
 def _value(lam) -> float:
@@ -432,20 +432,6 @@ def metric_prox_(weight: torch.Tensor, d: torch.Tensor, *, lam_l1=0.0, lam_group
     return _from_groups(weight, dims, z.to(weight.dtype))
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the elements of ``a`` and ``b`` may overlap (their address ranges meet)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-
-    def span(t):
-        lo = t.data_ptr()
-        return lo, lo + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) \
-            * t.element_size()
-
-    (alo, ahi), (blo, bhi) = span(a), span(b)
-    return alo < bhi and blo < ahi
-
-
 def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, size_weighted,
                            exact, names=None) -> None:
     """``torch.ops.fastprox.foreach_metric_prox_`` by the reference: per weight, d from its
@@ -472,7 +458,7 @@ def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, siz
                 raise ValueError(f"{op}: {label} has negative, NaN or infinite entries (a "
                                  "second moment is finite and >= 0)")
             for j, other in enumerate(weights):
-                if _shares_memory(moments[i], other):
+                if shares_memory(moments[i], other):
                     raise ValueError(f"{op}: {label} shares memory with weights[{j}], which "
                                      "the step writes")
         ds.append(((v * scale).sqrt() + eps) / lr)

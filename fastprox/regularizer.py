@@ -333,7 +333,7 @@ class Regularizer:
                         _check_lam(lam_exclusive, "lam_exclusive"), dim, size_weighted, exact)
         _check_dim(target)
         for other in self.targets.values():
-            if other.name != name and _shares_memory(other.param, param):
+            if other.name != name and _checks.shares_memory(other.param, param):
                 raise ValueError(
                     f"Regularizer.add: {name} shares memory with the target {other.name} (the "
                     "same tensor or a view of it); a tensor takes one target: give all its "
@@ -677,16 +677,6 @@ def _check_dim(target: Target) -> None:
     _checks.normalize_dim(target.dim, target.param, f"Regularizer: {target.name}")
     for flag in ("size_weighted", "exact"):
         _checks.check_flag(getattr(target, flag), flag, f"Regularizer: {target.name}")
-
-
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors (their local shards, for DTensors) may have elements in common."""
-    a, b = (t.to_local() if is_dtensor(t) else t for t in (a, b))
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device \
-            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    (alo, ahi), (blo, bhi) = _coupled._span(a), _coupled._span(b)
-    return alo < bhi and blo < ahi
 
 
 def _why_skipped(model: nn.Module, pname: str, param, exclude) -> str:

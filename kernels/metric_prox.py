@@ -64,7 +64,7 @@ def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_
                 raise ValueError(f"{op}: {label(i)} shares memory with weights[{j}], which the "
                                  "step writes")
     if used:  # one reduction per moment, one read on the host for all of them
-        bounds = torch.stack([torch.stack(torch.aminmax(moments[i].reshape(-1))).double()
+        bounds = torch.stack([torch.stack(torch.aminmax(moments[i])).double()
                               for i in used]).tolist()
         for i, (lo, hi) in zip(used, bounds):
             if not (lo >= 0 and hi < math.inf):

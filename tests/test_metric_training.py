@@ -414,3 +414,24 @@ def test_a_warmup_from_lr_zero_takes_the_identity_step(preset):
         opt.step()
         sched.step()
     assert sum(int((p == 0).sum()) for p in model.parameters()) > zeros
+
+
+def test_coupled_metric_step_refuses_a_damaged_second_moment():
+    """A NaN in one member's exp_avg_sq: the coupled step in the metric raises, naming the
+    member, before any member is written (it used to zero the NaN's groups)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(2, 1, 6, 6)
+    reg = fastprox.Regularizer(model, "channels", lam=0.05, example_inputs=x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(16, 1, 6, 6)).square().mean().backward()
+    opt.step()
+    opt.state[model[3].weight]["exp_avg_sq"][2, 1, 0, 0] = math.nan
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="member .*3.weight.* second moment \\(exp_avg_sq\\) "
+                                         "has negative, NaN or infinite entries"):
+        reg.prox_step(opt)
+    for (name, a), b in zip(model.state_dict().items(), before.values()):
+        assert torch.equal(a, b), name
