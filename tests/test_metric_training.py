@@ -243,13 +243,17 @@ def test_readme_snippet_removes_units_with_adamw():
     assert acc > 0.85
 
 
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 3))
+
+
 def test_coupled_preset_takes_the_metric_step():
     """A conv net's channel groups (coupled) after AdamW: each set's metric step over its
     members, from the optimizer's state of each member."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(8, 3))
+    model = _conv_net()
     x = torch.randn(2, 1, 6, 6)
     reg = fastprox.Regularizer(model, "channels", lam=0.05, example_inputs=x)
     twin = copy.deepcopy(model)
@@ -419,10 +423,7 @@ def test_a_warmup_from_lr_zero_takes_the_identity_step(preset):
 def test_coupled_metric_step_refuses_a_damaged_second_moment():
     """A NaN in one member's exp_avg_sq: the coupled step in the metric raises, naming the
     member, before any member is written (it used to zero the NaN's groups)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(8, 3))
+    model = _conv_net()
     x = torch.randn(2, 1, 6, 6)
     reg = fastprox.Regularizer(model, "channels", lam=0.05, example_inputs=x)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
