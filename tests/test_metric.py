@@ -206,6 +206,49 @@ def test_op_matches_reference(step, dtype):
         assert 0 < int(rows.sum()) < rows.numel()
 
 
+@pytest.mark.parametrize("moment_dtype", [None, torch.float64], ids=["like-w", "fp64-v"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("step", ["l1", "group", "sgl"])
+def test_op_column_groups(step, dtype, moment_dtype):
+    """Groups side by side in every row (columns of a Linear, a batch of them, input channels of
+    a 1x1 conv), as many as fill several blocks and a partial one, with a NaN, an infinite, a
+    zero and a zero-metric column among them: against the reference."""
+    # (shape, dim, where group j is: the index of its elements)
+    cases = [((7, 300), [0], lambda j: (slice(None), j)),
+             ((3, 37), [0], lambda j: (slice(None), j)),
+             ((4, 6, 40), [1], lambda j: (0, slice(None), j)),
+             ((9, 70, 1, 1), [0, 2, 3], lambda j: (slice(None), j))]
+    weights, moments, dims = [], [], []
+    for shape, dim, group in cases:
+        w = torch.randn(shape).mul_(0.05)
+        w[group(3)] = 0.0
+        w[group(5)][2] = float("nan")
+        w[group(17)][1] = float("-inf")
+        weights.append(w.to(dtype))
+        v = _moments(shape, moment_dtype or dtype)
+        v[group(11)] = 0
+        moments.append(v)
+        dims.append(dim)
+    mine = [w.clone() for w in weights]
+    ref = [w.clone() for w in weights]
+    # eps = 0: the column of v = 0 has d = 0 (costs nothing to move: set to 0)
+    metric = (1 / (1 - 0.999 ** 10), 0.0, 1e-3)
+    _call(OP, mine, moments, STEPS[step], dims, metric=metric)
+    _call(reference.foreach_metric_prox_op, ref, moments, STEPS[step], dims, metric=metric)
+    tol = TOLERANCES[dtype]
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=max(tol["rtol"], 1e-5),
+                                   atol=max(tol["atol"], 1e-6))
+    first = mine[0]
+    assert bool((first[:, 3] == 0).all()) and bool((first[:, 11] == 0).all())
+    if STEPS[step][1] > 0:
+        assert bool(first[:, 5].isnan().all())
+        if STEPS[step][0] == 0:  # an infinite group keeps its values
+            assert torch.equal(first[:, 17], weights[0][:, 17])
+        kept = (first != 0).any(dim=0)
+        assert 0 < int(kept.sum()) < kept.numel() - 2
+
+
 def test_op_edge_cases_and_bad_input():
     w = torch.randn(6, 10) * 0.05
     w[1] = 0

@@ -31,13 +31,20 @@
 namespace fastprox::cpu {
 namespace {
 
-constexpr int64_t kBlockElems = 1 << 15;  // elements of one block's buffer
-constexpr int kMaxNewton = 100;           // bound on the Newton steps of one scalar equation
+constexpr int64_t kBlockElems = 1 << 15;      // group-major path: elements of one block
+constexpr int64_t kLaneBlockElems = 1 << 17;  // lanes path: elements of one block, about
+constexpr int64_t kLaneGroupsMax = 256;       // lanes path: groups of one block, at most
+constexpr int64_t kPartialRows = 64;          // lanes path: rows summed in A, then in double
+constexpr int64_t kPrefetchRows = 4;          // lanes path: rows read ahead
+constexpr int kMaxNewton = 100;               // bound on the Newton steps of one equation
 
+// The thresholds of one weight (in its accumulation type A) and its metric
+// d = (sqrt(v * scale) + eps) * inv_lr.
 template <typename A>
 struct MetricParams {
   A l1 = 0, t = 0, le = 0;
   bool exact = true;
+  A scale = 1, eps = 0, inv_lr = 1;
 };
 
 // sign(x) max(|x| - tau, 0), NaN in x or tau giving NaN.
@@ -48,63 +55,150 @@ inline A shrink(A x, A tau) {
   return std::copysign(mag, x);
 }
 
-// The step of one group of n elements: x (in: the weight, out: the result) and d, contiguous.
+// -- the per-group rules, shared by both traversals ------------------------------------------
+
+// What the group step does to a group, from its largest |x| (NaN when it holds a NaN) and
+// a = ||D x||: kNan (a NaN group becomes NaN), kKeep (a group with an infinite value keeps its
+// values), kZero (||D x|| <= t: the group becomes 0), kSolve (theta from Newton's method).
+enum GroupCase { kSolve = 0, kZero = 1, kNan = 2, kKeep = 3 };
+
 template <typename A>
-void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
+inline GroupCase group_case(A absmax, A a, A t) {
+  if (absmax != absmax) return kNan;
+  if (absmax == std::numeric_limits<A>::infinity()) return kKeep;
+  return a > t ? kSolve : kZero;
+}
+
+// theta_L = (||D x|| - t) / max_i d_i: phi(theta_L) <= 0, the start of Newton's method.
+template <typename A>
+inline double theta_start(A a, A t, A dmax) {
+  return (double(a) - double(t)) / double(dmax);
+}
+
+// One Newton step on phi = F^(-1/2) - 1 from theta, given P = sum (w x)^2 and Q = sum w (w x)^2
+// at theta (w_i = d_i theta / (d_i theta + t)): F = P / theta^2, -F'/2 = Q / theta^3, and the
+// step theta + (F^(3/2) - F) / (-F'/2) is theta + (sqrt(P) - theta) P / Q. Returns whether
+// theta is final (at or past the root, up to rounding).
+template <typename A>
+inline bool newton_step(double& theta, double p, double q) {
+  if (!(p > theta * theta) || q == 0.0) return true;
+  const double next = theta + (std::sqrt(p) - theta) * (p / q);
+  if (!(next > theta * (1.0 + 4.0 * std::numeric_limits<A>::epsilon()))) {
+    theta = std::max(theta, next);
+    return true;
+  }
+  theta = next;
+  return false;
+}
+
+// -- the first pass, per element: d from v, the soft threshold, the group's statistics --------
+
+template <typename A>
+using Vec = at::vec::Vectorized<A>;
+
+// Per vector lane: the largest |x| (NaN-propagating), ||D x||^2 and the largest d.
+template <typename A>
+struct Stats {
+  Vec<A> absmax{A(0)}, dz2{A(0)}, dmax{A(0)};
+};
+
+// d <- (sqrt(v * scale) + eps) / lr (d holds v on entry); x <- the soft threshold by l1 / d
+// (d = 0: 0, NaN stays NaN; l1 / d is finite for d > 0, so an infinite x stays infinite even
+// where the quotient overflows); the statistics of the result.
+template <typename A>
+inline void first_pass(Vec<A>& x, Vec<A>& d, const MetricParams<A>& p, Stats<A>& st) {
+  using V = Vec<A>;
+  d = ((d * V(p.scale)).sqrt() + V(p.eps)) * V(p.inv_lr);
+  if (p.l1 > A(0)) {
+    const V zero(A(0)), ax = x.abs();
+    const V mag = ax - V(p.l1) / d;  // d = 0: -inf (x finite) or NaN
+    V y = V::blendv(zero, mag, mag > zero);
+    y = V::blendv(y, mag, mag != mag);                   // NaN stays NaN
+    y = V::blendv(y, ax, ax == V(std::numeric_limits<A>::infinity()));
+    y = y.copysign(x);
+    x = V::blendv(V::blendv(zero, x, x != x), y, d > zero);
+  }
+  st.absmax = at::vec::maximum(st.absmax, x.abs());
+  const V dz = d * x;
+  st.dz2 = st.dz2 + dz * dz;
+  st.dmax = at::vec::maximum(st.dmax, d);
+}
+
+// `count` (<= Vec<A>::size()) elements of storage type T as a vector of A, missing lanes 0.
+template <typename A, typename T>
+inline Vec<A> load_as(const T* p, int64_t count) {
+  constexpr int64_t L = Vec<A>::size();
+  if constexpr (std::is_same_v<A, T>) {
+    return count == L ? Vec<A>::loadu(p) : Vec<A>::loadu(p, count);
+  } else {
+    A tmp[L] = {};
+    for (int64_t j = 0; j < count; ++j) tmp[j] = static_cast<A>(p[j]);
+    return Vec<A>::loadu(tmp);
+  }
+}
+
+template <typename T, typename A>
+inline void store_as(T* p, const Vec<A>& x, int64_t count) {
+  constexpr int64_t L = Vec<A>::size();
+  if constexpr (std::is_same_v<A, T>) {
+    count == L ? x.store(p) : x.store(p, count);
+  } else {
+    A tmp[L];
+    x.store(tmp);
+    for (int64_t j = 0; j < count; ++j) p[j] = static_cast<T>(tmp[j]);
+  }
+}
+
+// -- group-major traversal: every group one contiguous run of the buffer ---------------------
+
+// The step of one group of n elements: x (in: the weight, out: the result) and d (in: v, out:
+// the metric), contiguous.
+template <typename A>
+void metric_group(A* x, A* d, int64_t n, const MetricParams<A>& p) {
+  using V = Vec<A>;
+  constexpr int64_t L = V::size();
   const A inf = std::numeric_limits<A>::infinity();
-  if (p.l1 > 0) {  // the soft threshold by l1 / d_i; d_i = 0: 0 (NaN stays NaN); l1 / d_i is
-    // finite for d_i > 0, so an infinite x_i stays infinite even where the quotient overflows
-    for (int64_t i = 0; i < n; ++i) {
-      const bool infinite = std::abs(x[i]) == inf;
-      x[i] = d[i] > A(0) ? (infinite ? x[i] : shrink(x[i], p.l1 / d[i]))
-                         : (x[i] != x[i] ? x[i] : A(0));
-    }
+  Stats<A> st;
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t count = std::min(L, n - i);
+    V xv = V::loadu(x + i, count), dv = V::loadu(d + i, count);  // missing lanes: 0
+    first_pass(xv, dv, p, st);
+    store_as(x + i, xv, count);
+    store_as(d + i, dv, count);
   }
   if (p.t <= A(0) && p.le <= A(0)) return;
-  bool nan = false, finite = true;
-  for (int64_t i = 0; i < n; ++i) {
-    nan = nan || x[i] != x[i];
-    finite = finite && std::abs(x[i]) < inf;
+  A lanes[3][L];
+  st.absmax.store(lanes[0]);
+  st.dz2.store(lanes[1]);
+  st.dmax.store(lanes[2]);
+  A absmax = 0, dz2 = 0, dmax = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    const A m = lanes[0][j];
+    absmax = absmax != absmax ? absmax : (m != m ? m : std::max(absmax, m));  // NaN sticks
+    dz2 += lanes[1][j];
+    dmax = std::max(dmax, lanes[2][j]);
   }
-  if (nan) {  // a NaN group becomes NaN
+  const GroupCase c = group_case(absmax, p.t > A(0) ? std::sqrt(dz2) : inf, p.t);
+  if (c == kNan) {
     std::fill_n(x, n, std::numeric_limits<A>::quiet_NaN());
     return;
   }
-  if (!finite) return;  // a group with an infinite value keeps its values
+  if (c == kKeep) return;
   if (p.t > A(0)) {
-    // x = 0 iff ||D x|| <= t; else x_i d_i theta / (d_i theta + t), theta the root of
-    // F(theta) = sum (d_i x_i)^2 / (d_i theta + t)^2 = 1, found as the root of
-    // phi = F^(-1/2) - 1: concave and increasing (a power mean of exponent -2 of functions
-    // linear in theta), linear when every d_i is the same. Newton from theta_L (phi <= 0) rises
-    // monotonically to the root, and takes one step when the d_i are equal.
-    A dz2 = 0, dmax = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const A dz = d[i] * x[i];
-      dz2 += dz * dz;
-      dmax = std::max(dmax, d[i]);
-    }
-    const A a = std::sqrt(dz2);
-    if (!(a > p.t)) {
+    if (c == kZero) {
       std::fill_n(x, n, A(0));
       return;
     }
-    double theta = (double(a) - double(p.t)) / double(dmax);
+    double theta = theta_start(std::sqrt(dz2), p.t, dmax);
     for (int k = 0; k < kMaxNewton; ++k) {
-      // With w_i = d_i theta / (d_i theta + t) in [0, 1]: F = P / theta^2 and -F'/2 = Q /
-      // theta^3, P = sum (w x)^2, Q = sum w (w x)^2 (bounded by ||x||^2, where F and its slope
-      // can overflow a float when d spans many decades). The Newton step on phi,
-      // theta + (F^(3/2) - F) / (-F'/2), is theta + (sqrt(P) - theta) P / Q. Vector lanes in
-      // the accumulation type, then a fixed-order reduction in double.
-      using V = at::vec::Vectorized<A>;
-      constexpr int64_t L = V::size();
-      const A th = static_cast<A>(theta);
-      const V vth(th), vt(p.t);
+      // P and Q in vector lanes of A, then a fixed-order reduction in double
+      const V vth(static_cast<A>(theta)), vt(p.t);
       V vp(A(0)), vq(A(0));
-      int64_t i = 0;
-      for (; i + L <= n; i += L) {
-        const V dth = V::loadu(d + i) * vth;
+      for (int64_t i = 0; i < n; i += L) {
+        const int64_t count = std::min(L, n - i);
+        const V dth = V::loadu(d + i, count) * vth;
         const V w = dth / (dth + vt);
-        const V wx = w * V::loadu(x + i);
+        const V wx = w * V::loadu(x + i, count);
         const V p2 = wx * wx;
         vp = vp + p2;
         vq = vq + w * p2;
@@ -117,31 +211,14 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
         sp += double(lanes_p[j]);
         sq += double(lanes_q[j]);
       }
-      for (; i < n; ++i) {
-        const A dth = d[i] * th;
-        const A w = dth / (dth + p.t);
-        const A wx = w * x[i];
-        sp += double(wx * wx);
-        sq += double(w * wx * wx);
-      }
-      if (!(sp > theta * theta) || sq == 0.0) break;  // at or past the root (rounding): done
-      const double next = theta + (std::sqrt(sp) - theta) * (sp / sq);
-      if (!(next > theta * (1.0 + 4.0 * std::numeric_limits<A>::epsilon()))) {
-        theta = std::max(theta, next);
-        break;
-      }
-      theta = next;
+      if (newton_step<A>(theta, sp, sq)) break;
     }
-    using V = at::vec::Vectorized<A>;
-    const A th = static_cast<A>(theta);
-    const V vth(th), vt(p.t);
-    int64_t i = 0;
-    for (; i + V::size() <= n; i += V::size()) {
-      const V dd = V::loadu(d + i);
-      const V dth = dd * vth;
-      (V::loadu(x + i) * dth / (dth + vt)).store(x + i);
+    const V vth(static_cast<A>(theta)), vt(p.t);
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t count = std::min(L, n - i);
+      const V dth = V::loadu(d + i, count) * vth;
+      store_as(x + i, V::loadu(x + i, count) * dth / (dth + vt), count);
     }
-    for (; i < n; ++i) x[i] = x[i] * (d[i] * th) / (d[i] * th + p.t);
   }
   if (p.le > A(0)) {
     // tau_i = le S / d_i (d_i = 0: +inf). Exact: S = sum_A |x| / (1 + le sum_A 1/d) over the
@@ -176,22 +253,181 @@ void metric_group(A* x, const A* d, int64_t n, const MetricParams<A>& p) {
   }
 }
 
+// -- lanes traversal: one group per vector lane ---------------------------------------------
+
+// The group step's outcome for V::size() groups, one per lane: theta (0 where not solved) and
+// the GroupCase, as vectors for the rewrite.
+template <typename A>
+struct LaneSolution {
+  Vec<A> theta, zero, nan, keep;  // zero / nan / keep: lane masks
+};
+
+// Solves the group step of the groups of one vector lane each, group j being lane j of `rows`
+// vectors x[r * stride + j], d[r * stride + j] (after the first pass, whose statistics are
+// `st`): per lane the rules of metric_group; P and Q summed in A over kPartialRows rows, then in
+// double.
+template <typename A>
+LaneSolution<A> solve_lanes(const A* x, const A* d, int64_t rows, int64_t stride, A t,
+                            const Stats<A>& st) {
+  using V = Vec<A>;
+  constexpr int64_t L = V::size();
+  A absmax[L], dz2[L], dmax[L], th[L], code[L];
+  st.absmax.store(absmax);
+  st.dz2.store(dz2);
+  st.dmax.store(dmax);
+  double theta[L];
+  bool live[L];
+  int64_t solving = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    const A a = std::sqrt(dz2[j]);
+    const GroupCase c = group_case(absmax[j], a, t);
+    code[j] = A(int(c));
+    live[j] = c == kSolve;
+    theta[j] = live[j] ? theta_start(a, t, dmax[j]) : 0.0;
+    solving += live[j];
+  }
+  const V vt(t);
+  for (int k = 0; k < kMaxNewton && solving > 0; ++k) {
+    for (int64_t j = 0; j < L; ++j) th[j] = static_cast<A>(theta[j]);
+    const V vth = V::loadu(th);
+    double sp[L] = {}, sq[L] = {};
+    for (int64_t r0 = 0; r0 < rows; r0 += kPartialRows) {
+      const int64_t r1 = std::min(rows, r0 + kPartialRows);
+      V vp(A(0)), vq(A(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const V dth = V::loadu(d + r * stride) * vth;
+        const V w = dth / (dth + vt);
+        const V wx = w * V::loadu(x + r * stride);
+        const V p2 = wx * wx;
+        vp = vp + p2;
+        vq = vq + w * p2;
+      }
+      A part_p[L], part_q[L];
+      vp.store(part_p);
+      vq.store(part_q);
+      for (int64_t j = 0; j < L; ++j) {
+        sp[j] += double(part_p[j]);
+        sq[j] += double(part_q[j]);
+      }
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      if (live[j] && newton_step<A>(theta[j], sp[j], sq[j])) {
+        live[j] = false;
+        --solving;
+      }
+    }
+  }
+  for (int64_t j = 0; j < L; ++j) th[j] = static_cast<A>(theta[j]);
+  const V vcode = V::loadu(code);
+  return {V::loadu(th), vcode == V(A(int(kZero))), vcode == V(A(int(kNan))),
+          vcode == V(A(int(kKeep)))};
+}
+
+// x d_i theta / (d_i theta + t) per lane, or 0, NaN, x by the lane's case.
+template <typename A>
+inline Vec<A> lane_result(const Vec<A>& x, const Vec<A>& d, const LaneSolution<A>& s, A t) {
+  using V = Vec<A>;
+  const V dth = d * s.theta;
+  V y = x * dth / (dth + V(t));
+  y = V::blendv(y, V(A(0)), s.zero);
+  y = V::blendv(y, V(std::numeric_limits<A>::quiet_NaN()), s.nan);
+  return V::blendv(y, x, s.keep);
+}
+
+// -- one weight ------------------------------------------------------------------------------
+
+// Two buffers of `size` elements of this thread, kept from call to call (a fresh allocation of
+// this size is fresh pages, zeroed by the kernel on first touch).
+template <typename A>
+std::pair<A*, A*> block_buffers(int64_t size) {
+  thread_local std::vector<A> buffer;
+  if (int64_t(buffer.size()) < 2 * size) buffer.resize(2 * size);
+  return {buffer.data(), buffer.data() + size};
+}
+
+// Columns (inner == 1: a Linear's inputs, a 1x1 conv's input channels) with no exclusive step:
+// the groups lie side by side in every row. A block of neighbouring groups is read row by row
+// (contiguous runs, no transposing gather), first pass on the way into the buffer, solved with
+// one group per vector lane from the buffer, and the result written straight back: one read of
+// W and v, one write of W.
 template <typename T, typename V>
-void metric_tensor(T* w, const V* v, const GroupShape& s, const MetricParams<at::opmath_type<T>>& p,
-                   double scale, double eps, double lr) {
+void metric_columns(T* w, const V* v, const GroupShape& s, const MetricParams<at::opmath_type<T>>& p) {
+  using A = at::opmath_type<T>;
+  constexpr int64_t L = Vec<A>::size();
+  constexpr int64_t kMaxVectors = kLaneGroupsMax / L;
+  const int64_t fit = std::max<int64_t>(1, kLaneBlockElems / (s.outer * L)) * L;
+  const int64_t per_block = std::min({kLaneGroupsMax, fit, (s.groups + L - 1) / L * L});
+  const int64_t blocks_per_batch = (s.groups + per_block - 1) / per_block;
+  const int64_t blocks = s.batch * blocks_per_batch;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / (per_block * s.outer));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    auto [x, d] = block_buffers<A>(per_block * s.outer);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t b = blk / blocks_per_batch;
+      const int64_t g0 = (blk % blocks_per_batch) * per_block;
+      const int64_t count = std::min(s.groups - g0, per_block);
+      const int64_t vectors = (count + L - 1) / L;
+      const int64_t base = b * s.outer * s.groups + g0;
+      Stats<A> st[kMaxVectors];
+      for (int64_t o = 0; o < s.outer; ++o) {
+        const T* wr = w + base + o * s.groups;
+        const V* vr = v + base + o * s.groups;
+        if (o + kPrefetchRows < s.outer) {  // rows far apart: the hardware does not prefetch
+          const int64_t ahead = kPrefetchRows * s.groups;
+          for (int64_t j = 0; j < count; j += 64 / int64_t(sizeof(T))) {
+            __builtin_prefetch(wr + ahead + j);
+          }
+          for (int64_t j = 0; j < count; j += 64 / int64_t(sizeof(V))) {
+            __builtin_prefetch(vr + ahead + j);
+          }
+        }
+        for (int64_t c = 0; c < vectors; ++c) {
+          const int64_t k = std::min(L, count - c * L);  // missing lanes: a zero group
+          Vec<A> xv = load_as<A>(wr + c * L, k), dv = load_as<A>(vr + c * L, k);
+          first_pass(xv, dv, p, st[c]);
+          xv.store(x + o * per_block + c * L);
+          dv.store(d + o * per_block + c * L);
+        }
+      }
+      if (p.t > A(0)) {
+        LaneSolution<A> sol[kMaxVectors];
+        for (int64_t c = 0; c < vectors; ++c) {
+          sol[c] = solve_lanes(x + c * L, d + c * L, s.outer, per_block, p.t, st[c]);
+        }
+        for (int64_t o = 0; o < s.outer; ++o) {
+          for (int64_t c = 0; c < vectors; ++c) {
+            const int64_t at = o * per_block + c * L;
+            store_as(w + base + o * s.groups + c * L,
+                     lane_result(Vec<A>::loadu(x + at), Vec<A>::loadu(d + at), sol[c], p.t),
+                     std::min(L, count - c * L));
+          }
+        }
+      } else {
+        for (int64_t o = 0; o < s.outer; ++o) {
+          for (int64_t c = 0; c < vectors; ++c) {
+            store_as(w + base + o * s.groups + c * L, Vec<A>::loadu(x + o * per_block + c * L),
+                     std::min(L, count - c * L));
+          }
+        }
+      }
+    }
+  });
+}
+
+// Everything else (rows, conv filters' input channels with their kernel window, the exclusive
+// step): per block of neighbouring groups of one batch entry, the groups copied group-major
+// into a buffer (a row of the block is a contiguous run of memory), solved one by one, written
+// back.
+template <typename T, typename V>
+void metric_blocks(T* w, const V* v, const GroupShape& s, const MetricParams<at::opmath_type<T>>& p) {
   using A = at::opmath_type<T>;
   const int64_t n = s.group_size();
-  if (s.num_groups() == 0 || n == 0) return;
-  // blocks of neighbouring groups of one batch entry: a row of a block is contiguous
   const int64_t per_block = std::max<int64_t>(1, std::min(s.groups, kBlockElems / n));
   const int64_t blocks_per_batch = (s.groups + per_block - 1) / per_block;
   const int64_t blocks = s.batch * blocks_per_batch;
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / (per_block * n));
-  // d in the accumulation type (float for 16- and 32-bit weights)
-  const A scale_a = static_cast<A>(scale), eps_a = static_cast<A>(eps);
-  const A inv_lr = static_cast<A>(1.0 / lr);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> x(per_block * n), d(per_block * n);
+    auto [x, d] = block_buffers<A>(per_block * n);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b = blk / blocks_per_batch;
       const int64_t g0 = (blk % blocks_per_batch) * per_block;
@@ -200,25 +436,36 @@ void metric_tensor(T* w, const V* v, const GroupShape& s, const MetricParams<at:
       for (int64_t o = 0; o < s.outer; ++o) {  // gather: group-major buffers
         const int64_t row = base + (o * s.groups + g0) * s.inner;
         for (int64_t g = g0; g < g1; ++g) {
-          for (int64_t i = 0; i < s.inner; ++i) {
-            const int64_t at = row + (g - g0) * s.inner + i;
-            const int64_t k = (g - g0) * n + o * s.inner + i;
-            x[k] = static_cast<A>(w[at]);
-            d[k] = (std::sqrt(static_cast<A>(v[at]) * scale_a) + eps_a) * inv_lr;
-          }
+          const T* wr = w + row + (g - g0) * s.inner;
+          const V* vr = v + row + (g - g0) * s.inner;
+          A* xr = x + (g - g0) * n + o * s.inner;
+          A* dr = d + (g - g0) * n + o * s.inner;
+          for (int64_t i = 0; i < s.inner; ++i) xr[i] = static_cast<A>(wr[i]);
+          for (int64_t i = 0; i < s.inner; ++i) dr[i] = static_cast<A>(vr[i]);
         }
       }
-      for (int64_t g = g0; g < g1; ++g) metric_group(&x[(g - g0) * n], &d[(g - g0) * n], n, p);
+      for (int64_t g = g0; g < g1; ++g) metric_group(x + (g - g0) * n, d + (g - g0) * n, n, p);
       for (int64_t o = 0; o < s.outer; ++o) {  // scatter back
         const int64_t row = base + (o * s.groups + g0) * s.inner;
         for (int64_t g = g0; g < g1; ++g) {
-          for (int64_t i = 0; i < s.inner; ++i) {
-            w[row + (g - g0) * s.inner + i] = static_cast<T>(x[(g - g0) * n + o * s.inner + i]);
-          }
+          T* wr = w + row + (g - g0) * s.inner;
+          const A* xr = x + (g - g0) * n + o * s.inner;
+          for (int64_t i = 0; i < s.inner; ++i) wr[i] = static_cast<T>(xr[i]);
         }
       }
     }
   });
+}
+
+template <typename T, typename V>
+void metric_tensor(T* w, const V* v, const GroupShape& s, const MetricParams<at::opmath_type<T>>& p) {
+  using A = at::opmath_type<T>;
+  if (s.num_groups() == 0 || s.group_size() == 0) return;
+  if (s.inner == 1 && p.le <= A(0) && s.groups >= Vec<A>::size()) {
+    metric_columns(w, v, s, p);
+  } else {
+    metric_blocks(w, v, s, p);
+  }
 }
 
 // v laid out like `work` (the same strides): v itself when it already is, else a copy.
@@ -237,9 +484,28 @@ bool valid_moment(const V* v, int64_t n) {
   std::atomic<bool> ok{true};
   at::parallel_for(0, n, kParallelGrainElems, [&](int64_t begin, int64_t end) {
     using A = at::opmath_type<V>;
+    using Vec = at::vec::Vectorized<A>;
+    constexpr int64_t W = Lanes<V>::kWidth, P = Lanes<V>::kParts;
     const A top = std::numeric_limits<A>::max();
+    // the smallest and largest entry, NaN-propagating: valid iff 0 <= min and max <= top
+    Vec lo(A(0)), hi(A(0));
+    int64_t i = begin;
+    for (; i + W <= end; i += W) {
+      Vec parts[P];
+      Lanes<V>::load(v + i, W, parts);
+      for (int64_t k = 0; k < P; ++k) {
+        lo = at::vec::minimum(lo, parts[k]);
+        hi = at::vec::maximum(hi, parts[k]);
+      }
+    }
+    A lanes_lo[Vec::size()], lanes_hi[Vec::size()];
+    lo.store(lanes_lo);
+    hi.store(lanes_hi);
     bool good = true;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t k = 0; k < Vec::size(); ++k) {
+      good &= (lanes_lo[k] >= A(0)) & (lanes_hi[k] <= top);
+    }
+    for (; i < end; ++i) {
       const A x = static_cast<A>(v[i]);
       good &= (x >= A(0)) & (x <= top);
     }
@@ -342,10 +608,12 @@ void foreach_metric_prox_cpu(at::TensorList weights, at::TensorList moments,
       p.t = threshold_as<A>(lg * c);
       p.le = threshold_as<A>(le);
       p.exact = exact[i];
+      p.scale = static_cast<A>(M[3 * i]);
+      p.eps = static_cast<A>(M[3 * i + 1]);
+      p.inv_lr = static_cast<A>(1.0 / M[3 * i + 2]);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(),
                                       "foreach_metric_prox_", [&] {
-        metric_tensor(layout.work.data_ptr<W>(), v.const_data_ptr<scalar_t>(), layout.shape, p,
-                      M[3 * i], M[3 * i + 1], M[3 * i + 2]);
+        metric_tensor(layout.work.data_ptr<W>(), v.const_data_ptr<scalar_t>(), layout.shape, p);
       });
     });
     finish_groups(w, layout);
