@@ -211,13 +211,15 @@ def test_op_matches_reference(step, dtype):
 @pytest.mark.parametrize("step", ["l1", "group", "sgl"])
 def test_op_column_groups(step, dtype, moment_dtype):
     """Groups side by side in every row (columns of a Linear, a batch of them, input channels of
-    a 1x1 conv), as many as fill several blocks and a partial one, with a NaN, an infinite, a
-    zero and a zero-metric column among them: against the reference."""
+    a conv with their kernel window), as many as fill several blocks and a partial one, with a
+    NaN, an infinite, a zero and a zero-metric group among them: against the reference."""
     # (shape, dim, where group j is: the index of its elements)
     cases = [((7, 300), [0], lambda j: (slice(None), j)),
              ((3, 37), [0], lambda j: (slice(None), j)),
              ((4, 6, 40), [1], lambda j: (0, slice(None), j)),
-             ((9, 70, 1, 1), [0, 2, 3], lambda j: (slice(None), j))]
+             ((9, 70, 1, 1), [0, 2, 3], lambda j: (slice(None), j)),
+             ((5, 40, 3, 3), [0, 2, 3], lambda j: (slice(None), j)),
+             ((3, 30, 2, 7), [0, 2], lambda j: (slice(None), j))]
     weights, moments, dims = [], [], []
     for shape, dim, group in cases:
         w = torch.randn(shape).mul_(0.05)

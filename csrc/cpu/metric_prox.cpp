@@ -32,10 +32,10 @@ namespace fastprox::cpu {
 namespace {
 
 constexpr int64_t kBlockElems = 1 << 15;      // group-major path: elements of one block
-constexpr int64_t kLaneBlockElems = 1 << 17;  // lanes path: elements of one block, about
-constexpr int64_t kLaneGroupsMax = 256;       // lanes path: groups of one block, at most
-constexpr int64_t kPartialRows = 64;          // lanes path: rows summed in A, then in double
-constexpr int64_t kPrefetchRows = 4;          // lanes path: rows read ahead
+constexpr int64_t kLaneBlockElems = 1 << 16;  // interleaved path: elements of a block, about
+constexpr int64_t kLaneWidthMax = 256;        // interleaved path: positions of a block's row
+constexpr int64_t kPartialRows = 64;          // interleaved path: rows summed in A, then double
+constexpr int64_t kPrefetchRows = 4;          // interleaved path: rows read ahead
 constexpr int kMaxNewton = 100;               // bound on the Newton steps of one equation
 
 // The thresholds of one weight (in its accumulation type A) and its metric
@@ -253,85 +253,99 @@ void metric_group(A* x, A* d, int64_t n, const MetricParams<A>& p) {
   }
 }
 
-// -- lanes traversal: one group per vector lane ---------------------------------------------
+// -- interleaved traversal: groups side by side in every row -----------------------------------
 
-// The group step's outcome for V::size() groups, one per lane: theta (0 where not solved) and
-// the GroupCase, as vectors for the rewrite.
+// A block of `groups` neighbouring groups of `inner` elements per row, copied row by row into
+// a buffer of `rows` rows of `width` positions (position k of a row: group k / inner; positions
+// from groups * inner on are padding), after the first pass. Solves every group's step from the
+// buffer: per position, P and Q summed in A over kPartialRows rows, then in double; per group,
+// its positions added in double in order; the rules of metric_group. Leaves per position theta
+// (0 where not solved) and the GroupCase, for the rewrite.
 template <typename A>
-struct LaneSolution {
-  Vec<A> theta, zero, nan, keep;  // zero / nan / keep: lane masks
-};
-
-// Solves the group step of the groups of one vector lane each, group j being lane j of `rows`
-// vectors x[r * stride + j], d[r * stride + j] (after the first pass, whose statistics are
-// `st`): per lane the rules of metric_group; P and Q summed in A over kPartialRows rows, then in
-// double.
-template <typename A>
-LaneSolution<A> solve_lanes(const A* x, const A* d, int64_t rows, int64_t stride, A t,
-                            const Stats<A>& st) {
+void solve_block(const A* x, const A* d, int64_t rows, int64_t width, int64_t groups,
+                 int64_t inner, A t, const Stats<A>* st, A* th, A* code) {
   using V = Vec<A>;
   constexpr int64_t L = V::size();
-  A absmax[L], dz2[L], dmax[L], th[L], code[L];
-  st.absmax.store(absmax);
-  st.dz2.store(dz2);
-  st.dmax.store(dmax);
-  double theta[L];
-  bool live[L];
+  const int64_t vectors = width / L;
+  A absmax[kLaneWidthMax], dz2[kLaneWidthMax], dmax[kLaneWidthMax];
+  for (int64_t c = 0; c < vectors; ++c) {
+    st[c].absmax.store(absmax + c * L);
+    st[c].dz2.store(dz2 + c * L);
+    st[c].dmax.store(dmax + c * L);
+  }
+  double theta[kLaneWidthMax];
+  bool live[kLaneWidthMax];
   int64_t solving = 0;
-  for (int64_t j = 0; j < L; ++j) {
-    const A a = std::sqrt(dz2[j]);
-    const GroupCase c = group_case(absmax[j], a, t);
-    code[j] = A(int(c));
-    live[j] = c == kSolve;
-    theta[j] = live[j] ? theta_start(a, t, dmax[j]) : 0.0;
-    solving += live[j];
+  for (int64_t g = 0; g < groups; ++g) {
+    A am = 0, sum = 0, top = 0;
+    for (int64_t i = g * inner; i < (g + 1) * inner; ++i) {
+      am = am != am ? am : (absmax[i] != absmax[i] ? absmax[i] : std::max(am, absmax[i]));
+      sum += dz2[i];
+      top = std::max(top, dmax[i]);
+    }
+    const A a = std::sqrt(sum);
+    const GroupCase c = group_case(am, a, t);
+    code[g] = A(int(c));
+    live[g] = c == kSolve;
+    theta[g] = live[g] ? theta_start(a, t, top) : 0.0;
+    solving += live[g];
   }
   const V vt(t);
   for (int k = 0; k < kMaxNewton && solving > 0; ++k) {
-    for (int64_t j = 0; j < L; ++j) th[j] = static_cast<A>(theta[j]);
-    const V vth = V::loadu(th);
-    double sp[L] = {}, sq[L] = {};
+    for (int64_t i = 0; i < width; ++i) th[i] = i < groups * inner ? A(theta[i / inner]) : A(0);
+    double sp[kLaneWidthMax] = {}, sq[kLaneWidthMax] = {};
     for (int64_t r0 = 0; r0 < rows; r0 += kPartialRows) {
       const int64_t r1 = std::min(rows, r0 + kPartialRows);
-      V vp(A(0)), vq(A(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const V dth = V::loadu(d + r * stride) * vth;
-        const V w = dth / (dth + vt);
-        const V wx = w * V::loadu(x + r * stride);
-        const V p2 = wx * wx;
-        vp = vp + p2;
-        vq = vq + w * p2;
-      }
-      A part_p[L], part_q[L];
-      vp.store(part_p);
-      vq.store(part_q);
-      for (int64_t j = 0; j < L; ++j) {
-        sp[j] += double(part_p[j]);
-        sq[j] += double(part_q[j]);
+      for (int64_t c = 0; c < vectors; ++c) {
+        const V vth = V::loadu(th + c * L);
+        V vp(A(0)), vq(A(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const V dth = V::loadu(d + r * width + c * L) * vth;
+          const V w = dth / (dth + vt);
+          const V wx = w * V::loadu(x + r * width + c * L);
+          const V p2 = wx * wx;
+          vp = vp + p2;
+          vq = vq + w * p2;
+        }
+        A part_p[L], part_q[L];
+        vp.store(part_p);
+        vq.store(part_q);
+        for (int64_t j = 0; j < L; ++j) {
+          sp[c * L + j] += double(part_p[j]);
+          sq[c * L + j] += double(part_q[j]);
+        }
       }
     }
-    for (int64_t j = 0; j < L; ++j) {
-      if (live[j] && newton_step<A>(theta[j], sp[j], sq[j])) {
-        live[j] = false;
+    for (int64_t g = 0; g < groups; ++g) {
+      if (!live[g]) continue;
+      double p = 0.0, q = 0.0;
+      for (int64_t i = g * inner; i < (g + 1) * inner; ++i) {
+        p += sp[i];
+        q += sq[i];
+      }
+      if (newton_step<A>(theta[g], p, q)) {
+        live[g] = false;
         --solving;
       }
     }
   }
-  for (int64_t j = 0; j < L; ++j) th[j] = static_cast<A>(theta[j]);
-  const V vcode = V::loadu(code);
-  return {V::loadu(th), vcode == V(A(int(kZero))), vcode == V(A(int(kNan))),
-          vcode == V(A(int(kKeep)))};
+  for (int64_t i = width - 1; i >= 0; --i) {  // per position (code per group -> per position)
+    const bool used = i < groups * inner;
+    th[i] = used ? A(theta[i / inner]) : A(0);
+    code[i] = used ? code[i / inner] : A(int(kZero));
+  }
 }
 
-// x d_i theta / (d_i theta + t) per lane, or 0, NaN, x by the lane's case.
+// x d_i theta / (d_i theta + t), or 0, NaN, x by the group's case.
 template <typename A>
-inline Vec<A> lane_result(const Vec<A>& x, const Vec<A>& d, const LaneSolution<A>& s, A t) {
+inline Vec<A> block_result(const Vec<A>& x, const Vec<A>& d, const Vec<A>& theta,
+                           const Vec<A>& code, A t) {
   using V = Vec<A>;
-  const V dth = d * s.theta;
+  const V dth = d * theta;
   V y = x * dth / (dth + V(t));
-  y = V::blendv(y, V(A(0)), s.zero);
-  y = V::blendv(y, V(std::numeric_limits<A>::quiet_NaN()), s.nan);
-  return V::blendv(y, x, s.keep);
+  y = V::blendv(y, V(A(0)), code == V(A(int(kZero))));
+  y = V::blendv(y, V(std::numeric_limits<A>::quiet_NaN()), code == V(A(int(kNan))));
+  return V::blendv(y, x, code == V(A(int(kKeep))));
 }
 
 // -- one weight ------------------------------------------------------------------------------
@@ -345,67 +359,68 @@ std::pair<A*, A*> block_buffers(int64_t size) {
   return {buffer.data(), buffer.data() + size};
 }
 
-// Columns (inner == 1: a Linear's inputs, a 1x1 conv's input channels) with no exclusive step:
-// the groups lie side by side in every row. A block of neighbouring groups is read row by row
-// (contiguous runs, no transposing gather), first pass on the way into the buffer, solved with
-// one group per vector lane from the buffer, and the result written straight back: one read of
-// W and v, one write of W.
+// Groups side by side in every row, in short runs (columns of a Linear, a conv's input channels
+// with their kernel window), no exclusive step: a block of neighbouring groups is read row by row
+// (contiguous runs, no transposing gather), first pass on the way into the buffer, solved from
+// the buffer with groups side by side in vector lanes, and the result written straight back: one
+// read of W and v, one write of W.
 template <typename T, typename V>
-void metric_columns(T* w, const V* v, const GroupShape& s, const MetricParams<at::opmath_type<T>>& p) {
+void metric_interleaved(T* w, const V* v, const GroupShape& s,
+                        const MetricParams<at::opmath_type<T>>& p) {
   using A = at::opmath_type<T>;
   constexpr int64_t L = Vec<A>::size();
-  constexpr int64_t kMaxVectors = kLaneGroupsMax / L;
+  const int64_t run = s.groups * s.inner;  // elements of a row of one batch entry
   const int64_t fit = std::max<int64_t>(1, kLaneBlockElems / (s.outer * L)) * L;
-  const int64_t per_block = std::min({kLaneGroupsMax, fit, (s.groups + L - 1) / L * L});
+  const int64_t per_block = std::max<int64_t>(1, std::min({kLaneWidthMax, fit}) / s.inner);
+  const int64_t width = (per_block * s.inner + L - 1) / L * L;
   const int64_t blocks_per_batch = (s.groups + per_block - 1) / per_block;
   const int64_t blocks = s.batch * blocks_per_batch;
-  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / (per_block * s.outer));
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / (width * s.outer));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    auto [x, d] = block_buffers<A>(per_block * s.outer);
+    auto [x, d] = block_buffers<A>(width * s.outer);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b = blk / blocks_per_batch;
       const int64_t g0 = (blk % blocks_per_batch) * per_block;
-      const int64_t count = std::min(s.groups - g0, per_block);
+      const int64_t groups = std::min(s.groups - g0, per_block);
+      const int64_t count = groups * s.inner;  // positions of a row in this block
       const int64_t vectors = (count + L - 1) / L;
-      const int64_t base = b * s.outer * s.groups + g0;
-      Stats<A> st[kMaxVectors];
+      const int64_t base = b * s.outer * run + g0 * s.inner;
+      Stats<A> st[kLaneWidthMax / L];
       for (int64_t o = 0; o < s.outer; ++o) {
-        const T* wr = w + base + o * s.groups;
-        const V* vr = v + base + o * s.groups;
+        const T* wr = w + base + o * run;
+        const V* vr = v + base + o * run;
         if (o + kPrefetchRows < s.outer) {  // rows far apart: the hardware does not prefetch
-          const int64_t ahead = kPrefetchRows * s.groups;
           for (int64_t j = 0; j < count; j += 64 / int64_t(sizeof(T))) {
-            __builtin_prefetch(wr + ahead + j);
+            __builtin_prefetch(wr + kPrefetchRows * run + j);
           }
           for (int64_t j = 0; j < count; j += 64 / int64_t(sizeof(V))) {
-            __builtin_prefetch(vr + ahead + j);
+            __builtin_prefetch(vr + kPrefetchRows * run + j);
           }
         }
         for (int64_t c = 0; c < vectors; ++c) {
-          const int64_t k = std::min(L, count - c * L);  // missing lanes: a zero group
+          const int64_t k = std::min(L, count - c * L);  // missing lanes: 0, in no group
           Vec<A> xv = load_as<A>(wr + c * L, k), dv = load_as<A>(vr + c * L, k);
           first_pass(xv, dv, p, st[c]);
-          xv.store(x + o * per_block + c * L);
-          dv.store(d + o * per_block + c * L);
+          xv.store(x + o * width + c * L);
+          dv.store(d + o * width + c * L);
         }
       }
       if (p.t > A(0)) {
-        LaneSolution<A> sol[kMaxVectors];
-        for (int64_t c = 0; c < vectors; ++c) {
-          sol[c] = solve_lanes(x + c * L, d + c * L, s.outer, per_block, p.t, st[c]);
-        }
+        A th[kLaneWidthMax], code[kLaneWidthMax];
+        solve_block(x, d, s.outer, width, groups, s.inner, p.t, st, th, code);
         for (int64_t o = 0; o < s.outer; ++o) {
           for (int64_t c = 0; c < vectors; ++c) {
-            const int64_t at = o * per_block + c * L;
-            store_as(w + base + o * s.groups + c * L,
-                     lane_result(Vec<A>::loadu(x + at), Vec<A>::loadu(d + at), sol[c], p.t),
+            const int64_t at = o * width + c * L;
+            store_as(w + base + o * run + c * L,
+                     block_result(Vec<A>::loadu(x + at), Vec<A>::loadu(d + at),
+                                  Vec<A>::loadu(th + c * L), Vec<A>::loadu(code + c * L), p.t),
                      std::min(L, count - c * L));
           }
         }
       } else {
         for (int64_t o = 0; o < s.outer; ++o) {
           for (int64_t c = 0; c < vectors; ++c) {
-            store_as(w + base + o * s.groups + c * L, Vec<A>::loadu(x + o * per_block + c * L),
+            store_as(w + base + o * run + c * L, Vec<A>::loadu(x + o * width + c * L),
                      std::min(L, count - c * L));
           }
         }
@@ -461,8 +476,9 @@ template <typename T, typename V>
 void metric_tensor(T* w, const V* v, const GroupShape& s, const MetricParams<at::opmath_type<T>>& p) {
   using A = at::opmath_type<T>;
   if (s.num_groups() == 0 || s.group_size() == 0) return;
-  if (s.inner == 1 && p.le <= A(0) && s.groups >= Vec<A>::size()) {
-    metric_columns(w, v, s, p);
+  if (s.outer > 1 && s.inner <= kLaneWidthMax / 2 && p.le <= A(0) &&
+      s.groups * s.inner >= Vec<A>::size()) {
+    metric_interleaved(w, v, s, p);
   } else {
     metric_blocks(w, v, s, p);
   }
