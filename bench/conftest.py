@@ -26,12 +26,13 @@ def pytest_terminal_summary(terminalreporter, config):
     models: dict[str, dict] = {}
     coupled: dict[str, dict] = {}
     metric: dict[str, dict] = {}
+    steps: dict[str, dict] = {}
     for bench in session.benchmarks:
         info = bench.extra_info
         if not bench.stats.data:  # failed before it was timed
             continue
         into = coupled if "coupled_model" in info else metric if "metric_model" in info else \
-            models if "model" in info else ops
+            steps if "step_model" in info else models if "model" in info else ops
         row = into.setdefault(bench.group, {k: v for k, v in info.items()
                                             if k not in ("impl", "bytes")})
         row[f"{info['impl']}_s"] = bench.stats.median
@@ -45,7 +46,8 @@ def pytest_terminal_summary(terminalreporter, config):
     text = harness.report(harness.cpu_machine(), "in-place mul_ of the weight", rows,
                           [m for m in models.values() if "foreach_s" in m and "floor_s" in m],
                           [c for c in coupled.values() if "coupled_s" in c and "floor_s" in c],
-                          [m for m in metric.values() if "metric_s" in m and "floor_s" in m])
+                          [m for m in metric.values() if "metric_s" in m and "floor_s" in m],
+                          [s for s in steps.values() if "adamw_s" in s and "metric_s" in s])
     terminalreporter.write_sep("=", "fastprox CPU summary")
     terminalreporter.write(text)
     with open(os.path.join(os.path.dirname(__file__), "last-run-cpu.md"), "w") as f:

@@ -235,13 +235,14 @@ def derive(row: dict) -> dict:
 
 
 def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
-           coupled: list[dict] = (), metric: list[dict] = ()) -> str:
+           coupled: list[dict] = (), metric: list[dict] = (), steps: list[dict] = ()) -> str:
     """One markdown format for every run. rows: derive()d operator rows (op, weight, dtype);
     models: whole-model rows (model, dtype, tensors, foreach_s, loop_s, eager_s, floor_s,
     bytes, optional launches); coupled: coupled-group rows (coupled_model, groups, sets,
     tensors, coupled_s, bytes, per_tensor_s, per_tensor_bytes, floor_s, floor_bytes); metric:
     metric-step rows (metric_model, tensors, metric_s, bytes, euclidean_s, reference_s, floor_s,
-    floor_bytes)."""
+    floor_bytes); steps: training-step rows (step_model, params, sets, train_s, adamw_s,
+    metric_s, euclidean_s)."""
     get = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
     ms = lambda r, k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
     lines = [f"Machine: {machine}. Floor: {floor}.", "",
@@ -299,6 +300,20 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
                 f"{r['bytes'] / t / 1e9:.1f} | {t / r['floor_s']:.2f} | "
                 f"{ms(r, 'euclidean_s')} | {ms(r, 'reference_s')} | {slower} | "
                 f"{ms(r, 'floor_s')} |")
+    if steps:
+        lines += ["", "The regularizer's proximal step (coupled groups, AdamW) beside the AdamW "
+                  "step and a whole training step (forward, backward, AdamW) of the model:", "",
+                  "| model | params | sets | train step ms | AdamW step ms | metric prox ms | "
+                  "/ AdamW | / train | euclidean prox ms | / AdamW |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in steps:
+            t, adam = r["metric_s"], r["adamw_s"]
+            per = lambda k, base: f"{r[k] / base:.2f}" if k in r else "-"  # noqa: E731
+            train = f"{t / r['train_s']:.2f}" if "train_s" in r else "-"
+            lines.append(
+                f"| {r['step_model']} | {r['params'] / 1e6:.1f} M | {r['sets']} | "
+                f"{ms(r, 'train_s')} | {adam * 1e3:.2f} | {t * 1e3:.2f} | {t / adam:.2f} | "
+                f"{train} | {ms(r, 'euclidean_s')} | {per('euclidean_s', adam)} |")
     return "\n".join(lines) + "\n"
 
 

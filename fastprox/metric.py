@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -185,12 +186,29 @@ def _checks_disjoint(indexed, moments, fn: str) -> None:
 
 # -- coupled groups ----------------------------------------------------------------------------
 
-def _padded_layout(groups) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """Per member, the (row, column) of each of its elements in a (num_groups, L) matrix holding
-    every group's elements (members in order, each member's slices in position order), and L."""
+class _PaddedLayout(NamedTuple):
+    """Where a set's elements go in a (num_groups, width) matrix holding every group's elements
+    (members in order, each member's slices in position order), padded: ``flats[k]``, the
+    matrix position of each element of member k (in the order of ``_member_rows``);
+    ``source``, per matrix position, the index of its element in the members' elements one
+    after another (padding: the index just past them, of an appended zero); ``parts``, per
+    group size n, the rows of the groups of that size."""
+
+    flats: list
+    source: torch.Tensor
+    width: int
+    parts: list
+
+
+def _padded_layout(groups) -> _PaddedLayout:
+    """The set's padded layout, built once per set and device (it depends only on the members'
+    shapes and indices, fixed when the set is built)."""
     device = groups.device
+    cache = groups.__dict__.setdefault("_padded_layouts", {})
+    if device in cache:
+        return cache[device]
     fill = torch.zeros(groups.num_groups, dtype=torch.int64)
-    layout = []
+    placed = []
     for m in groups.slices:
         index = m.index
         per = m.tensor.numel() // max(m.tensor.shape[m.axis], 1)
@@ -201,11 +219,21 @@ def _padded_layout(groups) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int
         rank = torch.empty_like(index)
         rank[order] = torch.arange(index.numel()) - starts[index[order]]
         offset = fill[index] + rank * per
-        cols = offset[:, None] + torch.arange(per)[None, :]
-        rows = index[:, None].expand_as(cols)
-        layout.append((rows.to(device), cols.to(device)))
+        placed.append((index, offset[:, None] + torch.arange(per)[None, :]))
         fill += counts * per
-    return layout, int(fill.max()) if fill.numel() else 0
+    width = int(fill.max()) if fill.numel() else 0
+    flats = [(index[:, None] * width + cols).reshape(-1) for index, cols in placed]
+    total = sum(f.numel() for f in flats)
+    source = torch.full((groups.num_groups * width,), total, dtype=torch.int64)
+    start = 0
+    for f in flats:
+        source[f] = torch.arange(start, start + f.numel())
+        start += f.numel()
+    sizes = groups.sizes.to(torch.int64)
+    parts = [(int(n), (sizes == n).nonzero().squeeze(1).to(device)) for n in sizes.unique()]
+    layout = _PaddedLayout([f.to(device) for f in flats], source.to(device), width, parts)
+    cache[device] = layout
+    return layout
 
 
 def _member_rows(m) -> torch.Tensor:
@@ -233,7 +261,13 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
         if d.shape != m.tensor.shape:
             raise ValueError(f"{fn}: ds[{k}] has shape {tuple(d.shape)}, expected "
                              f"{tuple(m.tensor.shape)}")
-        if not bool((torch.isfinite(d) & (d >= 0)).all()):
+    # the smallest and largest d of every member, read on the host at once (NaN propagates)
+    ranges = [torch.stack(torch.aminmax(d.detach())).to(torch.float64) if d.numel() else
+              torch.zeros(2, dtype=torch.float64, device=d.device) for d in ds]
+    ranges = torch.stack([r.to(groups.device) for r in ranges]).cpu() if ranges else None
+    for k, m in enumerate(groups.slices):
+        lo, hi = (float(x) for x in ranges[k])
+        if not (lo >= 0 and hi < math.inf):
             raise ValueError(f"{fn}: ds[{k}], the metric of member {k} ({m.name}) of "
                              f"{groups.name}, must be finite and >= 0; from an optimizer's "
                              "state: its second moment (exp_avg_sq) has negative, NaN or "
@@ -244,23 +278,32 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
     if (l1 == 0 and lg == 0 and le == 0) or groups.num_groups == 0:
         return groups
     with torch.no_grad():
-        _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact)
+        # float32 members are solved in float32 while d^2 (the op's moment) fits it
+        wide = ranges is not None and float(ranges[:, 1].max()) > _WIDE_D
+        _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact, wide)
     return groups
 
 
-def _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact) -> None:
-    layout, width = _padded_layout(groups)
-    device = groups.device
-    z = torch.zeros(groups.num_groups, width, dtype=torch.float64, device=device)
-    dd = torch.zeros_like(z)  # padding: z = 0, d = 0 (adds nothing to any sum, stays 0)
-    for m, d, (rows, cols) in zip(groups.slices, ds, layout):
-        z[rows, cols] = _member_rows(m).to(torch.float64)
-        dd[rows, cols] = d.movedim(m.axis, 0).reshape(rows.shape).to(device, torch.float64)
+_WIDE_D = 1e18  # a larger d: its square overflows float32, the set is solved in float64
+
+
+def _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact, wide) -> None:
+    layout = _padded_layout(groups)
+    acc = torch.float64 if wide or any(m.tensor.dtype == torch.float64 for m in groups.slices) \
+        else torch.float32
+    shape = (groups.num_groups, layout.width)
+
+    def padded(values) -> torch.Tensor:  # one gather of every member's elements (pad: 0)
+        flat = torch.cat([v.reshape(-1).to(acc) for v in values] + [values[0].new_zeros(1, dtype=acc)])
+        return flat.take(layout.source).reshape(shape)
+
+    z = padded([_member_rows(m) for m in groups.slices])
+    # padding: z = 0, d = 0 (adds nothing to any sum, stays 0); d enters the op as the moment
+    # d^2 with (s, eps, lr) = (1, 0, 1)
+    dd = padded([d.movedim(m.axis, 0).to(z.device) for m, d in zip(groups.slices, ds)]).square_()
     # The fused op on the matrix, its rows the groups (one matrix per group size n, whose c =
-    # sqrt(n) goes into lam_group); d enters as the moment d^2 with (s, eps, lr) = (1, 0, 1).
-    sizes = groups.sizes.to(torch.int64)
-    parts = [(int(n), (sizes == n).nonzero().squeeze(1).to(device)) for n in sizes.unique()]
-    dd.square_()
+    # sqrt(n) goes into lam_group).
+    parts = layout.parts
     single = len(parts) == 1  # every group of one size (the usual case): the matrix itself
     mats = [z] if single else [z[rows] for _, rows in parts]
     _op(mats, [dd] if single else [dd[rows] for _, rows in parts],
@@ -270,9 +313,10 @@ def _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact) -> None:
     if not single:
         for (_, rows), mat in zip(parts, mats):
             z[rows] = mat
-    for m, (rows, cols) in zip(groups.slices, layout):
+    flat = z.reshape(-1)
+    for m, where in zip(groups.slices, layout.flats):
         view = m.tensor.movedim(m.axis, 0)
-        view.copy_(z[rows, cols].reshape(view.shape).to(m.tensor.dtype))
+        view.copy_(flat.take(where).reshape(view.shape))
 
 
 # -- the optimizer's metric ----------------------------------------------------------------------
@@ -336,4 +380,6 @@ class AdamState:
                              f"{sorted(set(rates))}: some 0, some not; a coupled set's "
                              "parameters need one learning rate (one parameter group)")
         # (a damaged v gives a d that coupled_metric_prox_ refuses before anything is written)
-        return [((v.to(torch.float64) * scale).sqrt() + eps) / lr for v, scale, eps, lr in ds]
+        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in groups.slices) \
+            else torch.float32
+        return [((v.to(acc) * scale).sqrt() + eps) / lr for v, scale, eps, lr in ds]

@@ -97,6 +97,28 @@ def test_coupled_metric_step_is_the_step_on_the_union(lams):
         assert 0 < int((a == 0).all(dim=1).sum()) < 8
 
 
+@pytest.mark.parametrize("top", [1e3, 1e20], ids=["d-fits-float32", "d-squared-beyond-float32"])
+def test_coupled_metric_step_of_float32_members(top):
+    """Float32 members (solved in float32, or in float64 where d^2 would overflow float32)
+    against the float64 reference on the union of each group's slices."""
+    a, b = torch.randn(8, 5) * 0.1, torch.randn(8, 3) * 0.1
+    a[2], b[2] = 0, 0
+    da = torch.exp(torch.empty(8, 5).uniform_(-2, 3))
+    db = torch.exp(torch.empty(8, 3).uniform_(-2, 3))
+    db[5, 1] = top  # an element that barely moves
+    perm = torch.randperm(8)
+    bp, dbp = b[perm].clone(), db[perm].clone()
+    lams = dict(lam_l1=0.01, lam_group=0.3)
+    want = torch.cat([a, b], dim=1).double()
+    reference.metric_prox_(want, torch.cat([da, db], dim=1).double(), dim=1, **lams)
+    groups = fastprox.CoupledGroups([(a, 0, list(range(8))), (bp, 0, perm.tolist())], 8)
+    coupled_metric_prox_(groups, [da, dbp], **lams)
+    torch.testing.assert_close(a, want[:, :5].float(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(bp, want[:, 5:][perm].float(), rtol=2e-5, atol=2e-6)
+    assert bool((a[2] == 0).all()) and not a.isnan().any()
+    assert 0 < int((a == 0).all(dim=1).sum()) < 8
+
+
 def coupled_sizes_case(device="cpu"):
     """A coupled set whose groups differ in size (a member with two rows in group 0 and none in
     group 3), its metrics, and per group the reference metric step on the union of its
