@@ -11,7 +11,8 @@ After an Adam step, ``z`` (the updated weight) minimizes the step's quadratic mo
   reference on other devices; DTensor weights: the local shards when no group spans shards,
   else the full tensor);
 * ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric (every set's groups
-  gathered into a float64 matrix, a row per group, solved by the same op);
+  gathered into a padded matrix, a row per group, in the members' accumulation type, solved by
+  the same op);
 * ``AdamState``: what an Adam / AdamW optimizer's state says ``d`` is, per parameter.
 """
 
@@ -246,9 +247,10 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
     >= 0, shaped like member k's tensor) is the metric of member k's elements. Per group, over
     the union of its slices: soft threshold by lam_l1/d_i, the metric group step with
     t_g = lam_group c_g (c_g = sqrt(n_g) or 1), the metric exclusive step (docs/SPEC.md). The
-    groups are gathered into a float64 matrix (a row per group, padded with z = 0, d = 0: adds
-    nothing to any sum, stays 0), solved by the fused op (C++ on the CPU, Triton on CUDA) and
-    written back: every member written once. Returns ``groups``."""
+    groups are gathered into a matrix (a row per group, padded with z = 0, d = 0: adds nothing
+    to any sum, stays 0; float32 for float32 and 16-bit members, float64 for float64 members or
+    where some d exceeds 1e18, whose square float32 cannot hold), solved by the fused op (C++ on
+    the CPU, Triton on CUDA) and written back: every member written once. Returns ``groups``."""
     fn = "coupled_metric_prox_"
     l1, lg, le = (_number(v, n, fn) for v, n in ((lam_l1, "lam_l1"), (lam_group, "lam_group"),
                                                   (lam_exclusive, "lam_exclusive")))

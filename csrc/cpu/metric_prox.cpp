@@ -6,11 +6,16 @@
 //     W <- metric soft threshold by l1 / d, metric group step by t = lg * c, metric exclusive
 //          step by le (exact threshold, or CGES's bound)          (a lam of 0: skipped)
 //
-// Per block of neighbouring groups, the weight and the second moment are read once into a
-// thread-local buffer (a row of the block is a contiguous run of memory), every group's scalar
-// equations are solved there by Newton's method (passes over the buffer, not over memory), and
-// the block is written once: one read of W and v, one write of W. Every group is computed by one
-// thread, in a fixed order: the result does not depend on the thread count.
+// Two traversals, both one read of W and v and one write of W, every group computed by one
+// thread in a fixed order (the result does not depend on the thread count):
+//  * interleaved (groups side by side in every row, in runs of `inner` <= 128: columns of a
+//    Linear, conv input channels with their window; no exclusive step): a block of neighbouring
+//    groups is read row by row (contiguous runs, prefetched ahead; no transposing gather) into
+//    a buffer, d, the soft threshold and every group's statistics computed on the way in; the
+//    Newton steps of all groups of the block run over the buffer side by side in vector lanes;
+//    the result is written straight back;
+//  * blocks (everything else): a block of neighbouring groups copied group-major into a buffer,
+//    each group's first pass, Newton steps and exclusive step there, then written back.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
