@@ -129,6 +129,18 @@ inline void first_pass(Vec<A>& x, Vec<A>& d, const MetricParams<A>& p, Stats<A>&
   st.dmax = at::vec::maximum(st.dmax, d);
 }
 
+// One vector of a Newton pass: with w = d theta / (d theta + t), P += (w x)^2, Q += w (w x)^2.
+template <typename A>
+inline void add_newton_terms(Vec<A>& p, Vec<A>& q, const Vec<A>& x, const Vec<A>& d,
+                             const Vec<A>& theta, const Vec<A>& t) {
+  const Vec<A> dth = d * theta;
+  const Vec<A> w = dth / (dth + t);
+  const Vec<A> wx = w * x;
+  const Vec<A> p2 = wx * wx;
+  p = p + p2;
+  q = q + w * p2;
+}
+
 // `count` (<= Vec<A>::size()) elements of storage type T as a vector of A, missing lanes 0.
 template <typename A, typename T>
 inline Vec<A> load_as(const T* p, int64_t count) {
@@ -201,12 +213,7 @@ void metric_group(A* x, A* d, int64_t n, const MetricParams<A>& p) {
       V vp(A(0)), vq(A(0));
       for (int64_t i = 0; i < n; i += L) {
         const int64_t count = std::min(L, n - i);
-        const V dth = V::loadu(d + i, count) * vth;
-        const V w = dth / (dth + vt);
-        const V wx = w * V::loadu(x + i, count);
-        const V p2 = wx * wx;
-        vp = vp + p2;
-        vq = vq + w * p2;
+        add_newton_terms(vp, vq, V::loadu(x + i, count), V::loadu(d + i, count), vth, vt);
       }
       A lanes_p[L], lanes_q[L];
       vp.store(lanes_p);
@@ -305,12 +312,8 @@ void solve_block(const A* x, const A* d, int64_t rows, int64_t width, int64_t gr
         const V vth = V::loadu(th + c * L);
         V vp(A(0)), vq(A(0));
         for (int64_t r = r0; r < r1; ++r) {
-          const V dth = V::loadu(d + r * width + c * L) * vth;
-          const V w = dth / (dth + vt);
-          const V wx = w * V::loadu(x + r * width + c * L);
-          const V p2 = wx * wx;
-          vp = vp + p2;
-          vq = vq + w * p2;
+          add_newton_terms(vp, vq, V::loadu(x + r * width + c * L),
+                           V::loadu(d + r * width + c * L), vth, vt);
         }
         A part_p[L], part_q[L];
         vp.store(part_p);
