@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: build test demo bench bench-gpu bench-comm compile-gate gpu-check gpu-wheels clean
+.PHONY: build test test-fast demo bench bench-gpu bench-comm compile-gate gpu-check gpu-wheels clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: build
 	else \
 		TRITON_INTERPRET=1 $(PY) -m pytest tests_kernels; \
 	fi
+
+# The fast lane, for day-to-day work (a few minutes): the CPU suite, and the kernel tests on the
+# C++ kernels and the reference through the dispatcher. The interpreted Triton kernels are
+# `make test`'s, the compile gate `make compile-gate`'s.
+test-fast: build
+	$(PY) -m pytest tests -q -x
+	TRITON_INTERPRET=1 FASTPROX_TEST_BACKENDS=cpp,reference $(PY) -m pytest tests_kernels -q -x
 
 demo: build
 	$(PY) -m fastprox $(ARGS)

@@ -174,33 +174,18 @@ def model_steps(dims, lam: float) -> dict:
 
 # -- the GPU kernels on CPU tensors (Triton's interpreter) ---------------------------------------
 
-class _KernelOps:
-    """Every op of the library, by its Triton entry (fastprox.kernels.ENTRIES)."""
-
-    def __getattr__(self, name):
-        from fastprox import kernels
-        return kernels.ENTRIES[name]
-
-
 @contextlib.contextmanager
 def served_by_kernels(enabled: bool = True):
-    """The public API with its op calls going to the Triton entries (fastprox.kernels), as the
-    dispatcher does for CUDA tensors: how the kernels run on CPU tensors under
+    """The ops on CPU tensors served by the Triton kernels, through the dispatcher
+    (fastprox._registry.serve), as CUDA tensors are: how the kernels run on CPU tensors under
     TRITON_INTERPRET=1."""
     if not enabled:
         yield
         return
-    from fastprox import _phases, coupled, metric
+    from fastprox import _registry
 
-    modules = (fastprox.ops, _fused, _phases, coupled, metric)
-    saved = [m.ops for m in modules]
-    for m in modules:
-        m.ops = _KernelOps()
-    try:
+    with _registry.serve("triton"):
         yield
-    finally:
-        for m, ops in zip(modules, saved):
-            m.ops = ops
 
 
 # -- the report ----------------------------------------------------------------------------------

@@ -139,6 +139,34 @@ def check_writable(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
             "written in place. Step the tensor it is a view of, or a .clone() of it")
 
 
+def check_op_weights(fn: str, weights, dims, dim_counts, writes: bool) -> None:
+    """The weights of a list op, as its kernels receive them (``dims`` flat, split by
+    ``dim_counts``): strided float tensors on one device, valid dims, and for an op that writes,
+    no element shared within a weight or between two weights."""
+    if len(dim_counts) != len(weights):
+        raise ValueError(f"{fn}: dim_counts needs one entry per weight")
+    offset = 0
+    for i, w in enumerate(weights):
+        count = dim_counts[i]
+        if count < 0 or offset + count > len(dims):
+            raise ValueError(f"{fn}: dim_counts do not match dims")
+        check_weight(w, fn, f"weights[{i}]")
+        normalize_dim(list(dims[offset:offset + count]), w, f"{fn}: weights[{i}]")
+        if writes:
+            check_writable(w, fn, f"weights[{i}]")
+        offset += count
+        if w.device != weights[0].device:
+            raise ValueError(f"{fn}: weights[{i}] is on {w.device} but weights[0] is on "
+                             f"{weights[0].device}")
+    if offset != len(dims):
+        raise ValueError(f"{fn}: dim_counts do not match dims")
+    if writes:
+        for i in range(len(weights)):
+            for j in range(i):
+                if shares_memory(weights[i], weights[j]):
+                    raise ValueError(f"{fn}: weights[{j}] and weights[{i}] share memory")
+
+
 def check_grad(weight: torch.Tensor, fn: str, name: str = "weight") -> None:
     """In-place on a tensor that requires grad, in grad mode: a leaf raises torch's own error for
     in-place ops; a non-leaf raises too, since the proximal steps have no derivative and would

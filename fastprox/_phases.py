@@ -3,13 +3,13 @@
 Used where a group's elements are not in one tensor that one kernel call sees: groups that span
 shards of a DTensor (fastprox/distributed.py: the places are ranks) and coupled groups that span
 slices of several tensors (fastprox/coupled.py: the places are tensors). Per place, a
-``PhasedStep`` computes the group sums it holds (the ``group_sums`` op: one fused pass); the caller combines them over the places (an
-all_reduce, or a sum per coupled group); the step turns the combined sums into per-group scale
-and threshold with the reference's rules (fastprox/reference.py: group_scale, cges_bound,
-newton_tau, exclusive_tau), iterates the exact exclusive threshold (per Newton step, the sum and
-count of the scaled magnitudes above tau: the ``foreach_group_sums_above`` op, one fused pass,
-then one combine), and rewrites its elements (the ``foreach_group_rewrite_`` op: one fused
-pass). docs/SPEC.md is the contract.
+``PhasedStep`` computes the group sums it holds (the ``foreach_group_sums`` op: one fused pass);
+the caller combines them over the places (an all_reduce, or a sum per coupled group); the step
+turns the combined sums into per-group scale and threshold (fastprox/_rules.py: group_scale,
+cges_bound, newton_tau, exclusive_tau), iterates the exact exclusive threshold (per Newton step,
+the sum and count of the scaled magnitudes above tau: the ``foreach_group_sums_above`` op, one
+fused pass, then one combine), and rewrites its elements (the ``foreach_group_rewrite_`` op: one
+fused pass). docs/SPEC.md is the contract.
 
 Sums (in float32, float64 for float64 weights) per group and place::
 
@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import _rules
 from ._registry import ops
 
 
@@ -75,25 +75,25 @@ class PhasedStep:
         ones = torch.ones(self.shape, dtype=self.acc, device=self.local.device)
         self.scale = ones
         if self.want_sq:
-            self.scale = reference.group_scale(torch.sqrt(sums.pop(0)), self.t)
+            self.scale = _rules.group_scale(torch.sqrt(sums.pop(0)), self.t)
         self.tau = torch.zeros_like(ones)
         self.iterate = torch.zeros(self.shape, dtype=torch.bool, device=self.local.device)
         if not self.want_abs:
             return
         l1_norm = sums.pop(0) * self.scale
         if not self.exact:
-            tau = reference.cges_bound(l1_norm, self.lam_e)
+            tau = _rules.cges_bound(l1_norm, self.lam_e)
         else:
             self.active = sums.pop(0)
-            tau = reference.newton_tau(l1_norm, self.active, self.lam_e)  # first step from 0
+            tau = _rules.newton_tau(l1_norm, self.active, self.lam_e)  # first step from 0
             self.iterate = (self.active > 0) & torch.isfinite(l1_norm) & (self.scale != 0)
-        self.tau = reference.exclusive_tau(tau, l1_norm, self.scale)
+        self.tau = _rules.exclusive_tau(tau, l1_norm, self.scale)
 
     def newton(self, sums: list[torch.Tensor]) -> None:
         total, count = sums
         # Newton stops for a group when its active set stops shrinking (then tau is exact).
         go = self.iterate & (count < self.active) & (count > 0)
-        self.tau = torch.where(go, torch.maximum(self.tau, reference.newton_tau(
+        self.tau = torch.where(go, torch.maximum(self.tau, _rules.newton_tau(
             total, count, self.lam_e)), self.tau)
         self.active = torch.where(go, count, self.active)
         self.iterate = go

@@ -1,21 +1,31 @@
 """Loads the operator library and registers what PyTorch needs beyond its C++ kernels.
 
-Schemas: csrc/fastprox.cpp (defined once: group_norms, the fused step foreach_prox_, and the
-phases foreach_group_sums / foreach_group_sums_above / foreach_group_rewrite_ of steps whose
-groups span several tensors). CPU kernels: csrc/cpu/. CUDA kernels: kernels/ (Triton, installed as
-fastprox.kernels), registered here when CUDA and Triton are there. Every other device (CUDA
-without Triton, MPS, XPU, ...) gets the reference (fastprox/reference.py) as its kernel, as the
-default backend of the dispatcher: the dispatcher alone picks the kernel. Here too: the fake
-(meta) implementation of each op, used by torch.compile and opcheck, generated from the
-operator table (fastprox/operators.py), and the autograd formula of group_norms. The fused step
-has no derivative (see _checks.check_grad).
+Schemas: csrc/fastprox.cpp (defined once: group_norms, the fused step foreach_prox_, the step in
+an Adam metric foreach_metric_prox_, and the phases foreach_group_sums /
+foreach_group_sums_above / foreach_group_rewrite_ of steps whose groups span several tensors).
+The dispatcher alone picks the kernel, by device:
+
+    CPU                      the C++ kernels (csrc/cpu/)
+    CUDA, Triton installed   the Triton kernels (kernels/, installed as fastprox.kernels),
+                             behind the checks of fastprox/_triton.py; registered here
+    any other device         the default backend: the C++ kernels on a host copy
+                             (fastprox/_host.py)
+
+Here too: the fake (meta) implementation of each op, used by torch.compile and opcheck, the
+autograd formula of group_norms (the in-place steps have no derivative: _checks.check_grad), and
+``serve``, which has CPU tensors served by another backend (the Triton kernels under Triton's
+interpreter, or the float64 reference) through the same dispatcher: how one test suite runs
+every backend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
-from . import reference
+from . import _host
 from .operators import OPERATORS
 
 try:
@@ -44,20 +54,78 @@ _check_cpu_capability()
 ops = torch.ops.fastprox
 
 
-def _register_gpu_kernels() -> None:
-    """The Triton kernels (fastprox.kernels) become the CUDA kernels of the ops when this torch
-    has CUDA and Triton is installed (CUDA wheels of torch ship it). CUDA only: CPU tensors,
-    opcheck and torch.compile on CPU never import Triton."""
-    if not torch.cuda.is_available():
-        return
-    try:
-        from . import kernels
-    except ImportError:  # no Triton: CUDA weights get the default backend (the reference)
-        return
-    kernels.register()
+_triton_registered = False
 
 
-_register_gpu_kernels()
+def register_triton() -> bool:
+    """The Triton kernels (fastprox/_triton.py) become the CUDA kernels of the ops, once; False
+    where Triton is not installed (CUDA tensors then get the default backend)."""
+    global _triton_registered
+    if not _triton_registered:
+        from . import _triton
+        if _triton.kernels is None:
+            return False
+        for name, fn in _triton.ENTRIES.items():
+            torch.library.register_kernel(f"fastprox::{name}", "cuda", fn)
+        _triton_registered = True
+    return True
+
+
+# CUDA only (CUDA wheels of torch ship Triton): CPU tensors, opcheck and torch.compile on
+# CPU-only machines never import Triton.
+if torch.cuda.is_available():
+    register_triton()
+
+BACKENDS = ("cpp", "triton", "host", "reference")
+
+
+def _entries(backend: str) -> dict:
+    """Op name -> the kernel of ``backend`` (none for "cpp": the C++ kernels are the CPU's)."""
+    if backend == "triton":
+        from . import _triton
+        if _triton.kernels is None:
+            raise RuntimeError("serve: the triton backend needs Triton installed")
+        return _triton.ENTRIES
+    if backend == "host":
+        return _host.ENTRIES
+    from . import reference  # the tests' oracle, as a backend
+
+    return {"group_norms": reference.group_norms_op, "foreach_prox_": reference.fused_step,
+            "foreach_metric_prox_": reference.foreach_metric_prox_op,
+            "foreach_group_sums": reference.foreach_group_sums_op,
+            "foreach_group_sums_above": reference.foreach_group_sums_above_op,
+            "foreach_group_rewrite_": reference.foreach_group_rewrite_op}
+
+
+@contextlib.contextmanager
+def serve(backend: str, device: str = "cpu"):
+    """Within the block, the ops on tensors of ``device`` ("cpu" or "cuda") are served by
+    ``backend``, through the dispatcher, so that every caller of ``torch.ops.fastprox`` (the
+    public API, eager or compiled) reaches it:
+
+        "cpp"        the C++ kernels (CPU tensors: what they always get)
+        "triton"     the Triton kernels behind their checks (CUDA tensors: what they get where
+                     Triton is installed; CPU tensors: under TRITON_INTERPRET=1, set before
+                     Triton is imported)
+        "host"       the default backend, the C++ kernels on a host copy (CUDA tensors)
+        "reference"  the float64 oracle of the tests
+
+    The kernels registered before come back at the end of the block."""
+    if backend not in BACKENDS or device not in ("cpu", "cuda"):
+        raise ValueError(f"serve: backend must be one of {BACKENDS} and device 'cpu' or "
+                         f"'cuda', got {backend!r}, {device!r}")
+    if (backend, device) in (("cpp", "cuda"), ("host", "cpu")):
+        raise ValueError(f"serve: the {backend} backend does not serve {device} tensors")
+    if backend == "cpp" or (backend == "triton" and device == "cuda" and register_triton()):
+        yield
+        return
+    entries = _entries(backend)
+    with torch.library._scoped_library("fastprox", "IMPL") as lib:
+        with warnings.catch_warnings():  # the kernels registered before are overridden
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered")
+            for name, fn in entries.items():
+                lib.impl(name, fn, device.upper())
+        yield
 
 
 def kept_shape(weight: torch.Tensor, dim: list[int]) -> list[int]:
@@ -74,16 +142,15 @@ def _no_output(*args, **kwargs):
     return None
 
 
-# Per kind of table row: (fake, default kernel). Presets have no op of their own.
-_BY_KIND = {"norms": (_group_norms_fake, reference.group_norms_op),
-            "fused": (_no_output, reference.fused_step),
-            "metric": (_no_output, reference.foreach_metric_prox_op)}
+# Per kind of table row: its fake. Presets have no op of their own.
+_FAKES = {"norms": _group_norms_fake, "fused": _no_output, "metric": _no_output}
 for _row in OPERATORS:
-    if _row.kind in _BY_KIND:
-        _fake, _default = _BY_KIND[_row.kind]
-        torch.library.register_fake(f"fastprox::{_row.name}")(_fake)
-        # every device type; a device's own kernel (CPU, CUDA with Triton) takes precedence
-        torch.library.register_kernel(f"fastprox::{_row.name}", None, _default)
+    if _row.kind in _FAKES:
+        torch.library.register_fake(f"fastprox::{_row.name}")(_FAKES[_row.kind])
+# The default backend, for every device type; a device's own kernel (CPU, CUDA with Triton)
+# takes precedence.
+for _name, _default in _host.ENTRIES.items():
+    torch.library.register_kernel(f"fastprox::{_name}", None, _default)
 
 
 def _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, what):
@@ -100,16 +167,10 @@ def _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, what):
 # The phases of steps whose groups span several tensors (fastprox/_phases.py): ops of their own,
 # not rows of the table (the coupled row runs on them).
 torch.library.register_fake("fastprox::foreach_group_sums")(_foreach_group_sums_fake)
-torch.library.register_kernel("fastprox::foreach_group_sums", None,
-                              reference.foreach_group_sums_op)
 torch.library.register_fake("fastprox::foreach_group_sums_above")(
     lambda weights, dims, dim_counts, lam_l1, scales, taus:
     _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, 2))
-torch.library.register_kernel("fastprox::foreach_group_sums_above", None,
-                              reference.foreach_group_sums_above_op)
 torch.library.register_fake("fastprox::foreach_group_rewrite_")(_no_output)
-torch.library.register_kernel("fastprox::foreach_group_rewrite_", None,
-                              reference.foreach_group_rewrite_op)
 
 
 def _group_norms_setup_context(ctx, inputs, output):

@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import _checks, _fused, _phases, reference
+from . import _checks, _fused, _phases, _rules
 from ._registry import ops
 
 _FN = "coupled_prox_"
@@ -411,11 +411,11 @@ def _one_pass_sets(sets, lams, size_weighted, what: int) -> None:
         scale = tau = None
         if group:
             t = _thresholds(g, lg, sw).to(device=g.device, dtype=acc)
-            scale = reference.group_scale(torch.sqrt(totals[0]), t)
+            scale = _rules.group_scale(torch.sqrt(totals[0]), t)
         if excl:
             s = scale if scale is not None else torch.ones_like(totals[-1])
             l1_norm = totals[-1] * s
-            tau = reference.exclusive_tau(reference.cges_bound(l1_norm, le), l1_norm, s)
+            tau = _rules.exclusive_tau(_rules.cges_bound(l1_norm, le), l1_norm, s)
         nothing = [None] * len(g.slices)
         scales += nothing if scale is None else list(scale[g._all_index].split(g._counts))
         taus += nothing if tau is None else list(tau[g._all_index].split(g._counts))

@@ -7,8 +7,8 @@ After an Adam step, ``z`` (the updated weight) minimizes the step's quadratic mo
     x = argmin_x  1/2 (x - z)^T D (x - z) + Omega(x)
 
 * ``foreach_metric_prox_``: one call for a list of tensors with their second moments (the fused
-  op ``torch.ops.fastprox.foreach_metric_prox_``: C++ on the CPU, Triton on CUDA, the float64
-  reference on other devices; DTensor weights: the local shards when no group spans shards,
+  op ``torch.ops.fastprox.foreach_metric_prox_``: C++ on the CPU, Triton on CUDA, the C++
+  kernel on a host copy on other devices; DTensor weights: the local shards when no group spans shards,
   else the full tensor);
 * ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric (every set's groups
   gathered into a padded matrix, a row per group, in the members' accumulation type, solved by
@@ -43,6 +43,22 @@ def _number(value, name: str, fn: str) -> float:
         raise TypeError(f"{fn}: {name} must be a number or a 0-d tensor, got "
                         f"{type(value).__name__}")
     return float(value)
+
+
+def _numbers(values, name: str, fn: str) -> list:
+    """Per-tensor values (numbers or 0-d tensors) as Python floats, the tensors read in one
+    transfer per device (one host synchronisation, not one per tensor)."""
+    out = list(values)
+    by_device: dict = {}
+    for i, v in enumerate(out):
+        if isinstance(v, torch.Tensor):
+            if v.dim() != 0 or v.is_complex() or v.dtype == torch.bool:
+                _number(v, f"{name}[{i}]", fn)  # raises, naming it
+            by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, x in zip(idx, torch.stack([out[i].double() for i in idx]).tolist()):
+            out[i] = x
+    return out
 
 
 def metric_row(lr, eps, beta2, step, i: int, fn: str) -> tuple[float, float, float]:
@@ -96,8 +112,8 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
     dims = _checks.per_tensor(dim, "dim", count, fn, _checks.is_dim_spec)
     dims = [_checks.normalize_dim(d, w, f"{fn}: weights[{i}]") for i, (d, w) in
             enumerate(zip(dims, weights))]
-    columns = [[_number(v, f"{name}[{i}]", fn) for i, v in
-                enumerate(_checks.per_tensor(value, name, count, fn, _checks.is_threshold))]
+    columns = [[_number(v, f"{name}[{i}]", fn) for i, v in enumerate(_numbers(
+                _checks.per_tensor(value, name, count, fn, _checks.is_threshold), name, fn))]
                for name, value in zip(COLUMNS, (lam_l1, lam_group, lam_exclusive))]
     for name, column in zip(COLUMNS, columns):
         for i, v in enumerate(column):
@@ -105,10 +121,10 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
                 raise ValueError(f"{fn}: {name}[{i}] must be a finite number >= 0, got {v}")
     flags = [_checks.per_tensor(value, name, count, fn, lambda v: isinstance(v, bool))
              for name, value in (("size_weighted", size_weighted), ("exact", exact))]
-    steps = [None] * count if step is None else _checks.per_tensor(
-        step, "step", count, fn, _checks.is_threshold)
+    steps = [None] * count if step is None else _numbers(_checks.per_tensor(
+        step, "step", count, fn, _checks.is_threshold), "step", fn)
     rows = [metric_row(r, e, b, s, i, fn) for i, (r, e, b, s) in enumerate(zip(
-        *(_checks.per_tensor(value, name, count, fn, _checks.is_threshold)
+        *(_numbers(_checks.per_tensor(value, name, count, fn, _checks.is_threshold), name, fn)
           for name, value in (("lr", lr), ("eps", eps), ("beta2", beta2))), steps))]
     lams = [tuple(c[i] for c in columns) for i in range(count)]
     plain, full = [], []

@@ -4,7 +4,8 @@ A row gives the operator's name, its thresholds (and which of the fused step's t
 each one sets), its flags, its formula (the heart of its docstring), its reference
 (fastprox/reference.py) and sample thresholds. Everything else is generated from the rows:
 
-* the public functions and their docstrings (fastprox/ops.py);
+* the docstrings of the public functions (fastprox/ops.py, where each is written out, its
+  signature held to its row by tests/test_structure.py);
 * the fake implementations, opcheck and torch.compile cases (fastprox/_registry.py, tests/);
 * the test parametrization on the CPU, under Triton's interpreter and on CUDA (tests/helpers.py,
   tests_kernels/);
@@ -16,7 +17,8 @@ exclusive shrink by ``lam_exclusive``). Every in-place operator is a *preset* of
 its thresholds fill some of the three columns, the others stay 0. The math contract of every
 row is docs/SPEC.md.
 
-Adding an operator: a row here, its reference in fastprox/reference.py and, if its per-group math
+Adding an operator: a row here, its function in fastprox/ops.py (a preset: its checks and its
+columns of the fused step), its reference in fastprox/reference.py and, if its per-group math
 is new, that math in each engine (``ProxStep`` in csrc/cpu/group_engine.h, ``_group_params`` in
 kernels/group_engine.py) and a column of the fused step.
 """
@@ -24,9 +26,8 @@ kernels/group_engine.py) and a column of the fused step.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable
-
-from . import reference
 
 COLUMNS = ("lam_l1", "lam_group", "lam_exclusive")  # the fused step's thresholds, in order
 FLAGS = ("size_weighted", "exact")  # the fused step's per-tensor flags, in order
@@ -59,6 +60,7 @@ class Operator:
     the ops of the other rows).
     thresholds: (argument name, column of the fused step) per threshold, in argument order.
     flags: keyword-only bool arguments (default True), each a per-tensor flag of the fused step.
+    reference: the name of its function in fastprox/reference.py (``oracle``: the function).
     grouped: takes ``dim``. doc: the docstring; ``{dim}`` and ``{edges}`` expand to the shared
     paragraphs. samples: typical (thresholds, flags) for small N(0, 1) weights, the test cases.
     bench: the (thresholds, flags) timed by the benchmarks (bench/harness.py) on large N(0, 1)
@@ -71,9 +73,15 @@ class Operator:
     flags: tuple[str, ...]
     grouped: bool
     doc: str
-    reference: Callable
+    reference: str
     samples: tuple[tuple[tuple[float, ...], dict], ...]
     bench: tuple[tuple[tuple[float, ...], dict], ...] = ()
+
+    @property
+    def oracle(self) -> Callable:
+        """The row's reference function (fastprox/reference.py), looked up by name: the tests
+        call it; no module of the library runs it."""
+        return getattr(importlib.import_module("fastprox.reference"), self.reference)
 
     @property
     def docstring(self) -> str:
@@ -101,7 +109,7 @@ class Operator:
 OPERATORS = [
     Operator(
         name="group_norms", kind="norms", thresholds=(), flags=(), grouped=True,
-        reference=reference.group_norms, samples=(((), {}),), bench=(((), {}),),
+        reference="group_norms", samples=(((), {}),), bench=(((), {}),),
         doc="""Per-group Euclidean norms ``||W_g||_2``.
 
     Returns a new tensor shaped like the kept dimensions of ``weight`` (those not in ``dim``),
@@ -119,7 +127,7 @@ OPERATORS = [
 """),
     Operator(
         name="group_shrink_", kind="preset", thresholds=(("lam", "lam_group"),),
-        flags=("size_weighted",), grouped=True, reference=reference.group_shrink_,
+        flags=("size_weighted",), grouped=True, reference="group_shrink_",
         samples=(((0.3,), {}), ((0.9,), {"size_weighted": False})), bench=(((0.02,), {}),),
         doc="""Group lasso prox, in place: ``Omega(W) = lam * sum_g c ||W_g||_2``.
 
@@ -137,7 +145,7 @@ OPERATORS = [
 """),
     Operator(
         name="soft_threshold_", kind="preset", thresholds=(("lam", "lam_l1"),), flags=(),
-        grouped=False, reference=reference.soft_threshold_, samples=(((0.5,), {}),),
+        grouped=False, reference="soft_threshold_", samples=(((0.5,), {}),),
         bench=(((0.5,), {}),),
         doc="""Lasso prox (soft threshold), in place: ``Omega(W) = lam * ||W||_1``::
 
@@ -151,7 +159,7 @@ OPERATORS = [
     Operator(
         name="sparse_group_shrink_", kind="preset",
         thresholds=(("lam_l1", "lam_l1"), ("lam_group", "lam_group")), flags=("size_weighted",),
-        grouped=True, reference=reference.sparse_group_shrink_, samples=(((0.2, 0.15), {}),),
+        grouped=True, reference="sparse_group_shrink_", samples=(((0.2, 0.15), {}),),
         bench=(((0.1, 0.02), {}),),
         doc="""Sparse group lasso prox, in place:
     ``Omega(W) = lam_l1 * ||W||_1 + lam_group * sum_g c ||W_g||_2``.
@@ -171,7 +179,7 @@ OPERATORS = [
 """),
     Operator(
         name="exclusive_shrink_", kind="preset", thresholds=(("lam", "lam_exclusive"),),
-        flags=("exact",), grouped=True, reference=reference.exclusive_shrink_,
+        flags=("exact",), grouped=True, reference="exclusive_shrink_",
         samples=(((0.1,), {}), ((0.02,), {"exact": False})),
         bench=(((1e-3,), {}), ((1e-5,), {"exact": False})),
         doc="""Exclusive lasso prox, in place: ``Omega(W) = (lam / 2) * sum_g ||W_g||_1 ** 2``.
@@ -195,7 +203,7 @@ OPERATORS = [
     Operator(
         name="cges_shrink_", kind="preset",
         thresholds=(("lam_group", "lam_group"), ("lam_exclusive", "lam_exclusive")),
-        flags=("size_weighted", "exact"), grouped=True, reference=reference.cges_shrink_,
+        flags=("size_weighted", "exact"), grouped=True, reference="cges_shrink_",
         samples=(((0.1, 0.05), {}), ((0.5, 0.02), {"size_weighted": False, "exact": False})),
         bench=(((0.02, 1e-3), {}),),
         doc="""CGES step (Yoon & Hwang 2017), in place: group shrink, then exclusive shrink of the
@@ -216,7 +224,7 @@ OPERATORS = [
     Operator(
         name="coupled_prox_", kind="coupled",
         thresholds=tuple((c, c) for c in COLUMNS), flags=FLAGS, grouped=False,
-        reference=reference.coupled_prox_,
+        reference="coupled_prox_",
         samples=(((0.1, 0.2, 0.05), {}), ((0.0, 0.3, 0.0), {"size_weighted": False}),
                  ((0.0, 0.0, 0.02), {"exact": False}), ((0.0, 0.1, 0.05), {})),
         doc="""The proximal step of coupled groups: groups that span slices of several tensors.
@@ -235,7 +243,7 @@ OPERATORS = [
     run to run and for any thread count. The sums of every member and the rewrite of every
     member are one call each of the fused phase ops (``foreach_group_sums``,
     ``foreach_group_rewrite_``), and so is each Newton step of the exact exclusive threshold
-    (``foreach_group_sums_above``): C++ on the CPU, Triton on CUDA, the reference elsewhere.
+    (``foreach_group_sums_above``): C++ on the CPU, Triton on CUDA, C++ on a host copy elsewhere.
 
     Args:
         groups: a ``CoupledGroups`` or a list of them (built and checked by ``CoupledGroups``:
@@ -261,7 +269,7 @@ OPERATORS = [
     Operator(
         name="foreach_prox_", kind="fused",
         thresholds=tuple((c, c) for c in COLUMNS), flags=FLAGS, grouped=True,
-        reference=reference.foreach_prox_,
+        reference="foreach_prox_",
         samples=(((0.1, 0.2, 0.05), {}), ((0.0, 0.3, 0.0), {"size_weighted": False}),
                  ((0.0, 0.0, 0.02), {"exact": False})),
         doc="""One proximal step on every tensor of a list, in one call (one parallel region on
@@ -296,7 +304,7 @@ OPERATORS = [
     Operator(
         name="foreach_metric_prox_", kind="metric",
         thresholds=tuple((c, c) for c in COLUMNS), flags=FLAGS, grouped=True,
-        reference=reference.metric_prox_,
+        reference="metric_prox_",
         samples=(((0.01, 0.3, 0.0), {}), ((0.0, 0.0, 0.02), {}),
                  ((0.0, 0.3, 0.01), {"exact": False})),
         doc="""The proximal step in an Adam / AdamW step's metric, on every tensor of a list.
@@ -330,8 +338,8 @@ OPERATORS = [
         lam_l1, lam_group, lam_exclusive, dim, size_weighted, exact: as ``foreach_prox_``.
 
     One read of each weight and second moment and one write of the weight, per group (C++ on
-    the CPU, deterministic for any thread count; Triton on CUDA, deterministic; the float64
-    reference on other devices).
+    the CPU, deterministic for any thread count; Triton on CUDA, deterministic; the C++ kernel
+    on a host copy on other devices).
     Edge cases as ``foreach_prox_``'s: every ``lam`` = 0 leaves the weights bit-identical; a
     zero group stays zero (never NaN); a NaN group becomes NaN; a group of infinite norm keeps
     its values. Numbers are read on the host. DTensor weights (with DTensor moments): the local

@@ -1,15 +1,12 @@
-"""The public operators, generated from the operator table (fastprox/operators.py).
+"""The public operators, with their docstrings from the operator table (fastprox/operators.py).
 
-``group_norms`` and ``foreach_prox_`` call the two ops of the library (``torch.ops.fastprox``);
+``group_norms`` and ``foreach_prox_`` call the ops of the library (``torch.ops.fastprox``);
 every in-place operator (``group_shrink_``, ``soft_threshold_``, ...) is a preset of the fused
-step ``foreach_prox_`` on one tensor: its function is written out from its row (signature,
-docstring, argument checks, the thresholds it sets). DTensor weights go to
-fastprox/distributed.py. The math contract is docs/SPEC.md.
+step ``foreach_prox_`` on one tensor: its own checks, then the fused step with its thresholds.
+DTensor weights go to fastprox/distributed.py. The math contract is docs/SPEC.md.
 """
 
 from __future__ import annotations
-
-import linecache
 
 import torch
 
@@ -17,7 +14,7 @@ from . import _checks, _fused, distributed
 from .coupled import coupled_prox_
 from .metric import foreach_metric_prox_
 from ._registry import ops
-from .operators import BY_NAME, COLUMNS, PRESETS, Operator
+from .operators import BY_NAME, COLUMNS, PRESETS
 
 
 def group_norms(weight: torch.Tensor, dim=None) -> torch.Tensor:
@@ -56,71 +53,103 @@ def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=
     return weights
 
 
-def _preset_sharded(op: Operator, weight, lams, dim, flags: dict):
-    return distributed.prox_(weight, **op.columns(lams), dim=dim, **flags)
+# -- the presets of the fused step: one tensor, some of its three thresholds ---------------------
+# Each checks its weight and flags under its own name, reads a threshold given as a 0-d CPU
+# tensor on the host (_fused.host_number), and runs the fused step on [weight] with its
+# thresholds in their columns (0 in the others: a sub-step the kernels skip). Signatures and
+# docstrings follow the operator table's rows (fastprox/operators.py; tests/test_structure.py
+# holds them to it).
+
+_LAM_NAMES = {op.name: op.lam_names() for op in PRESETS}
 
 
-def _write_preset(op: Operator):
-    """The function of a preset row, written out with its real signature (as dataclasses writes
-    methods): ``name(weight, <thresholds>[, dim=None][, *, <flags>=True])``: checks in the
-    operator's own names, then the fused step on ``[weight]`` with the row's thresholds in
-    their columns (0 in the others)."""
-    lams = op.threshold_names
-    params = ["weight", *lams] + (["dim=None"] if op.grouped else [])
-    if op.flags:
-        params += ["*", *(f"{f}=True" for f in op.flags)]
-    dim = "dim" if op.grouped else "None"
-    cells = ", ".join(op.columns(lams).get(c, "0.0") for c in COLUMNS)
-    lines = [
-        f"def {op.name}({', '.join(params)}):",
-        "    if is_dtensor(weight):",
-        f"        return sharded(OP, weight, ({', '.join(lams)},), {dim}, "
-        "{" + ", ".join(f"{f!r}: {f}" for f in op.flags) + "})",
-        "    check_weight(weight, NAME)",
-        "    check_grad(weight, NAME)",
-        "    check_writable(weight, NAME)",
-        "    dims = normalize_dim(dim, weight, NAME)" if op.grouped else "    dims = []",
-        *(f"    check_flag({f}, {f!r}, NAME)" for f in op.flags),
-        *(f"    if type({lam}) is not float:\n"
-          f"        {lam} = host_number({lam}, {lam!r}, weight, NAME)" for lam in lams),
-        f"    table, named = preset_table(weight, ({cells},), NAME, LAM_NAMES)",
-        f"    args = ([weight], table, dims, [len(dims)], "
-        f"[{'size_weighted' if 'size_weighted' in op.flags else 'True'}], "
-        f"[{'exact' if 'exact' in op.flags else 'True'}])",
-        "    if named:",
-        "        fused(*args, NAME, LAM_NAMES)",
-        "    else:",
-        "        fused(*args)",
-        "    return weight",
-    ]
-    scope = dict(OP=op, NAME=op.name, LAM_NAMES=op.lam_names(), is_dtensor=_checks.is_dtensor,
-                 sharded=_preset_sharded, check_weight=_checks.check_weight,
-                 check_grad=_checks.check_grad, check_writable=_checks.check_writable,
-                 normalize_dim=_checks.normalize_dim,
-                 check_flag=_checks.check_flag,
-                 preset_table=_fused.preset_table, host_number=_fused.host_number,
-                 fused=_fused_op)
-    source = "\n".join(lines) + "\n"
-    # a file name that tracebacks and inspect.getsource() can show (the source is kept in
-    # linecache, as dataclasses' generated methods are not)
-    filename = f"<fastprox.ops: preset {op.name}, generated from its row in operators.py>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    exec(compile(source, filename, "exec"), scope)  # noqa: S102  (built from the table above)
-    fn = scope[op.name]
-    fn.__module__ = __name__
-    fn.__qualname__ = op.name
-    return fn
+_NO_GROUPS = object()  # the dim of a preset without groups
 
 
-def _fused_op(*args):
-    ops.foreach_prox_(*args)
+def _checked(weight, dim, fn: str) -> list[int]:
+    """The checks of a preset's weight; its reduced dimensions."""
+    _checks.check_weight(weight, fn)
+    _checks.check_grad(weight, fn)
+    _checks.check_writable(weight, fn)
+    return [] if dim is _NO_GROUPS else _checks.normalize_dim(dim, weight, fn)
 
 
-for _op in PRESETS:
-    globals()[_op.name] = _write_preset(_op)
-for _fn in (group_norms, foreach_prox_, coupled_prox_, foreach_metric_prox_,
-            *(globals()[_op.name] for _op in PRESETS)):
+def _lam(value, name: str, weight, fn: str):
+    return value if type(value) is float else _fused.host_number(value, name, weight, fn)
+
+
+def _step(weight, table_named, dims, size_weighted: bool, exact: bool, fn: str):
+    table, named = table_named
+    args = ([weight], table, dims, [len(dims)], [size_weighted], [exact])
+    if named:  # values the kernel checks: it names them as this preset does
+        ops.foreach_prox_(*args, fn, _LAM_NAMES[fn])
+    else:
+        ops.foreach_prox_(*args)
+    return weight
+
+
+def group_shrink_(weight, lam, dim=None, *, size_weighted=True):
+    fn = "group_shrink_"
+    if _checks.is_dtensor(weight):
+        return distributed.prox_(weight, lam_group=lam, dim=dim, size_weighted=size_weighted)
+    dims = _checked(weight, dim, fn)
+    _checks.check_flag(size_weighted, "size_weighted", fn)
+    lam = _lam(lam, "lam", weight, fn)
+    table = _fused.preset_table(weight, (0.0, lam, 0.0), fn, _LAM_NAMES[fn])
+    return _step(weight, table, dims, size_weighted, True, fn)
+
+
+def soft_threshold_(weight, lam):
+    fn = "soft_threshold_"
+    if _checks.is_dtensor(weight):
+        return distributed.prox_(weight, lam_l1=lam, dim=None)
+    dims = _checked(weight, _NO_GROUPS, fn)
+    lam = _lam(lam, "lam", weight, fn)
+    table = _fused.preset_table(weight, (lam, 0.0, 0.0), fn, _LAM_NAMES[fn])
+    return _step(weight, table, dims, True, True, fn)
+
+
+def sparse_group_shrink_(weight, lam_l1, lam_group, dim=None, *, size_weighted=True):
+    fn = "sparse_group_shrink_"
+    if _checks.is_dtensor(weight):
+        return distributed.prox_(weight, lam_l1=lam_l1, lam_group=lam_group, dim=dim,
+                                 size_weighted=size_weighted)
+    dims = _checked(weight, dim, fn)
+    _checks.check_flag(size_weighted, "size_weighted", fn)
+    lam_l1 = _lam(lam_l1, "lam_l1", weight, fn)
+    lam_group = _lam(lam_group, "lam_group", weight, fn)
+    table = _fused.preset_table(weight, (lam_l1, lam_group, 0.0), fn, _LAM_NAMES[fn])
+    return _step(weight, table, dims, size_weighted, True, fn)
+
+
+def exclusive_shrink_(weight, lam, dim=None, *, exact=True):
+    fn = "exclusive_shrink_"
+    if _checks.is_dtensor(weight):
+        return distributed.prox_(weight, lam_exclusive=lam, dim=dim, exact=exact)
+    dims = _checked(weight, dim, fn)
+    _checks.check_flag(exact, "exact", fn)
+    lam = _lam(lam, "lam", weight, fn)
+    table = _fused.preset_table(weight, (0.0, 0.0, lam), fn, _LAM_NAMES[fn])
+    return _step(weight, table, dims, True, exact, fn)
+
+
+def cges_shrink_(weight, lam_group, lam_exclusive, dim=None, *, size_weighted=True, exact=True):
+    fn = "cges_shrink_"
+    if _checks.is_dtensor(weight):
+        return distributed.prox_(weight, lam_group=lam_group, lam_exclusive=lam_exclusive,
+                                 dim=dim, size_weighted=size_weighted, exact=exact)
+    dims = _checked(weight, dim, fn)
+    _checks.check_flag(size_weighted, "size_weighted", fn)
+    _checks.check_flag(exact, "exact", fn)
+    lam_group = _lam(lam_group, "lam_group", weight, fn)
+    lam_exclusive = _lam(lam_exclusive, "lam_exclusive", weight, fn)
+    table = _fused.preset_table(weight, (0.0, lam_group, lam_exclusive), fn, _LAM_NAMES[fn])
+    return _step(weight, table, dims, size_weighted, exact, fn)
+
+
+for _fn in (group_norms, foreach_prox_, coupled_prox_, foreach_metric_prox_, group_shrink_,
+            soft_threshold_, sparse_group_shrink_, exclusive_shrink_, cges_shrink_):
     _fn.__doc__ = BY_NAME[_fn.__name__].docstring
-del _op, _fn
+del _fn
 
 __all__ = [op.name for op in BY_NAME.values()]

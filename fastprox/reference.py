@@ -4,9 +4,11 @@ Written to mirror the formulas of docs/SPEC.md, not to be fast. Same signatures 
 in-place semantics as the public operators (``fastprox.ops``); correct in float64 (the tests run
 it on a float64 copy), and it runs in the weight's own dtype otherwise.
 
-Its per-group rules (``group_scale``, ``cges_bound``, ``newton_tau``, ``exclusive_tau``) are
-also the sharded path's (fastprox/distributed.py). ``fused_step`` and ``group_norms_op`` are the
-library's kernels on devices without fused ones (registered in fastprox/_registry.py).
+Nothing in the library runs it. Its per-group rules (``group_scale``, ``cges_bound``,
+``newton_tau``, ``exclusive_tau``) are stated here on their own, apart from the library's
+(fastprox/_rules.py), so that the tests check those too. The ``*_op`` functions and
+``fused_step`` take the ops' own arguments (schemas: csrc/fastprox.cpp): the tests compare each
+backend with them, and run the public API on them (fastprox/_registry.py ``serve``).
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def coupled_prox_(slices, num_groups: int, *, lam_l1=0.0, lam_group=0.0, lam_exc
             offset += part.numel()
     return slices
 
-# -- the kernels of devices without fused ones (the ops' schemas: csrc/fastprox.cpp) -----------
+# -- the ops, by the reference (the ops' schemas: csrc/fastprox.cpp) ------------------------------
 
 def group_norms_op(weight: torch.Tensor, dim: list[int]) -> torch.Tensor:
     """``torch.ops.fastprox.group_norms`` by the reference (sums in float32 for 16-bit)."""
@@ -288,7 +290,7 @@ def group_sums_above_op(weight: torch.Tensor, dim: list[int], lam_l1: float, sca
     dims = sorted(d % weight.dim() for d in dim)
     m = weight.to(acc).abs()
     if lam_l1 > 0:
-        m = shrink_magnitude(m, torch.tensor(lam_l1, dtype=acc))
+        m = shrink_magnitude(m, float(lam_l1))
     if scale is not None:
         m = m * _per_group(scale.to(acc), weight, dims)
     above = m > _per_group(tau.to(acc), weight, dims)
@@ -307,7 +309,7 @@ def group_sums_op(weight: torch.Tensor, dim: list[int], lam_l1: float, what: int
     dims = sorted(d % weight.dim() for d in dim)
     y = weight.to(acc)
     if lam_l1 > 0:
-        y = shrink_magnitude(y, torch.tensor(lam_l1, dtype=acc))
+        y = shrink_magnitude(y, float(lam_l1))
 
     def total(x):
         return x.sum(dim=dims, dtype=acc) if dims else x.to(acc)
@@ -329,7 +331,7 @@ def group_rewrite_op(weight: torch.Tensor, dim: list[int], lam_l1: float, scale,
     dims = sorted(d % weight.dim() for d in dim)
     y = weight.to(acc)
     if lam_l1 > 0:
-        y = shrink_magnitude(y, torch.tensor(lam_l1, dtype=acc))
+        y = shrink_magnitude(y, float(lam_l1))
     if scale is not None:
         y = y * _per_group(scale.to(acc), weight, dims)
     if tau is not None:

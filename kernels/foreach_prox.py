@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ..operators import COLUMNS
 from . import launch
+
+# the fused step's thresholds, in the order of a row of ``lams`` (fastprox/operators.py COLUMNS)
+COLUMNS = ("lam_l1", "lam_group", "lam_exclusive")
 
 
 def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
@@ -32,7 +34,7 @@ def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
             and lams.dtype == torch.float64):
         raise ValueError(f"{caller}: lams must be a float64 tensor of 3 * len(weights) values")
     lams = lams.reshape(n, 3)
-    tensor_dims = launch.check_weights(caller, weights, dims, dim_counts, writes=True)
+    tensor_dims = launch.split_dims(weights, dims, dim_counts)
     entries = [(w, d, None, size_weighted[i], exact[i])
                for i, (w, d) in enumerate(zip(weights, tensor_dims))]
 

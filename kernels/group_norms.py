@@ -7,10 +7,8 @@ csrc/cpu/group_norms.cpp. Kernel: prox_kernel with NORMS_ONLY (kernels/group_eng
 
 from __future__ import annotations
 
-from .. import _checks
 from . import launch
 
 
 def group_norms(weight, dim):
-    _checks.check_weight(weight, "group_norms")
-    return launch.group_norms(weight, _checks.normalize_dim(list(dim), weight, "group_norms"))
+    return launch.group_norms(weight, launch.split_dims([weight], dim, [len(dim)])[0])

@@ -26,16 +26,17 @@ from . import launch
 from .layout import to_kept_shape
 
 
-def _check(op, weights, dims, dim_counts, lam_l1, writes, values=(), needed=None):
-    """Every argument of a phase op checked, before anything runs; (layouts, l1s, dims), the
-    layouts of the ``needed`` weights only (all by default)."""
+def _check(op, weights, dims, dim_counts, lam_l1, values=(), needed=None):
+    """The tables of a phase op checked (its weights arrive checked: fastprox/_triton.py),
+    before anything runs; (layouts, l1s, dims), the layouts of the ``needed`` weights only (all
+    by default)."""
     n = len(weights)
     if len(dim_counts) != n or len(lam_l1) != n:
         raise ValueError(f"{op}: dim_counts and lam_l1 need one entry per weight")
     for name, vs in values:
         if len(vs) != n:
             raise ValueError(f"{op}: {name} need one entry per weight")
-    tensor_dims = launch.check_weights(op, weights, dims, dim_counts, writes)
+    tensor_dims = launch.split_dims(weights, dims, dim_counts)
     l1s = []
     for i, lam in enumerate(lam_l1):
         lam = float(lam)
@@ -90,7 +91,7 @@ def foreach_group_sums(weights, dims, dim_counts, lam_l1, what):
     op = "foreach_group_sums"
     if what not in (1, 2, 3):
         raise ValueError(f"{op}: what must be 1, 2 or 3, got {what}")
-    layouts, l1s, tensor_dims = _check(op, weights, dims, dim_counts, lam_l1, False)
+    layouts, l1s, tensor_dims = _check(op, weights, dims, dim_counts, lam_l1)
     sums = launch.phase_(list(weights), layouts, l1s, launch.PHASE_SUMS)
     rows = ([0] if what & 1 else []) + ([1, 2] if what & 2 else [])
     return _kept(sums, weights, tensor_dims, layouts, rows)
@@ -100,7 +101,7 @@ def foreach_group_sums_above(weights, dims, dim_counts, lam_l1, scales, taus):
     op = "foreach_group_sums_above"
     if any(t is None for t in taus):
         raise ValueError(f"{op}: taus need a tensor per weight")
-    layouts, l1s, tensor_dims = _check(op, weights, dims, dim_counts, lam_l1, False,
+    layouts, l1s, tensor_dims = _check(op, weights, dims, dim_counts, lam_l1,
                                        (("scales", scales), ("taus", taus)))
     sums = launch.phase_(list(weights), layouts, l1s, launch.PHASE_ABOVE,
                          _values(weights, layouts, scales, taus))
@@ -113,7 +114,7 @@ def foreach_group_rewrite_(weights, dims, dim_counts, lam_l1, scales, taus):
     # not analyzed (no working copy)
     needed = [s is not None or t is not None or float(lam) > 0
               for s, t, lam in zip(scales, taus, lam_l1)]
-    layouts, l1s, _ = _check(op, weights, dims, dim_counts, lam_l1, True,
+    layouts, l1s, _ = _check(op, weights, dims, dim_counts, lam_l1,
                              (("scales", scales), ("taus", taus)), needed)
     launch.phase_(list(weights), layouts, l1s, launch.PHASE_REWRITE,
                   _values(weights, layouts, scales, taus))

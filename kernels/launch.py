@@ -1,4 +1,4 @@
-"""The host side of the CUDA kernels: argument checks, thresholds, buckets, tables, tile shapes,
+"""The host side of the CUDA kernels: thresholds, buckets, tables, tile shapes,
 tuning and launches. The kernels themselves are in kernels/group_engine.py.
 
 Every in-place operator, one weight or a list, goes through ``prox_``: weights are bucketed by
@@ -49,46 +49,17 @@ def _p2(x: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks beyond fastprox/_checks.py (shared with the Python API), all before any memory is touched:
-# the Python API checks first; these keep direct torch.ops calls on CUDA from reaching a kernel
-# with bad arguments, as the CPU kernels' own checks do (csrc/cpu/group_layout.cpp).
+# Arguments. The weights reach the entries checked (types, dims, devices, writable, no shared
+# memory: fastprox/_triton.py, the op's registered CUDA kernel, checks them before it calls an
+# entry, as the CPU kernels do in csrc/cpu/group_layout.cpp); the entries check their own tables.
 
-def check_writable(weight: torch.Tensor, name: str = "weight") -> None:
-    from .._checks import overlaps_itself
-
-    if weight.numel() > 1 and overlaps_itself(weight):
-        raise ValueError(f"{name} has elements that share memory (an expanded or "
-                         "self-overlapping view) and cannot be updated in place")
-
-
-def check_weights(caller: str, weights, dims, dim_counts, writes: bool) -> list[list[int]]:
-    """The checks of a list op's weights (one device, dims split by dim_counts, in place: no
-    shared memory); the dims of each weight, normalized."""
-    from .. import _checks
-
-    out = []
-    offset = 0
-    for i, w in enumerate(weights):
-        count = dim_counts[i]
-        if count < 0 or offset + count > len(dims):
-            raise ValueError(f"{caller}: dim_counts do not match dims")
-        _checks.check_weight(w, caller, f"weights[{i}]")
-        out.append(_checks.normalize_dim(list(dims[offset:offset + count]), w,
-                                         f"{caller}: weights[{i}]"))
-        if writes:
-            check_writable(w, f"weights[{i}]")
+def split_dims(weights, dims, dim_counts) -> list[list[int]]:
+    """Each weight's reduced dimensions (its ``dim_counts[i]`` entries of the flat ``dims``),
+    sorted and non-negative."""
+    out, offset = [], 0
+    for w, count in zip(weights, dim_counts):
+        out.append(sorted({int(d) % w.dim() for d in dims[offset:offset + count]}))
         offset += count
-        if w.device != weights[0].device:
-            raise ValueError(f"{caller}: weights[{i}] is on {w.device} but weights[0] is on "
-                             f"{weights[0].device}")
-    if offset != len(dims):
-        raise ValueError(f"{caller}: dim_counts do not match dims")
-    if writes:
-        ranges = [address_range(w) for w in weights]
-        for i in range(len(weights)):
-            for j in range(i):
-                if not (ranges[i][0] >= ranges[j][1] or ranges[j][0] >= ranges[i][1]):
-                    raise ValueError(f"{caller}: weights[{j}] and weights[{i}] share memory")
     return out
 
 

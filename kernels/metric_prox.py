@@ -43,7 +43,7 @@ def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_
         raise ValueError(f"{op}: names needs one entry per weight")
     label = (lambda i: names[i]) if names is not None else (lambda i: f"moments[{i}]")
     lam_rows, metric_rows = _rows(lams, n, "lams"), _rows(metric, n, "metric")
-    tensor_dims = launch.check_weights(op, weights, dims, dim_counts, writes=True)
+    tensor_dims = launch.split_dims(weights, dims, dim_counts)
     for i, (w, v) in enumerate(zip(weights, moments)):
         if v.shape != w.shape:
             raise ValueError(f"{op}: {label(i)} has shape {tuple(v.shape)}, expected "

@@ -39,7 +39,7 @@ class Op:
 
 
 # One case per sample of every preset row of the operator table (fastprox/operators.py).
-OPS = [Op(row.name, getattr(fastprox, row.name), row.reference, lams, grouped=row.grouped,
+OPS = [Op(row.name, getattr(fastprox, row.name), row.oracle, lams, grouped=row.grouped,
           kwargs=dict(flags))
        for row in PRESETS for lams, flags in row.samples]
 GROUPED_OPS = [op for op in OPS if op.grouped]

@@ -77,10 +77,45 @@ def test_every_row_is_served():
             assert not hasattr(torch.ops.fastprox, row.name), row.name
 
 
-def test_generated_presets_show_their_source():
+def test_presets_are_plain_functions():
+    """Each preset is a function written out in fastprox/ops.py (a search finds it), with the
+    signature its row declares: weight, its thresholds, dim=None if grouped, its flags
+    keyword-only (default True)."""
     import inspect
 
+    ops_file = os.path.join(PKG, "ops.py")
     for row in OPERATORS:
         if row.kind == "preset":
-            source = inspect.getsource(getattr(fastprox, row.name))
+            fn = getattr(fastprox, row.name)
+            source = inspect.getsource(fn)
             assert source.startswith(f"def {row.name}(weight, ") and "preset_table" in source
+            assert os.path.samefile(inspect.getsourcefile(fn), ops_file), row.name
+            assert f"\ndef {row.name}(" in open(ops_file).read(), row.name
+            P = inspect.Parameter
+            want = [P("weight", P.POSITIONAL_OR_KEYWORD)]
+            want += [P(n, P.POSITIONAL_OR_KEYWORD) for n in row.threshold_names]
+            if row.grouped:
+                want.append(P("dim", P.POSITIONAL_OR_KEYWORD, default=None))
+            want += [P(f, P.KEYWORD_ONLY, default=True) for f in row.flags]
+            assert list(inspect.signature(fn).parameters.values()) == want, row.name
+
+
+def test_kernels_are_a_leaf():
+    """kernels/ (installed as fastprox.kernels) imports nothing from fastprox: no relative
+    import above its own package, no absolute fastprox import; its default names of the fused
+    step's thresholds are the table's columns."""
+    from fastprox import kernels
+    from fastprox.kernels import foreach_prox
+    from fastprox.operators import COLUMNS
+
+    root = os.path.dirname(kernels.__file__)
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(open(os.path.join(root, name)).read())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, (name, node.module)
+                assert node.level or not (node.module or "").startswith("fastprox"), name
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("fastprox") for a in node.names), name
+    assert foreach_prox.COLUMNS == COLUMNS

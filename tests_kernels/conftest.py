@@ -20,17 +20,32 @@ if not INTERPRET and not torch.cuda.is_available():
                 returncode=2)
 
 from fresh_seed import _fresh_seed, pytest_runtest_makereport  # noqa: E402,F401
-from kernel_calls import served_by_kernels  # noqa: E402
+from kernel_calls import BACKENDS, served_by  # noqa: E402
 
 
-@pytest.fixture
-def kernels_served():
-    """The test reaches the Triton kernels through the public API (kernel_calls.py)."""
-    with served_by_kernels():
-        yield
+def pytest_collection_modifyitems(config, items):
+    if "triton" in BACKENDS:
+        return
+    skip = pytest.mark.skip(reason="calls the Triton kernels directly (not in "
+                                   "FASTPROX_TEST_BACKENDS)")
+    for item in items:
+        if "backend" not in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The test runs on each backend in turn, through the public API and the dispatcher
+    (kernel_calls.py); a test marked ``triton_only`` (one of the Triton kernels' own launches,
+    paths or entries) on the Triton kernels alone."""
+    if request.param != "triton" and request.node.get_closest_marker("triton_only"):
+        pytest.skip("a test of the Triton kernels' own launches and paths")
+    with served_by(request.param):
+        yield request.param
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_only: runs on the Triton backend alone")
     # The interpreter evaluates both sides of tl.where in numpy: 1/0 in a branch not taken.
     config.addinivalue_line("filterwarnings",
                             "ignore:divide by zero encountered:RuntimeWarning")

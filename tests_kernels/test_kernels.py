@@ -14,18 +14,21 @@ import torch
 import fastprox
 from fastprox import reference
 from helpers import DTYPES, OPS, TOLERANCES, assert_matches_reference, random_weight, run
-from kernel_calls import DEVICE
+from kernel_calls import DEVICE, on_triton_paths
 from layouts import LAYOUTS
 
 from fastprox.kernels import launch
 
 GROUPED = [op for op in OPS if op.grouped]
-pytestmark = pytest.mark.usefixtures("kernels_served")
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 @pytest.fixture(params=["tile", "looped", "split"])
 def path(request, monkeypatch):
-    """Forces an engine path on small shapes by shrinking its size limits."""
+    """Forces an engine path on small shapes by shrinking its size limits (of the Triton
+    kernels: the other backends run the tile case alone)."""
+    if request.param != "tile" and not on_triton_paths(request):
+        pytest.skip("an engine path of the Triton kernels")
     if request.param != "tile":
         monkeypatch.setattr(launch, "ONE_TILE_ELEMS", 16)
         monkeypatch.setattr(launch, "TILE_ELEMS", 8)
@@ -145,8 +148,9 @@ def test_bad_threshold_leaves_weight(op, bad, tensor):
         assert torch.equal(w, before)
 
 
+@pytest.mark.triton_only
 def test_bad_input_names_the_argument():
-    from fastprox import kernels
+    from fastprox import _triton as kernels  # the CUDA kernel of the op: checks, then the entry
 
     w = torch.randn(4, 4, device=DEVICE)
     lam = torch.tensor([[0.0, 0.1, 0.0]], dtype=torch.float64)
@@ -235,6 +239,7 @@ def _plan(shapes_dims, dtype, sms=132):
     return sum(len(launches) for _, _, launches, _ in plans)
 
 
+@pytest.mark.triton_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_whole_model_in_few_launches(dtype):
     from model_shapes import gpt2_small_weights, resnet50_weights
@@ -252,6 +257,7 @@ class _Counting:
         return self.kernel[grid]
 
 
+@pytest.mark.triton_only
 @pytest.mark.parametrize("exact", [True, False])
 def test_paths_are_taken(path, monkeypatch, exact):
     """The path fixture reaches the kernels it names (the tests above rely on it)."""

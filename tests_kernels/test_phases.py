@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import fastprox
-from fastprox import CoupledGroups, Slice, kernels, reference
+from fastprox import CoupledGroups, Slice, reference
+from fastprox import _triton as kernels  # the ops' CUDA kernels: the checks, then the entries
 from helpers import DTYPES
-from kernel_calls import DEVICE
+from kernel_calls import DEVICE, on_triton_paths
 from phase_checks import check_phase_ops
 
 from fastprox.kernels import launch
@@ -20,7 +21,10 @@ from fastprox.kernels import launch
 
 @pytest.fixture(params=["one", "several"])
 def sweeps(request, monkeypatch):
-    """Groups in one sub-tile, or in several (small loop tiles)."""
+    """Groups in one sub-tile, or in several (small loop tiles of the Triton kernels: the other
+    backends run the first case alone)."""
+    if request.param == "several" and not on_triton_paths(request):
+        pytest.skip("an engine path of the Triton kernels")
     if request.param == "several":
         monkeypatch.setattr(launch, "LOOP_ELEMS", 32)
     return request.param
@@ -66,7 +70,7 @@ def test_sums_are_deterministic():
         assert torch.equal(kernels.foreach_group_sums([w], [0], [1], [0.01], 3)[0], first)
 
 
-@pytest.mark.usefixtures("kernels_served")
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("exact", [True, False])
 def test_coupled_step_on_the_kernels(exact, sweeps):
     """The coupled step (sums, rules, Newton steps, rewrite) with every phase on the Triton
@@ -85,7 +89,7 @@ def test_coupled_step_on_the_kernels(exact, sweeps):
         torch.testing.assert_close(a[0].cpu().to(torch.float64), b[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.usefixtures("kernels_served")
+@pytest.mark.usefixtures("backend")
 def test_coupled_thresholds_beyond_float32(sweeps):
     """lam_l1 and lam_group above float32's range, with an infinite element: the soft
     threshold keeps it infinite, its group keeps its values, the other groups go, no NaN."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastprox
-from fastprox import kernels
+from fastprox import _registry, kernels
 from fastprox.operators import COLUMNS
 from kernel_calls import INTERPRET
 
@@ -43,7 +43,7 @@ def _op_args(device):
 def test_registered_for_cuda_and_a_default_backend():
     """CUDA: the Triton entries; CPU: the C++ kernels; every other device (and CUDA without
     Triton): the reference, as the dispatcher's default kernel."""
-    kernels.register()
+    _registry.register_triton()
     for name in kernels.ENTRIES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprox::{name}", "CUDA")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprox::{name}", "CPU")
@@ -53,14 +53,14 @@ def test_registered_for_cuda_and_a_default_backend():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 def test_opcheck_after_registration(device):
-    kernels.register()
+    _registry.register_triton()
     for op, args in _op_args(device):
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 def test_compile_fullgraph_after_registration(device):
-    kernels.register()
+    _registry.register_triton()
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True)
