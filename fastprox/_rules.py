@@ -2,7 +2,7 @@
 shards), from a group's combined sums to its scale and exclusive threshold. Formulas and edge
 cases: docs/SPEC.md; the C++ and Triton kernels apply the same rules inside their kernels
 (csrc/cpu/group_engine.h, kernels/group_engine.py), and fastprox/reference.py states them again,
-independently, as the tests' oracle.
+in a form of its own, as the tests' oracle.
 """
 
 from __future__ import annotations

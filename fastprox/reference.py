@@ -54,30 +54,27 @@ def group_norms(weight: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 def group_scale(norms: torch.Tensor, t: float) -> torch.Tensor:
-    """s = 0 if ||W_g|| <= t else 1 - t/||W_g||: a NaN norm gives a NaN scale, an infinite one
-    1 (also when t overflows the norms' dtype), a zero group 0 (never a division by zero)."""
-    scale = torch.where(norms <= t, torch.zeros_like(norms), 1 - t / norms)
-    return torch.where(torch.isinf(norms), torch.ones_like(norms), scale)
+    """s = max(1 - t/||W_g||, 0), with the edge rules: a NaN norm gives NaN, an infinite one 1
+    (also when t overflows the norms' dtype), a zero group 0 (t/0 is inf: 1 - inf clamps to 0)."""
+    return (1 - t / norms).clamp(min=0).masked_fill(norms.isinf(), 1.0)
 
 
 def cges_bound(l1: torch.Tensor, lam: float) -> torch.Tensor:
-    """CGES's exclusive threshold lam * ||W_g||_1 (0 for a zero group, even when lam is inf)."""
-    return torch.where(l1 > 0, lam * l1, torch.zeros_like(l1))
+    """CGES's exclusive threshold lam * ||W_g||_1; a zero group gets 0 (also for lam = inf)."""
+    return (lam * l1).masked_fill(l1 == 0, 0.0)
 
 
 def newton_tau(total: torch.Tensor, count: torch.Tensor, lam: float) -> torch.Tensor:
-    """lam S / (1 + lam k) for the sum S of the k magnitudes above tau (0 when k = 0), written
-    S / (1/lam + k) so that a lam that overflows still gives S / k."""
-    return torch.where(count > 0, total / (1 / lam + count), torch.zeros_like(total))
+    """lam S / (1 + lam k) for the sum S of the k magnitudes above tau, 0 when k = 0: as
+    S / (1/lam + k), so that a lam beyond the dtype's range still gives S / k."""
+    return (total / (1 / lam + count)).masked_fill(count == 0, 0.0)
 
 
 def exclusive_tau(tau: torch.Tensor, l1: torch.Tensor, scale) -> torch.Tensor:
-    """The exclusive threshold of each group after the edge rules: a NaN group (NaN l1 norm)
-    gets NaN; an infinite group, or one the group step zeroed (scale 0), gets 0 (it keeps its
-    values / stays zero)."""
-    keep = torch.isinf(l1) | (scale == 0)
-    tau = torch.where(keep, torch.zeros_like(tau), tau)
-    return torch.where(torch.isnan(l1), l1, tau)
+    """A group's exclusive threshold after the edge rules: NaN for a NaN group; 0 for an
+    infinite group (it keeps its values) and for one the group step zeroed (it stays zero)."""
+    tau = tau.masked_fill(l1.isinf() | (scale == 0), 0.0)
+    return tau.masked_fill(l1.isnan(), math.nan)
 
 
 def group_shrink_(weight, lam, dim=None, *, size_weighted=True):
