@@ -24,12 +24,17 @@ build: $(VENV)/.built
 # tests/: the CPU kernels and the Python API. tests_kernels/: the Triton kernels, on a CUDA
 # device when there is one, else under Triton's interpreter on CPU tensors (the variable must be
 # set before triton is imported: a pytest run of its own).
+# Under the interpreter (one core per process) the kernel tests are spread over TEST_JOBS
+# processes with pytest-xdist (requirements-dev.txt), when it is installed.
+TEST_JOBS ?= 2
+
 test: build
 	$(PY) -m pytest tests
 	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) -m pytest tests_kernels; \
 	else \
-		TRITON_INTERPRET=1 $(PY) -m pytest tests_kernels; \
+		if $(PY) -c "import xdist" 2>/dev/null; then JOBS="-n $(TEST_JOBS)"; else JOBS=""; fi; \
+		TRITON_INTERPRET=1 $(PY) -m pytest tests_kernels $$JOBS; \
 	fi
 
 # The fast lane, for day-to-day work (a few minutes): the CPU suite, and the kernel tests on the

@@ -28,7 +28,6 @@ import platform
 import torch
 
 import fastprox
-from fastprox import _fused
 from fastprox.operators import OPERATORS, Operator
 
 SHAPES_CPU = {
