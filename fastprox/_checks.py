@@ -160,11 +160,21 @@ def check_op_weights(fn: str, weights, dims, dim_counts, writes: bool) -> None:
                              f"{weights[0].device}")
     if offset != len(dims):
         raise ValueError(f"{fn}: dim_counts do not match dims")
-    if writes:
+    if writes:  # by address: also tensors of two storages over one buffer (DLPack, frombuffer)
+        ranges = [_address_range(w) for w in weights]
         for i in range(len(weights)):
             for j in range(i):
-                if shares_memory(weights[i], weights[j]):
+                if ranges[i][0] < ranges[j][1] and ranges[j][0] < ranges[i][1]:
                     raise ValueError(f"{fn}: weights[{j}] and weights[{i}] share memory")
+
+
+def _address_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of a tensor's elements in memory (empty: an empty range)."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo, hi = span(t)
+    base = t.untyped_storage().data_ptr()
+    return base + lo, base + hi
 
 
 def check_grad(weight: torch.Tensor, fn: str, name: str = "weight") -> None:

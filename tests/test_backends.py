@@ -66,6 +66,12 @@ def test_host_refuses_what_a_copy_would_hide():
     with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
         _host.foreach_prox_([w, w[2:]], _lams([0, 0.1, 0], [0, 0.1, 0]), [1, 1], [1, 1],
                             [True] * 2, [True] * 2)
+    buf = bytearray(4 * 64)  # two storages over one buffer: found by address
+    a = torch.frombuffer(buf, dtype=torch.float32)[:40].view(8, 5)
+    b = torch.frombuffer(buf, dtype=torch.float32, offset=4 * 16).view(8, 6)
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
+        _host.foreach_prox_([a, b], _lams([0, 0.1, 0], [0, 0.1, 0]), [1, 1], [1, 1],
+                            [True] * 2, [True] * 2)
     with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] shares memory with weights\[0\]"):
         _host.foreach_metric_prox_([w], [w], lam, _lams([1.0, 1e-8, 1e-3]), [1], [1], [True],
                                    [True], ["exp_avg_sqs[0]"])
