@@ -37,7 +37,7 @@ def group_norms(weight, dim):
 def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
                   caller="foreach_prox_", lam_names=None):
     _checks.check_op_weights(caller, weights, dims, dim_counts, writes=True)
-    copies = [_host(w) for w in weights]
+    copies = _per_weight(weights)
     ops.foreach_prox_(copies, _host(lams), dims, dim_counts, size_weighted, exact, caller,
                       lam_names)
     _write_back(weights, copies)
@@ -49,12 +49,12 @@ def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_
     _checks.check_op_weights(op, weights, dims, dim_counts, writes=True)
     for i, v in enumerate(moments):
         for j, w in enumerate(weights):
-            if isinstance(v, torch.Tensor) and _checks.shares_memory(v, w):
+            if _checks.shares_memory(v, w):
                 label = names[i] if names is not None and i < len(names) else f"moments[{i}]"
                 raise ValueError(f"{op}: {label} shares memory with weights[{j}], which the "
                                  "step writes")
-    copies = [_host(w) for w in weights]
-    ops.foreach_metric_prox_(copies, [_host(v) for v in moments], _host(lams), _host(metric),
+    copies = _per_weight(weights)
+    ops.foreach_metric_prox_(copies, _per_weight(moments), _host(lams), _host(metric),
                              dims, dim_counts, size_weighted, exact, names)
     _write_back(weights, copies)
 

@@ -8,8 +8,8 @@ After an Adam step, ``z`` (the updated weight) minimizes the step's quadratic mo
 
 * ``foreach_metric_prox_``: one call for a list of tensors with their second moments (the fused
   op ``torch.ops.fastprox.foreach_metric_prox_``: C++ on the CPU, Triton on CUDA, the C++
-  kernel on a host copy on other devices; DTensor weights: the local shards when no group spans shards,
-  else the full tensor);
+  kernel on a host copy on other devices; DTensor weights: the local shards when no group spans
+  shards, else the full tensor);
 * ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric (every set's groups
   gathered into a padded matrix, a row per group, in the members' accumulation type, solved by
   the same op);

@@ -419,9 +419,9 @@ class Regularizer:
         parameter group's current lr of ``optimizer``, or the ``lr`` given (a number or a 0-d
         tensor). All targets on one device go through one ``foreach_prox_``
         call (the dispatcher picks the device's kernel: fused on the CPU and on CUDA with
-        Triton, the C++ kernels on a host copy elsewhere). Sharded targets (DTensor parameters, as under
-        FSDP2's ``fully_shard``) go through a call of their own, which ``foreach_prox_`` hands
-        to ``fastprox.distributed``: every rank must take the step."""
+        Triton, the C++ kernels on a host copy elsewhere). Sharded targets (DTensor parameters,
+        as under FSDP2's ``fully_shard``) go through a call of their own, which
+        ``foreach_prox_`` hands to ``fastprox.distributed``: every rank must take the step."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
         if optimizer is not None and self._prox_of(optimizer, prox or self.prox,
