@@ -1,6 +1,6 @@
 // Schemas of fastprox's operators, defined once: group_norms, the fused in-place step
 // foreach_prox_, of which the public in-place operators are presets (fastprox/ops.py), the step
-// in an Adam metric foreach_metric_prox_, and the phases (foreach_group_sums,
+// in an Adam metric foreach_metric_prox_ and its coupled form coupled_metric_prox_, and the phases (foreach_group_sums,
 // foreach_group_sums_above, foreach_group_rewrite_) of steps whose groups span several tensors.
 // Kernels register per device: csrc/cpu/*.cpp (CPU), kernels/*.py behind fastprox/_triton.py
 // (CUDA), and these kernels on a host copy (fastprox/_host.py) for every other device. Fake (meta) implementations live in
@@ -51,6 +51,18 @@ TORCH_LIBRARY(fastprox, m) {
       "foreach_metric_prox_(Tensor(a!)[] weights, Tensor[] moments, Tensor lams, Tensor metric, "
       "int[] dims, int[] dim_counts, bool[] size_weighted, bool[] exact, "
       "str[]? names=None) -> ()");
+  // The step of coupled groups (fastprox/coupled.py) in that metric, for a list of sets run one
+  // after another: set j has the next set_sizes[j] members (each with its moment, the axis its
+  // slices are taken along and its metric row), its groups' slices (slices[j]: int64 rows
+  // (member in the set, position), group by group; starts[j]: int64, groups + 1 offsets into
+  // them), per-group group thresholds t_g (thresholds[j]: float64), lam_l1[j], lam_exclusive[j]
+  // and exact[j]. direct: the moments are the metric d itself (metric rows unused). Every check
+  // before any write; `names` names the moments in errors. csrc/cpu/coupled_metric.cpp.
+  m.def(
+      "coupled_metric_prox_(Tensor(a!)[] members, Tensor[] moments, int[] axes, Tensor metric, "
+      "int[] set_sizes, Tensor[] slices, Tensor[] starts, Tensor[] thresholds, "
+      "float[] lam_l1, float[] lam_exclusive, bool[] exact, bool direct=False, "
+      "str[]? names=None) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight
@@ -82,6 +94,8 @@ TORCH_LIBRARY_IMPL(fastprox, ADInplaceOrView, m) {
   m.impl("foreach_group_rewrite_",
          torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
   m.impl("foreach_metric_prox_",
+         torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
+  m.impl("coupled_metric_prox_",
          torch::CppFunction::makeFromBoxedFunction<&bump_mutated_versions>());
 }
 

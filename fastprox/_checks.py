@@ -168,6 +168,30 @@ def check_op_weights(fn: str, weights, dims, dim_counts, writes: bool) -> None:
                     raise ValueError(f"{fn}: weights[{j}] and weights[{i}] share memory")
 
 
+def check_coupled_members(fn: str, members, set_sizes) -> None:
+    """The members of a list of coupled sets (the next ``set_sizes[j]`` members are set j's),
+    as their kernels receive them: strided float tensors on one device, each writable, no two
+    members of one set sharing memory (two sets may hold one tensor: they run one after
+    another)."""
+    if any(s < 0 for s in set_sizes) or sum(set_sizes) != len(members):
+        raise ValueError(f"{fn}: set_sizes do not match members")
+    for i, w in enumerate(members):
+        check_weight(w, fn, f"members[{i}]")
+        check_writable(w, fn, f"members[{i}]")
+        if w.device != members[0].device:
+            raise ValueError(f"{fn}: members[{i}] is on {w.device} but members[0] is on "
+                             f"{members[0].device}")
+    first = 0
+    for size in set_sizes:
+        ranges = [_address_range(w) for w in members[first:first + size]]
+        for i in range(size):
+            for j in range(i):
+                if ranges[i][0] < ranges[j][1] and ranges[j][0] < ranges[i][1]:
+                    raise ValueError(f"{fn}: members[{first + j}] and members[{first + i}] "
+                                     "share memory")
+        first += size
+
+
 def _address_range(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, last byte + 1) of a tensor's elements in memory (empty: an empty range)."""
     if t.numel() == 0:

@@ -85,7 +85,37 @@ def foreach_group_rewrite_(weights, dims, dim_counts, lam_l1, scales, taus):
     _write_back(weights, copies)
 
 
+def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, starts,
+                         thresholds, lam_l1, lam_exclusive, exact, direct=False, names=None):
+    """Every set checked on host copies first (nothing written), then set by set: its members
+    copied, stepped and written back before the next set reads them (two sets may hold one
+    tensor)."""
+    op = "coupled_metric_prox_"
+    _checks.check_coupled_members(op, members, set_sizes)
+    for i, v in enumerate(moments):
+        for j, w in enumerate(members):
+            if _checks.shares_memory(v, w):
+                label = names[i] if names is not None and i < len(names) else f"moments[{i}]"
+                raise ValueError(f"{op}: {label} shares memory with members[{j}], which the "
+                                 "step writes")
+    host_moments = _per_weight(moments)
+    tables = [_per_weight(slices), _per_weight(starts), _per_weight(thresholds)]
+    ops.coupled_metric_prox_(_per_weight(members), host_moments, axes, _host(metric),
+                             set_sizes, *tables, lam_l1, lam_exclusive, exact, direct,
+                             names)  # the checks: raises before anything is written back
+    first = 0
+    for j, size in enumerate(set_sizes):
+        span = slice(first, first + size)
+        first += size
+        copies = _per_weight(members[span])
+        ops.coupled_metric_prox_(copies, host_moments[span], axes[span], _host(metric[span]),
+                                 [size], [tables[0][j]], [tables[1][j]], [tables[2][j]],
+                                 [lam_l1[j]], [lam_exclusive[j]], [exact[j]], direct,
+                                 None if names is None else names[span])
+        _write_back(members[span], copies)
+
+
 # op name -> its kernel on devices without their own (every op of csrc/fastprox.cpp)
 ENTRIES = {fn.__name__: fn for fn in (group_norms, foreach_prox_, foreach_metric_prox_,
                                       foreach_group_sums, foreach_group_sums_above,
-                                      foreach_group_rewrite_)}
+                                      foreach_group_rewrite_, coupled_metric_prox_)}

@@ -1,7 +1,7 @@
 """Loads the operator library and registers what PyTorch needs beyond its C++ kernels.
 
 Schemas: csrc/fastprox.cpp (defined once: group_norms, the fused step foreach_prox_, the step in
-an Adam metric foreach_metric_prox_, and the phases foreach_group_sums /
+an Adam metric foreach_metric_prox_ and its coupled form coupled_metric_prox_, and the phases foreach_group_sums /
 foreach_group_sums_above / foreach_group_rewrite_ of steps whose groups span several tensors).
 The dispatcher alone picks the kernel, by device:
 
@@ -94,7 +94,8 @@ def _entries(backend: str) -> dict:
             "foreach_metric_prox_": reference.foreach_metric_prox_op,
             "foreach_group_sums": reference.foreach_group_sums_op,
             "foreach_group_sums_above": reference.foreach_group_sums_above_op,
-            "foreach_group_rewrite_": reference.foreach_group_rewrite_op}
+            "foreach_group_rewrite_": reference.foreach_group_rewrite_op,
+            "coupled_metric_prox_": reference.coupled_metric_prox_op}
 
 
 @contextlib.contextmanager
@@ -171,6 +172,8 @@ torch.library.register_fake("fastprox::foreach_group_sums_above")(
     lambda weights, dims, dim_counts, lam_l1, scales, taus:
     _foreach_group_sums_fake(weights, dims, dim_counts, lam_l1, 2))
 torch.library.register_fake("fastprox::foreach_group_rewrite_")(_no_output)
+# The step of coupled groups in an optimizer's metric (fastprox/metric.py): an op of its own too.
+torch.library.register_fake("fastprox::coupled_metric_prox_")(_no_output)
 
 
 def _group_norms_setup_context(ctx, inputs, output):

@@ -56,7 +56,15 @@ def foreach_group_rewrite_(weights, dims, dim_counts, lam_l1, scales, taus):
     return kernels.foreach_group_rewrite_(weights, dims, dim_counts, lam_l1, scales, taus)
 
 
+def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, starts,
+                         thresholds, lam_l1, lam_exclusive, exact, direct=False, names=None):
+    _checks.check_coupled_members("coupled_metric_prox_", members, set_sizes)
+    return kernels.coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices,
+                                        starts, thresholds, lam_l1, lam_exclusive, exact,
+                                        direct, names)
+
+
 # op name -> its checked Triton kernel (every op of csrc/fastprox.cpp)
 ENTRIES = {fn.__name__: fn for fn in (group_norms, foreach_prox_, foreach_metric_prox_,
                                       foreach_group_sums, foreach_group_sums_above,
-                                      foreach_group_rewrite_)}
+                                      foreach_group_rewrite_, coupled_metric_prox_)}

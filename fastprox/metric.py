@@ -10,9 +10,10 @@ After an Adam step, ``z`` (the updated weight) minimizes the step's quadratic mo
   op ``torch.ops.fastprox.foreach_metric_prox_``: C++ on the CPU, Triton on CUDA, the C++
   kernel on a host copy on other devices; DTensor weights: the local shards when no group spans
   shards, else the full tensor);
-* ``coupled_metric_prox_``: coupled groups (fastprox.coupled) in the metric (every set's groups
-  gathered into a padded matrix, a row per group, in the members' accumulation type, solved by
-  the same op);
+* ``coupled_metric_prox_`` / ``coupled_metric_step``: coupled groups (fastprox.coupled) in the
+  metric (the fused op ``torch.ops.fastprox.coupled_metric_prox_``: per group, its slices
+  gathered from the members into a buffer, solved by the plain step's per-group rules, written
+  back; sets one after another in one call);
 * ``AdamState``: what an Adam / AdamW optimizer's state says ``d`` is, per parameter.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
 
 import torch
 
@@ -203,58 +203,65 @@ def _checks_disjoint(indexed, moments, fn: str) -> None:
 
 # -- coupled groups ----------------------------------------------------------------------------
 
-class _PaddedLayout(NamedTuple):
-    """Where a set's elements go in a (num_groups, width) matrix holding every group's elements
-    (members in order, each member's slices in position order), padded: ``flats[k]``, the
-    matrix position of each element of member k (in the order of ``_member_rows``);
-    ``source``, per matrix position, the index of its element in the members' elements one
-    after another (padding: the index just past them, of an appended zero); ``parts``, per
-    group size n, the rows of the groups of that size."""
-
-    flats: list
-    source: torch.Tensor
-    width: int
-    parts: list
-
-
-def _padded_layout(groups) -> _PaddedLayout:
-    """The set's padded layout, built once per set and device (it depends only on the members'
-    shapes and indices, fixed when the set is built)."""
-    device = groups.device
-    cache = groups.__dict__.setdefault("_padded_layouts", {})
-    if device in cache:
-        return cache[device]
-    fill = torch.zeros(groups.num_groups, dtype=torch.int64)
-    placed = []
-    for m in groups.slices:
-        index = m.index
-        per = m.tensor.numel() // max(m.tensor.shape[m.axis], 1)
-        # the rank of each position among the member's positions of its group
-        order = torch.argsort(index, stable=True)
+def _slice_table(groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set's groups as the op takes them, built once per set (they depend only on the
+    members' indices, fixed when the set is built): ``slices``, int64 rows (member, position),
+    group by group (members in order, each member's positions in position order), and
+    ``starts``, where each group's rows begin (num_groups + 1 offsets); on the CPU."""
+    cached = groups.__dict__.get("_slice_table")
+    if cached is None:
+        index = torch.cat([m.index for m in groups.slices])
+        member = torch.cat([torch.full((len(m.index),), k, dtype=torch.int64)
+                            for k, m in enumerate(groups.slices)])
+        position = torch.cat([torch.arange(len(m.index)) for m in groups.slices])
+        order = torch.sort(index, stable=True).indices
         counts = torch.bincount(index, minlength=groups.num_groups)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(index)
-        rank[order] = torch.arange(index.numel()) - starts[index[order]]
-        offset = fill[index] + rank * per
-        placed.append((index, offset[:, None] + torch.arange(per)[None, :]))
-        fill += counts * per
-    width = int(fill.max()) if fill.numel() else 0
-    flats = [(index[:, None] * width + cols).reshape(-1) for index, cols in placed]
-    total = sum(f.numel() for f in flats)
-    source = torch.full((groups.num_groups * width,), total, dtype=torch.int64)
-    start = 0
-    for f in flats:
-        source[f] = torch.arange(start, start + f.numel())
-        start += f.numel()
-    sizes = groups.sizes.to(torch.int64)
-    parts = [(int(n), (sizes == n).nonzero().squeeze(1).to(device)) for n in sizes.unique()]
-    layout = _PaddedLayout([f.to(device) for f in flats], source.to(device), width, parts)
-    cache[device] = layout
-    return layout
+        cached = (torch.stack([member[order], position[order]], 1).contiguous(),
+                  torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+        groups.__dict__["_slice_table"] = cached
+    return cached
 
 
-def _member_rows(m) -> torch.Tensor:
-    return m.tensor.movedim(m.axis, 0).reshape(m.tensor.shape[m.axis], -1)
+def coupled_metric_step(sets, moments, rows, lams, size_weighted, exact, *, direct=False,
+                        names=None) -> None:
+    """The metric step of checked coupled sets, one after another in the order given, in one
+    fused ``coupled_metric_prox_`` call (C++ on the CPU: per group, its slices gathered from the
+    members into a buffer in cache, solved with the plain metric step's rules and written back;
+    docs/SPEC.md). Per set: ``moments[j]``, per member, its second moment (``direct``: the
+    metric d itself); ``rows[j]``, per member, (scale, eps, lr) (unused when ``direct``);
+    ``lams[j]`` = (l1, lg, le): t_g = lg c_g, c_g = sqrt(n_g) when ``size_weighted[j]``;
+    ``names``: per set, per member, what the op's errors call its moment."""
+    by_device: dict = {}
+    for j, g in enumerate(sets):  # (sets on different devices share no memory)
+        by_device.setdefault(g.device, []).append(j)
+    if len(by_device) > 1:
+        for idx in by_device.values():
+            coupled_metric_step(*([x[j] for j in idx] for x in (sets, moments, rows, lams,
+                                                                size_weighted, exact)),
+                                direct=direct, names=None if names is None else
+                                [names[j] for j in idx])
+        return
+    members, flat_moments, axes, metric, sizes = [], [], [], [], []
+    slices, starts, thresholds, labels = [], [], [], []
+    for j, g in enumerate(sets):
+        members += [m.tensor for m in g.slices]
+        flat_moments += list(moments[j])
+        axes += [m.axis for m in g.slices]
+        metric += [(1.0, 0.0, 1.0)] * len(g.slices) if direct else list(rows[j])
+        sizes.append(len(g.slices))
+        table, begin = _slice_table(g)
+        slices.append(table)
+        starts.append(begin)
+        c = g.sizes.to(torch.float64).sqrt() if size_weighted[j] else \
+            torch.ones(g.num_groups, dtype=torch.float64)
+        thresholds.append(float(lams[j][1]) * c)
+        if names is not None:
+            labels += list(names[j])
+    ops.coupled_metric_prox_(
+        members, flat_moments, axes, torch.tensor(metric, dtype=torch.float64).reshape(-1, 3),
+        sizes, slices, starts, thresholds, [float(l[0]) for l in lams],
+        [float(l[2]) for l in lams], [bool(e) for e in exact], direct,
+        None if names is None else labels)
 
 
 def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
@@ -262,79 +269,39 @@ def coupled_metric_prox_(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive
     """``coupled_prox_`` of one ``CoupledGroups`` in the metric ``diag(d)``: ``ds[k]`` (finite,
     >= 0, shaped like member k's tensor) is the metric of member k's elements. Per group, over
     the union of its slices: soft threshold by lam_l1/d_i, the metric group step with
-    t_g = lam_group c_g (c_g = sqrt(n_g) or 1), the metric exclusive step (docs/SPEC.md). The
-    groups are gathered into a matrix (a row per group, padded with z = 0, d = 0: adds nothing
-    to any sum, stays 0; float32 for float32 and 16-bit members, float64 for float64 members or
-    where some d exceeds 1e18, whose square float32 cannot hold), solved by the fused op (C++ on
-    the CPU, Triton on CUDA) and written back: every member written once. Returns ``groups``."""
+    t_g = lam_group c_g (c_g = sqrt(n_g) or 1), the metric exclusive step (docs/SPEC.md), by the
+    fused op (``coupled_metric_step``; float32 for float32 and 16-bit members, float64 for
+    float64 members or where some d exceeds 1e18, whose square float32 cannot hold): every
+    member read and written once. Returns ``groups``."""
     fn = "coupled_metric_prox_"
     l1, lg, le = (_number(v, n, fn) for v, n in ((lam_l1, "lam_l1"), (lam_group, "lam_group"),
                                                   (lam_exclusive, "lam_exclusive")))
     for name, v in zip(COLUMNS, (l1, lg, le)):
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {v}")
+    if not isinstance(size_weighted, bool) or not isinstance(exact, bool):
+        raise TypeError(f"{fn}: size_weighted and exact must be bools")
     if len(ds) != len(groups.slices):
         raise ValueError(f"{fn}: ds has {len(ds)} tensors for {len(groups.slices)} members")
     for k, (m, d) in enumerate(zip(groups.slices, ds)):
+        if not isinstance(d, torch.Tensor) or not d.is_floating_point():
+            raise TypeError(f"{fn}: ds[{k}] must be a floating-point tensor")
         if d.shape != m.tensor.shape:
             raise ValueError(f"{fn}: ds[{k}] has shape {tuple(d.shape)}, expected "
                              f"{tuple(m.tensor.shape)}")
-    # the smallest and largest d of every member, read on the host at once (NaN propagates)
-    ranges = [torch.stack(torch.aminmax(d.detach())).to(torch.float64) if d.numel() else
-              torch.zeros(2, dtype=torch.float64, device=d.device) for d in ds]
-    ranges = torch.stack([r.to(groups.device) for r in ranges]).cpu() if ranges else None
-    for k, m in enumerate(groups.slices):
-        lo, hi = (float(x) for x in ranges[k])
-        if not (lo >= 0 and hi < math.inf):
-            raise ValueError(f"{fn}: ds[{k}], the metric of member {k} ({m.name}) of "
-                             f"{groups.name}, must be finite and >= 0; from an optimizer's "
-                             "state: its second moment (exp_avg_sq) has negative, NaN or "
-                             "infinite entries, the state is damaged (check the loss and "
-                             "gradients for NaN/inf, or reload a checkpoint)")
+        if d.device != m.tensor.device:
+            raise ValueError(f"{fn}: ds[{k}] is on {d.device}, its member on "
+                             f"{m.tensor.device}")
     for k, m in enumerate(groups.slices):
         _checks.check_grad(m.tensor, fn, f"member {k} ({m.name})")
     if (l1 == 0 and lg == 0 and le == 0) or groups.num_groups == 0:
         return groups
+    names = [[f"ds[{k}], the metric of member {k} ({m.name}) of {groups.name},"
+              for k, m in enumerate(groups.slices)]]
     with torch.no_grad():
-        # float32 members are solved in float32 while d^2 (the op's moment) fits it
-        wide = ranges is not None and float(ranges[:, 1].max()) > _WIDE_D
-        _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact, wide)
+        coupled_metric_step([groups], [[d.detach() for d in ds]], [None], [(l1, lg, le)],
+                            [size_weighted], [exact], direct=True, names=names)
     return groups
-
-
-_WIDE_D = 1e18  # a larger d: its square overflows float32, the set is solved in float64
-
-
-def _coupled_metric_step(groups, ds, l1, lg, le, size_weighted, exact, wide) -> None:
-    layout = _padded_layout(groups)
-    acc = torch.float64 if wide or any(m.tensor.dtype == torch.float64 for m in groups.slices) \
-        else torch.float32
-    shape = (groups.num_groups, layout.width)
-
-    def padded(values) -> torch.Tensor:  # one gather of every member's elements (pad: 0)
-        flat = torch.cat([v.reshape(-1).to(acc) for v in values] + [values[0].new_zeros(1, dtype=acc)])
-        return flat.take(layout.source).reshape(shape)
-
-    z = padded([_member_rows(m) for m in groups.slices])
-    # padding: z = 0, d = 0 (adds nothing to any sum, stays 0); d enters the op as the moment
-    # d^2 with (s, eps, lr) = (1, 0, 1)
-    dd = padded([d.movedim(m.axis, 0).to(z.device) for m, d in zip(groups.slices, ds)]).square_()
-    # The fused op on the matrix, its rows the groups (one matrix per group size n, whose c =
-    # sqrt(n) goes into lam_group).
-    parts = layout.parts
-    single = len(parts) == 1  # every group of one size (the usual case): the matrix itself
-    mats = [z] if single else [z[rows] for _, rows in parts]
-    _op(mats, [dd] if single else [dd[rows] for _, rows in parts],
-        [(l1, lg * (math.sqrt(n) if size_weighted else 1.0), le) for n, _ in parts],
-        [(1.0, 0.0, 1.0)] * len(parts), [[1]] * len(parts), [False] * len(parts),
-        [exact] * len(parts))
-    if not single:
-        for (_, rows), mat in zip(parts, mats):
-            z[rows] = mat
-    flat = z.reshape(-1)
-    for m, where in zip(groups.slices, layout.flats):
-        view = m.tensor.movedim(m.axis, 0)
-        view.copy_(flat.take(where).reshape(view.shape))
 
 
 # -- the optimizer's metric ----------------------------------------------------------------------
@@ -369,11 +336,12 @@ class AdamState:
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         return v, group["lr"], group["eps"], group["betas"][1], state["step"]
 
-    def coupled(self, groups, fn: str) -> list[torch.Tensor] | None:
-        """Per member of a coupled set, the metric ``d`` of its elements (float64), from the
-        state of the parameter it is (a view of); None when some member has not been stepped
-        yet, or when every member's lr is 0 (the step is then the identity)."""
-        ds, rates = [], []
+    def coupled(self, groups, fn: str) -> tuple[list, list] | None:
+        """Per member of a coupled set, the view of its parameter's second moment that lies
+        where the member lies, and (scale, eps, lr) of its metric d = (sqrt(v scale) + eps) /
+        lr; None when some member has not been stepped yet, or when every member's lr is 0
+        (the step is then the identity). Nothing is copied."""
+        views, rows = [], []
         for k, m in enumerate(groups.slices):
             p = self.by_storage.get(m.tensor.untyped_storage().data_ptr())
             if p is None:
@@ -386,18 +354,15 @@ class AdamState:
             if v.stride() != p.stride():
                 raise ValueError(f"{fn}: the second moment of {m.name} is laid out unlike the "
                                  "parameter; its view cannot be found")
-            view = v.as_strided(m.tensor.shape, m.tensor.stride(), v.storage_offset()
-                                + m.tensor.storage_offset() - p.storage_offset())
-            scale, eps, lr = metric_row(lr, eps, beta2, step, k, fn)  # checked, as the op does
-            rates.append(lr)
-            ds.append((view, scale, eps, lr))
+            views.append(v.as_strided(m.tensor.shape, m.tensor.stride(), v.storage_offset()
+                                      + m.tensor.storage_offset() - p.storage_offset()))
+            rows.append(metric_row(lr, eps, beta2, step, k, fn))  # checked, as the op does
+        rates = [lr for _, _, lr in rows]
         if all(lr == 0 for lr in rates):
             return None
         if any(lr == 0 for lr in rates):
             raise ValueError(f"{fn}: the members of {groups.name} have learning rates "
                              f"{sorted(set(rates))}: some 0, some not; a coupled set's "
                              "parameters need one learning rate (one parameter group)")
-        # (a damaged v gives a d that coupled_metric_prox_ refuses before anything is written)
-        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in groups.slices) \
-            else torch.float32
-        return [((v.to(acc) * scale).sqrt() + eps) / lr for v, scale, eps, lr in ds]
+        # (a damaged v: the op refuses it, naming the member, before anything is written)
+        return views, rows

@@ -465,3 +465,60 @@ def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, siz
                                              size_weighted, exact):
         metric_prox_(w, d, lam_l1=lam[0], lam_group=lam[1], lam_exclusive=lam[2],
                      dim=tensor_dims, size_weighted=sw, exact=ex)
+
+
+def coupled_metric_prox_op(members, moments, axes, metric, set_sizes, slices, starts,
+                           thresholds, lam_l1, lam_exclusive, exact, direct=False,
+                           names=None) -> None:
+    """``torch.ops.fastprox.coupled_metric_prox_`` by the reference: per set in turn, per group,
+    its slices (member, position) joined into one row of z and d in float64 (d from the
+    member's moment and (scale, eps, lr) = metric[k], or the moment itself when ``direct``),
+    the metric soft threshold, group step by the group's own t_g and exclusive step, each slice
+    written back once (the arguments checked before any member is written)."""
+    op = "coupled_metric_prox_"
+    n = len(members)
+    rows = metric.reshape(n, 3).tolist()
+    label = (lambda i: names[i]) if names is not None else (lambda i: f"members[{i}]")
+    ds = []
+    for i, (w, v, (scale, eps, lr)) in enumerate(zip(members, moments, rows)):
+        if not (all(math.isfinite(x) for x in (scale, eps, lr)) and scale >= 0 and eps >= 0
+                and lr > 0):
+            raise ValueError(f"{op}: metric[{i}] must be (scale >= 0, eps >= 0, lr > 0), finite")
+        if v.shape != w.shape:
+            raise ValueError(f"{op}: the metric of {label(i)} has shape {tuple(v.shape)}, "
+                             f"expected {tuple(w.shape)}")
+        v = v.to(torch.float64)
+        if not bool((torch.isfinite(v) & (v >= 0)).all()):
+            raise ValueError(f"{op}: the metric of {label(i)} has negative, NaN or infinite "
+                             "entries")
+        ds.append(v if direct else ((v * scale).sqrt() + eps) / lr)
+    first = 0
+    for j, size in enumerate(set_sizes):
+        l1, le = float(lam_l1[j]), float(lam_exclusive[j])
+        if not (math.isfinite(l1) and l1 >= 0 and math.isfinite(le) and le >= 0):
+            raise ValueError(f"{op}: lam_l1[{j}] and lam_exclusive[{j}] must be finite numbers "
+                             ">= 0")
+        t = thresholds[j].tolist()
+        if not all(math.isfinite(x) and x >= 0 for x in t):
+            raise ValueError(f"{op}: thresholds[{j}] must be finite numbers >= 0")
+        set_members = list(range(first, first + size))
+        first += size
+        pairs = slices[j].tolist()
+        offsets = starts[j].tolist()
+        for g in range(len(offsets) - 1):
+            parts = [(set_members[k], p) for k, p in pairs[offsets[g]:offsets[g + 1]]]
+            if not parts or (l1 == 0 and le == 0 and t[g] == 0):
+                continue
+            views = [members[k].movedim(axes[k], 0)[p] for k, p in parts]
+            z = torch.cat([v.reshape(-1).to(torch.float64) for v in views])[None]
+            d = torch.cat([ds[k].movedim(axes[k], 0)[p].reshape(-1) for k, p in parts])[None]
+            if l1 > 0:
+                z = _metric_soft(z, d, l1)
+            if t[g] > 0:
+                z = _metric_group_rows(z, d, t[g])
+            if le > 0:
+                z = _metric_exclusive_rows(z, d, le, bool(exact[j]))
+            at = 0
+            for v in views:
+                v.copy_(z[0, at:at + v.numel()].reshape(v.shape).to(v.dtype))
+                at += v.numel()

@@ -475,7 +475,7 @@ class Regularizer:
     def _metric_step(self, optimizer) -> None:
         """Every target in the Adam / AdamW step's metric: plain targets in one
         ``foreach_metric_prox_`` call per device (sharded ones in one of their own), coupled
-        sets one after another (``coupled_metric_prox_``)."""
+        sets one after another in one fused call (``metric.coupled_metric_step``)."""
         self._lr_of(optimizer)
         fn = "Regularizer.prox_step"
         state = _metric.AdamState(optimizer)
@@ -489,9 +489,9 @@ class Regularizer:
         # every check before anything is written: coupled sets' metrics and thresholds
         coupled = []
         for t in self.coupled.values():
-            ds = state.coupled(t.groups, fn)
-            if ds is not None:
-                coupled.append((t, ds))
+            found = state.coupled(t.groups, fn)
+            if found is not None and (t.lam_l1 > 0 or t.lam_group > 0 or t.lam_exclusive > 0):
+                coupled.append((t, found))
         for pairs in by_device.values():
             targets, found = zip(*pairs)
             v, lr, eps, beta2, step = zip(*found)
@@ -502,10 +502,14 @@ class Regularizer:
                 lam_exclusive=[t.lam_exclusive for t in targets], dim=[t.dim for t in targets],
                 size_weighted=[t.size_weighted for t in targets],
                 exact=[t.exact for t in targets])
-        for t, ds in coupled:
-            _metric.coupled_metric_prox_(t.groups, ds, lam_l1=t.lam_l1, lam_group=t.lam_group,
-                                         lam_exclusive=t.lam_exclusive,
-                                         size_weighted=t.size_weighted, exact=t.exact)
+        if coupled:  # every set in one fused call, one after another
+            sets = [t.groups for t, _ in coupled]
+            _metric.coupled_metric_step(
+                sets, [views for _, (views, _) in coupled], [rows for _, (_, rows) in coupled],
+                [(t.lam_l1, t.lam_group, t.lam_exclusive) for t, _ in coupled],
+                [t.size_weighted for t, _ in coupled], [t.exact for t, _ in coupled],
+                names=[[f"member {k} ({m.name}) of {g.name}: the second moment (exp_avg_sq)"
+                        for k, m in enumerate(g.slices)] for g in sets])
 
     # -- penalty -------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:

@@ -2,7 +2,8 @@
 the ops of the ``fastprox`` library (schemas: csrc/fastprox.cpp): ``group_norms``, the fused
 in-place step ``foreach_prox_``, of which every in-place operator is a preset, the phases of
 steps whose groups span several tensors (``foreach_group_sums``, ``foreach_group_sums_above``,
-``foreach_group_rewrite_``), and the step in an Adam step's metric ``foreach_metric_prox_``.
+``foreach_group_rewrite_``), the step in an Adam step's metric ``foreach_metric_prox_`` and its
+coupled form ``coupled_metric_prox_``.
 
 A leaf: nothing here imports fastprox. One file per op holds its entry (its tables checked, then
 the launch), as csrc/cpu/ does for the CPU; the kernels they share are in group_engine.py, the
@@ -14,6 +15,7 @@ kernels under ``TRITON_INTERPRET=1``, set before ``import triton``: fastprox._re
 
 from __future__ import annotations
 
+from .coupled_metric import coupled_metric_prox_
 from .foreach_prox import foreach_prox_
 from .group_norms import group_norms
 from .group_phases import foreach_group_rewrite_, foreach_group_sums, foreach_group_sums_above
@@ -23,6 +25,7 @@ ENTRIES = {"group_norms": group_norms, "foreach_prox_": foreach_prox_,
            "foreach_group_sums": foreach_group_sums,
            "foreach_group_sums_above": foreach_group_sums_above,
            "foreach_group_rewrite_": foreach_group_rewrite_,
-           "foreach_metric_prox_": foreach_metric_prox_}
+           "foreach_metric_prox_": foreach_metric_prox_,
+           "coupled_metric_prox_": coupled_metric_prox_}
 
 __all__ = ["ENTRIES", *ENTRIES]

@@ -393,8 +393,9 @@ def test_whole_model_in_few_launches(dtype):
     assert count(gpt2_small_weights()) <= 2
 
 
-def test_coupled_groups_of_different_sizes():
-    """coupled_metric_prox_ through the kernel (its matrices of groups, one per group size)."""
+def test_coupled_groups_of_different_sizes(backend):
+    """coupled_metric_prox_ on every backend (Triton: its matrices of groups, one per group
+    threshold)."""
     from fastprox.metric import coupled_metric_prox_
     from test_metric_training import coupled_sizes_case
 
@@ -402,3 +403,19 @@ def test_coupled_groups_of_different_sizes():
     coupled_metric_prox_(groups, ds, **lams)
     for got, w in zip(members, want):
         torch.testing.assert_close(got.cpu(), w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["plain", "zero-nan-inf-d0"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_coupled_sets_of_every_layout(backend, dtype, special):
+    """Rows, columns, a bias, conv input channels and a strided view in one set, in the metric,
+    against the float64 oracle (per group, the plain reference step on its joined slices)."""
+    from coupled_metric_cases import oracle, random_set, tolerance
+    from fastprox.metric import coupled_metric_prox_
+
+    lams = dict(lam_l1=0.02, lam_group=0.25, lam_exclusive=0.03)
+    groups, members, ds = random_set(dtype, DEVICE, special=special)
+    want = oracle(groups, ds, **lams)
+    coupled_metric_prox_(groups, ds, **lams)
+    for got, w in zip(members, want):
+        torch.testing.assert_close(got.double().cpu(), w, equal_nan=True, **tolerance(dtype))

@@ -1,0 +1,344 @@
+// coupled_metric_prox_: the proximal step of coupled groups (fastprox/coupled.py: a group is the
+// union of slices of several tensors) in an optimizer's diagonal metric (docs/SPEC.md, "Proximal
+// steps in an optimizer's metric"), for a list of sets run one after another. Per set j, member
+// k (a tensor with the axis its slices are taken along), group g (the slices
+// slices[j][starts[j][g] : starts[j][g + 1]], each a pair (member, position)):
+//
+//     d = (sqrt(v * s) + eps) / lr  per member's (s, eps, lr) = metric[k]  (direct: d = moment)
+//     x_g <- soft threshold by l1 / d, metric group step by t_g = thresholds[j][g], metric
+//            exclusive step by le (exact threshold, or CGES's bound)        (a lam of 0: skipped)
+//
+// with the per-group rules of the plain metric step (metric_rules.h): a group gets what
+// foreach_metric_prox_ gives the same elements in one row (in the order of the buffer: runs of
+// neighbouring slices row by row). Per group, its slices are gathered from the members (d
+// formed on the way) into a buffer of this thread that stays in cache, the
+// group is solved there (first pass, Newton's method, exclusive step) and written back: one read
+// of every member and moment, one write of every member; no matrix of all groups, no copy of a
+// member (but the working copy of a member that is not dense). Every group is computed by one
+// thread in a fixed order: the result does not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/max.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/group_engine.h"
+#include "cpu/group_layout.h"
+#include "cpu/metric_rules.h"
+#include "cpu/multi_tensor.h"
+
+namespace fastprox::cpu {
+namespace {
+
+using namespace metric;
+
+constexpr double kWideD = 1e18;  // direct metrics beyond this: (d x)^2 overflows float32
+
+// Where the slices of one member lie (its working tensor viewed as [outer][positions][inner])
+// and how a run of neighbouring slices (positions pos .. pos + count - 1 of one group) enters
+// and leaves a group's buffer: row by row, count * inner contiguous elements at a time (the
+// heads of a fused QKV projection are runs of 64 columns, read as 256-byte pieces of rows).
+template <typename A>
+struct MemberIO {
+  int64_t n = 0;  // elements of one slice
+  std::function<void(int64_t, int64_t, A*, A*)> gather;    // (pos, count, x, d)
+  std::function<void(int64_t, int64_t, const A*)> scatter;  // (pos, count, x)
+};
+
+template <typename A, typename T, typename V>
+MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A inv_lr,
+                      bool direct) {
+  MemberIO<A> io;
+  io.n = s.group_size();
+  const int64_t outer = s.outer, inner = s.inner, row = s.groups * s.inner;
+  io.gather = [=](int64_t pos, int64_t count, A* x, A* d) {
+    const int64_t piece = count * inner;
+    for (int64_t o = 0; o < outer; ++o) {
+      const T* wr = w + o * row + pos * inner;
+      const V* vr = v + o * row + pos * inner;
+      A* xr = x + o * piece;
+      A* dr = d + o * piece;
+      for (int64_t i = 0; i < piece; ++i) xr[i] = static_cast<A>(wr[i]);
+      if (direct) {
+        for (int64_t i = 0; i < piece; ++i) dr[i] = static_cast<A>(vr[i]);
+      } else {  // as the plain step forms it (first_pass)
+        for (int64_t i = 0; i < piece; ++i) {
+          dr[i] = (std::sqrt(static_cast<A>(vr[i]) * scale) + eps) * inv_lr;
+        }
+      }
+    }
+  };
+  io.scatter = [=](int64_t pos, int64_t count, const A* x) {
+    const int64_t piece = count * inner;
+    for (int64_t o = 0; o < outer; ++o) {
+      T* wr = w + o * row + pos * inner;
+      const A* xr = x + o * piece;
+      for (int64_t i = 0; i < piece; ++i) wr[i] = static_cast<T>(xr[i]);
+    }
+  };
+  return io;
+}
+
+// A group's slices as runs: (member, first position, count), neighbouring positions of one
+// member joined, in the order of the slice table.
+struct Run {
+  int64_t member, pos, count;
+};
+
+// One set, checked: its members' working tensors and moments laid out alike.
+struct SetView {
+  std::vector<GroupLayout> layouts;
+  std::vector<at::Tensor> moments;  // each laid out like its member's working tensor
+  std::vector<const double*> rows;  // (s, eps, lr) per member
+  const int64_t* slices = nullptr;
+  const int64_t* starts = nullptr;
+  const double* t = nullptr;
+  int64_t groups = 0;
+  double l1 = 0, le = 0;
+  bool exact = true, direct = false;
+};
+
+template <typename A>
+void run_set(const SetView& set) {
+  std::vector<MemberIO<A>> io;
+  for (size_t k = 0; k < set.layouts.size(); ++k) {
+    const GroupLayout& layout = set.layouts[k];
+    const double* m = set.rows[k];
+    const A scale = static_cast<A>(m[0]), eps = static_cast<A>(m[1]);
+    const A inv_lr = static_cast<A>(1.0 / m[2]);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layout.work.scalar_type(),
+                                    "coupled_metric_prox_", [&] {
+      using W = scalar_t;
+      W* w = layout.work.data_ptr<W>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, set.moments[k].scalar_type(),
+                                      "coupled_metric_prox_", [&] {
+        io.push_back(member_io<A>(w, set.moments[k].const_data_ptr<scalar_t>(), layout.shape,
+                                  scale, eps, inv_lr, set.direct));
+      });
+    });
+  }
+  std::vector<Run> runs;
+  std::vector<int64_t> run_starts{0};
+  int64_t largest = 0, total = 0;
+  for (int64_t g = 0; g < set.groups; ++g) {
+    int64_t n = 0;
+    for (int64_t e = set.starts[g]; e < set.starts[g + 1]; ++e) {
+      const int64_t k = set.slices[2 * e], pos = set.slices[2 * e + 1];
+      Run* last = int64_t(runs.size()) > run_starts.back() ? &runs.back() : nullptr;
+      if (last != nullptr && last->member == k && last->pos + last->count == pos) {
+        ++last->count;
+      } else {
+        runs.push_back({k, pos, 1});
+      }
+      n += io[k].n;
+    }
+    run_starts.push_back(static_cast<int64_t>(runs.size()));
+    largest = std::max(largest, n);
+    total += n;
+  }
+  if (largest == 0) return;
+  const int64_t grain =
+      std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(1, total / set.groups));
+  at::parallel_for(0, set.groups, grain, [&](int64_t begin, int64_t end) {
+    auto [x, d] = block_buffers<A>(largest);
+    MetricParams<A> p;
+    p.l1 = threshold_as<A>(set.l1);
+    p.le = threshold_as<A>(set.le);
+    p.exact = set.exact;
+    p.d_formed = true;
+    for (int64_t g = begin; g < end; ++g) {
+      int64_t n = 0;
+      for (int64_t r = run_starts[g]; r < run_starts[g + 1]; ++r) {
+        const MemberIO<A>& m = io[runs[r].member];
+        m.gather(runs[r].pos, runs[r].count, x + n, d + n);
+        n += m.n * runs[r].count;
+      }
+      if (n == 0) continue;
+      p.t = threshold_as<A>(set.t[g]);
+      metric_group(x, d, n, p);
+      n = 0;
+      for (int64_t r = run_starts[g]; r < run_starts[g + 1]; ++r) {
+        const MemberIO<A>& m = io[runs[r].member];
+        m.scatter(runs[r].pos, runs[r].count, x + n);
+        n += m.n * runs[r].count;
+      }
+    }
+  });
+}
+
+void coupled_metric_prox_cpu(at::TensorList members, at::TensorList moments,
+                             at::IntArrayRef axes, const at::Tensor& metric,
+                             at::IntArrayRef set_sizes, at::TensorList slices,
+                             at::TensorList starts, at::TensorList thresholds,
+                             at::ArrayRef<double> lam_l1, at::ArrayRef<double> lam_exclusive,
+                             const c10::List<bool>& exact, bool direct,
+                             const std::optional<std::vector<std::string>>& names) {
+  static constexpr const char* op = "coupled_metric_prox_";
+  const int64_t n = static_cast<int64_t>(members.size());
+  const int64_t sets = static_cast<int64_t>(set_sizes.size());
+  auto member_name = [&](int64_t i) { return "members[" + std::to_string(i) + "]"; };
+  auto moment_name = [&](int64_t i) {
+    return names && int64_t(names->size()) == n ? (*names)[i]
+                                                : "moments[" + std::to_string(i) + "]";
+  };
+  TORCH_CHECK_VALUE(!names || int64_t(names->size()) == n, op,
+                    ": names needs one entry per moment");
+  TORCH_CHECK_VALUE(int64_t(moments.size()) == n && int64_t(axes.size()) == n, op,
+                    ": moments and axes need one entry per member");
+  TORCH_CHECK_VALUE(int64_t(slices.size()) == sets && int64_t(starts.size()) == sets &&
+                        int64_t(thresholds.size()) == sets && int64_t(lam_l1.size()) == sets &&
+                        int64_t(lam_exclusive.size()) == sets && int64_t(exact.size()) == sets,
+                    op, ": slices, starts, thresholds, lam_l1, lam_exclusive and exact need "
+                    "one entry per set");
+  TORCH_CHECK_VALUE(metric.scalar_type() == at::kDouble && metric.numel() == 3 * n &&
+                        metric.device().is_cpu(),
+                    op, ": metric must be a float64 CPU tensor of 3 * len(members) values");
+  const at::Tensor met = metric.contiguous();
+  const double* M = met.data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {  // every check before any write
+    const at::Tensor& w = members[i];
+    check_weight(w);
+    check_writable(w);
+    TORCH_CHECK_VALUE(w.dim() > 0 && axes[i] >= 0 && axes[i] < w.dim(), op, ": axes[", i,
+                      "] must be a dimension of ", member_name(i), " (shape ", w.sizes(), ")");
+    TORCH_CHECK_VALUE(moments[i].sizes() == w.sizes(), op, ": ", moment_name(i), " has shape ",
+                      moments[i].sizes(), ", expected ", w.sizes());
+    TORCH_CHECK_VALUE(moments[i].device() == w.device() &&
+                          at::isFloatingType(moments[i].scalar_type()),
+                      op, ": ", moment_name(i), " must be a floating tensor on ", w.device());
+    TORCH_CHECK_VALUE(std::isfinite(M[3 * i]) && M[3 * i] >= 0 && std::isfinite(M[3 * i + 1]) &&
+                          M[3 * i + 1] >= 0 && std::isfinite(M[3 * i + 2]) && M[3 * i + 2] > 0,
+                      op, ": metric[", i, "] must be (scale >= 0, eps >= 0, lr > 0), finite");
+  }
+  std::vector<SetView> views(sets);
+  std::vector<at::Tensor> tables;  // contiguous copies, alive while the views point into them
+  std::vector<std::pair<int64_t, int64_t>> span(sets);  // members of set j: [first, last)
+  int64_t first = 0;
+  for (int64_t j = 0; j < sets; ++j) {
+    TORCH_CHECK_VALUE(set_sizes[j] >= 0 && first + set_sizes[j] <= n, op,
+                      ": set_sizes do not match members");
+    span[j] = {first, first + set_sizes[j]};
+    first += set_sizes[j];
+    SetView& set = views[j];
+    set.l1 = lam_l1[j];
+    set.le = lam_exclusive[j];
+    set.exact = exact[j];
+    set.direct = direct;
+    TORCH_CHECK_VALUE(std::isfinite(set.l1) && set.l1 >= 0 && std::isfinite(set.le) &&
+                          set.le >= 0,
+                      op, ": lam_l1[", j, "] and lam_exclusive[", j,
+                      "] must be finite numbers >= 0");
+    const at::Tensor& st = starts[j];
+    TORCH_CHECK_VALUE(st.scalar_type() == at::kLong && st.device().is_cpu() && st.dim() == 1 &&
+                          st.numel() >= 1,
+                      op, ": starts[", j, "] must be a 1-D int64 CPU tensor of groups + 1 "
+                      "entries");
+    const at::Tensor& sl = slices[j];
+    const int64_t entries = sl.numel() / 2;
+    TORCH_CHECK_VALUE(sl.scalar_type() == at::kLong && sl.device().is_cpu() && sl.dim() == 2 &&
+                          sl.size(1) == 2,
+                      op, ": slices[", j, "] must be an int64 CPU tensor of (member, position) "
+                      "rows");
+    const at::Tensor& th = thresholds[j];
+    set.groups = st.numel() - 1;
+    TORCH_CHECK_VALUE(th.scalar_type() == at::kDouble && th.device().is_cpu() &&
+                          th.numel() == set.groups,
+                      op, ": thresholds[", j, "] must be a float64 CPU tensor of one value per "
+                      "group");
+    tables.push_back(sl.contiguous());
+    set.slices = tables.back().data_ptr<int64_t>();
+    tables.push_back(st.contiguous());
+    set.starts = tables.back().data_ptr<int64_t>();
+    tables.push_back(th.contiguous());
+    set.t = tables.back().data_ptr<double>();
+    TORCH_CHECK_VALUE(set.starts[0] == 0 && set.starts[set.groups] == entries, op, ": starts[",
+                      j, "] must run from 0 to the number of slices");
+    for (int64_t g = 0; g < set.groups; ++g) {
+      TORCH_CHECK_VALUE(set.starts[g] <= set.starts[g + 1], op, ": starts[", j,
+                        "] must not decrease");
+      TORCH_CHECK_VALUE(std::isfinite(set.t[g]) && set.t[g] >= 0, op, ": thresholds[", j,
+                        "] must be finite numbers >= 0");
+    }
+    std::vector<std::vector<bool>> seen;
+    for (int64_t k = span[j].first; k < span[j].second; ++k) {
+      seen.emplace_back(members[k].dim() > 0 ? members[k].size(axes[k]) : 0, false);
+    }
+    for (int64_t e = 0; e < entries; ++e) {
+      const int64_t k = set.slices[2 * e], pos = set.slices[2 * e + 1];
+      TORCH_CHECK_VALUE(k >= 0 && k < set_sizes[j], op, ": slices[", j, "] names member ", k,
+                        " of a set of ", set_sizes[j]);
+      const int64_t size = static_cast<int64_t>(seen[k].size());
+      TORCH_CHECK_VALUE(pos >= 0 && pos < size, op, ": slices[", j, "] names position ", pos,
+                        " of ", member_name(span[j].first + k), ", which has ", size);
+      TORCH_CHECK_VALUE(!seen[k][pos], op, ": slices[", j, "] names position ", pos, " of ",
+                        member_name(span[j].first + k), " twice");
+      seen[k][pos] = true;
+    }
+    check_disjoint(members.slice(span[j].first, set_sizes[j]), op);
+  }
+  TORCH_CHECK_VALUE(first == n, op, ": set_sizes do not match members");
+  auto idle = [&](int64_t j) {
+    if (views[j].l1 > 0 || views[j].le > 0) return false;
+    for (int64_t g = 0; g < views[j].groups; ++g) {
+      if (views[j].t[g] > 0) return false;
+    }
+    return true;
+  };
+  std::vector<bool> wide(sets, false);
+  for (int64_t j = 0; j < sets; ++j) {  // the moments used: apart from the members, finite, >= 0
+    if (idle(j)) continue;
+    for (int64_t i = span[j].first; i < span[j].second; ++i) {
+      if (members[i].numel() == 0) continue;
+      const auto range = address_range(moments[i]);
+      for (int64_t k = 0; k < n; ++k) {
+        const auto other = address_range(members[k]);
+        TORCH_CHECK_VALUE(range.first >= other.second || other.first >= range.second, op, ": ",
+                          moment_name(i), " shares memory with ", member_name(k),
+                          ", which the step writes");
+      }
+      TORCH_CHECK_VALUE(valid_moment(moments[i]), op, ": ", moment_name(i),
+                        " has negative, NaN or infinite entries (a metric is finite and >= 0); "
+                        "from an optimizer's state, the state is damaged: check the loss and "
+                        "gradients for NaN/inf, or reload a checkpoint");
+      if (direct) wide[j] = wide[j] || at::max(moments[i]).item<double>() > kWideD;
+    }
+  }
+  for (int64_t j = 0; j < sets; ++j) {
+    if (idle(j)) continue;  // bit-identical
+    SetView& set = views[j];
+    bool is_double = wide[j];
+    for (int64_t i = span[j].first; i < span[j].second; ++i) {
+      const at::Tensor& w = members[i];
+      std::vector<int64_t> dims;
+      for (int64_t dd = 0; dd < w.dim(); ++dd) {
+        if (dd != axes[i]) dims.push_back(dd);
+      }
+      set.layouts.push_back(analyze_groups(w, dims));
+      TORCH_INTERNAL_ASSERT(set.layouts.back().shape.batch == 1);
+      set.moments.push_back(like_work(moments[i], w, set.layouts.back()));
+      set.rows.push_back(M + 3 * i);
+      is_double = is_double || w.scalar_type() == at::kDouble;
+    }
+    if (is_double) {
+      run_set<double>(set);
+    } else {
+      run_set<float>(set);
+    }
+    for (int64_t i = span[j].first; i < span[j].second; ++i) {
+      finish_groups(members[i], set.layouts[i - span[j].first]);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprox, CPU, m) {
+  m.impl("coupled_metric_prox_", &coupled_metric_prox_cpu);
+}
+
+}  // namespace fastprox::cpu
