@@ -12,7 +12,8 @@
 // foreach_metric_prox_ gives the same elements in one row (in the order of the buffer: runs of
 // neighbouring slices row by row). Per group, its slices are gathered from the members (d
 // formed on the way) into a buffer of this thread that stays in cache, the
-// group is solved there (first pass, Newton's method, exclusive step) and written back: one read
+// group is solved there (first pass, Newton's method, exclusive step) and written back, blocks of
+// neighbouring groups together, row by row (each cache line of a member read once): one read
 // of every member and moment, one write of every member; no matrix of all groups, no copy of a
 // member (but the working copy of a member that is not dense). Every group is computed by one
 // thread in a fixed order: the result does not depend on the thread count.
@@ -39,15 +40,23 @@ using namespace metric;
 
 constexpr double kWideD = 1e18;  // direct metrics beyond this: (d x)^2 overflows float32
 
+// A run of neighbouring slices of one member within a group (positions pos .. pos + count - 1),
+// and where it goes in the block's buffers.
+struct Slot {
+  int64_t pos, count, dest;
+};
+
 // Where the slices of one member lie (its working tensor viewed as [outer][positions][inner])
-// and how a run of neighbouring slices (positions pos .. pos + count - 1 of one group) enters
-// and leaves a group's buffer: row by row, count * inner contiguous elements at a time (the
-// heads of a fused QKV projection are runs of 64 columns, read as 256-byte pieces of rows).
+// and how the runs of a block of groups enter and leave the block's buffers: row by row over
+// all of the block's runs of this member, each run count * inner contiguous elements of the row
+// (a run at dest holds its elements as [outer][count * inner]). Row by row, neighbouring groups'
+// columns (a Linear's input units, a fused QKV projection's heads) are read as whole pieces of
+// each row, every cache line once per block.
 template <typename A>
 struct MemberIO {
   int64_t n = 0;  // elements of one slice
-  std::function<void(int64_t, int64_t, A*, A*)> gather;    // (pos, count, x, d)
-  std::function<void(int64_t, int64_t, const A*)> scatter;  // (pos, count, x)
+  std::function<void(const Slot*, int64_t, A*, A*)> gather;    // (slots, count, x, d)
+  std::function<void(const Slot*, int64_t, const A*)> scatter;  // (slots, count, x)
 };
 
 template <typename A, typename T, typename V>
@@ -56,39 +65,47 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
   MemberIO<A> io;
   io.n = s.group_size();
   const int64_t outer = s.outer, inner = s.inner, row = s.groups * s.inner;
-  io.gather = [=](int64_t pos, int64_t count, A* x, A* d) {
-    const int64_t piece = count * inner;
+  io.gather = [=](const Slot* slots, int64_t count, A* x, A* d) {
     for (int64_t o = 0; o < outer; ++o) {
-      const T* wr = w + o * row + pos * inner;
-      const V* vr = v + o * row + pos * inner;
-      A* xr = x + o * piece;
-      A* dr = d + o * piece;
-      for (int64_t i = 0; i < piece; ++i) xr[i] = static_cast<A>(wr[i]);
-      if (direct) {
-        for (int64_t i = 0; i < piece; ++i) dr[i] = static_cast<A>(vr[i]);
-      } else {  // as the plain step forms it (first_pass)
-        for (int64_t i = 0; i < piece; ++i) {
-          dr[i] = (std::sqrt(static_cast<A>(vr[i]) * scale) + eps) * inv_lr;
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t piece = slots[k].count * inner;
+        const T* wr = w + o * row + slots[k].pos * inner;
+        const V* vr = v + o * row + slots[k].pos * inner;
+        A* xr = x + slots[k].dest + o * piece;
+        A* dr = d + slots[k].dest + o * piece;
+        for (int64_t i = 0; i < piece; ++i) xr[i] = static_cast<A>(wr[i]);
+        if (direct) {
+          for (int64_t i = 0; i < piece; ++i) dr[i] = static_cast<A>(vr[i]);
+        } else {  // as the plain step forms it (first_pass)
+          for (int64_t i = 0; i < piece; ++i) {
+            dr[i] = (std::sqrt(static_cast<A>(vr[i]) * scale) + eps) * inv_lr;
+          }
         }
       }
     }
   };
-  io.scatter = [=](int64_t pos, int64_t count, const A* x) {
-    const int64_t piece = count * inner;
+  io.scatter = [=](const Slot* slots, int64_t count, const A* x) {
     for (int64_t o = 0; o < outer; ++o) {
-      T* wr = w + o * row + pos * inner;
-      const A* xr = x + o * piece;
-      for (int64_t i = 0; i < piece; ++i) wr[i] = static_cast<T>(xr[i]);
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t piece = slots[k].count * inner;
+        T* wr = w + o * row + slots[k].pos * inner;
+        const A* xr = x + slots[k].dest + o * piece;
+        for (int64_t i = 0; i < piece; ++i) wr[i] = static_cast<T>(xr[i]);
+      }
     }
   };
   return io;
 }
 
 // A group's slices as runs: (member, first position, count), neighbouring positions of one
-// member joined, in the order of the slice table.
+// member joined, in the order of the slice table; offset: where the run starts in its group.
 struct Run {
-  int64_t member, pos, count;
+  int64_t member, pos, count, offset;
 };
+
+// elements of the groups of one block, about: 2^13 measured best on GPT-2 and Llama (2^12 to
+// 2^17 tried, bench/RESULTS.md); the buffers (x and d) stay in L2
+constexpr int64_t kBlockElems = 1 << 13;
 
 // One set, checked: its members' working tensors and moments laid out alike.
 struct SetView {
@@ -123,8 +140,8 @@ void run_set(const SetView& set) {
     });
   }
   std::vector<Run> runs;
-  std::vector<int64_t> run_starts{0};
-  int64_t largest = 0, total = 0;
+  std::vector<int64_t> run_starts{0}, sizes;
+  int64_t largest = 0;
   for (int64_t g = 0; g < set.groups; ++g) {
     int64_t n = 0;
     for (int64_t e = set.starts[g]; e < set.starts[g + 1]; ++e) {
@@ -133,39 +150,60 @@ void run_set(const SetView& set) {
       if (last != nullptr && last->member == k && last->pos + last->count == pos) {
         ++last->count;
       } else {
-        runs.push_back({k, pos, 1});
+        runs.push_back({k, pos, 1, n});
       }
       n += io[k].n;
     }
     run_starts.push_back(static_cast<int64_t>(runs.size()));
-    largest = std::max(largest, n);
-    total += n;
+    sizes.push_back(n);
   }
+  // blocks of neighbouring groups of about kBlockElems elements (at least one group each): a
+  // function of the sizes alone, never of the thread count
+  std::vector<int64_t> blocks{0};
+  int64_t filled = 0;
+  for (int64_t g = 0; g < set.groups; ++g) {
+    if (filled > 0 && filled + sizes[g] > kBlockElems) {
+      blocks.push_back(g);
+      largest = std::max(largest, filled);
+      filled = 0;
+    }
+    filled += sizes[g];
+  }
+  blocks.push_back(set.groups);
+  largest = std::max(largest, filled);
   if (largest == 0) return;
-  const int64_t grain =
-      std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(1, total / set.groups));
-  at::parallel_for(0, set.groups, grain, [&](int64_t begin, int64_t end) {
+  const int64_t count = static_cast<int64_t>(blocks.size()) - 1;
+  const int64_t members = static_cast<int64_t>(io.size());
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     auto [x, d] = block_buffers<A>(largest);
+    std::vector<std::vector<Slot>> slots(members);
+    std::vector<int64_t> segment;
     MetricParams<A> p;
     p.l1 = threshold_as<A>(set.l1);
     p.le = threshold_as<A>(set.le);
     p.exact = set.exact;
     p.d_formed = true;
-    for (int64_t g = begin; g < end; ++g) {
-      int64_t n = 0;
-      for (int64_t r = run_starts[g]; r < run_starts[g + 1]; ++r) {
-        const MemberIO<A>& m = io[runs[r].member];
-        m.gather(runs[r].pos, runs[r].count, x + n, d + n);
-        n += m.n * runs[r].count;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t g0 = blocks[b], g1 = blocks[b + 1];
+      for (auto& list : slots) list.clear();
+      segment.assign(1, 0);
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t r = run_starts[g]; r < run_starts[g + 1]; ++r) {
+          slots[runs[r].member].push_back({runs[r].pos, runs[r].count,
+                                           segment.back() + runs[r].offset});
+        }
+        segment.push_back(segment.back() + sizes[g]);
       }
-      if (n == 0) continue;
-      p.t = threshold_as<A>(set.t[g]);
-      metric_group(x, d, n, p);
-      n = 0;
-      for (int64_t r = run_starts[g]; r < run_starts[g + 1]; ++r) {
-        const MemberIO<A>& m = io[runs[r].member];
-        m.scatter(runs[r].pos, runs[r].count, x + n);
-        n += m.n * runs[r].count;
+      for (int64_t k = 0; k < members; ++k) {
+        if (!slots[k].empty()) io[k].gather(slots[k].data(), int64_t(slots[k].size()), x, d);
+      }
+      for (int64_t g = g0; g < g1; ++g) {
+        if (sizes[g] == 0) continue;
+        p.t = threshold_as<A>(set.t[g]);
+        metric_group(x + segment[g - g0], d + segment[g - g0], sizes[g], p);
+      }
+      for (int64_t k = 0; k < members; ++k) {
+        if (!slots[k].empty()) io[k].scatter(slots[k].data(), int64_t(slots[k].size()), x);
       }
     }
   });
