@@ -59,6 +59,22 @@ struct MemberIO {
   std::function<void(const Slot*, int64_t, const A*)> scatter;  // (slots, count, x)
 };
 
+// One piece of a row into the buffers: x as it is, d formed (as first_pass forms it) unless
+// direct; vectors of A, the last one partial.
+template <typename A, typename T, typename V>
+inline void gather_piece(const T* w, const V* v, A* x, A* d, int64_t piece, A scale, A eps,
+                         A inv_lr, bool direct) {
+  using Va = Vec<A>;
+  constexpr int64_t L = Va::size();
+  for (int64_t i = 0; i < piece; i += L) {
+    const int64_t c = std::min(L, piece - i);
+    store_as(x + i, load_as<A>(w + i, c), c);
+    Va dv = load_as<A>(v + i, c);
+    if (!direct) dv = ((dv * Va(scale)).sqrt() + Va(eps)) * Va(inv_lr);
+    store_as(d + i, dv, c);
+  }
+}
+
 template <typename A, typename T, typename V>
 MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A inv_lr,
                       bool direct) {
@@ -69,28 +85,22 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
     for (int64_t o = 0; o < outer; ++o) {
       for (int64_t k = 0; k < count; ++k) {
         const int64_t piece = slots[k].count * inner;
-        const T* wr = w + o * row + slots[k].pos * inner;
-        const V* vr = v + o * row + slots[k].pos * inner;
-        A* xr = x + slots[k].dest + o * piece;
-        A* dr = d + slots[k].dest + o * piece;
-        for (int64_t i = 0; i < piece; ++i) xr[i] = static_cast<A>(wr[i]);
-        if (direct) {
-          for (int64_t i = 0; i < piece; ++i) dr[i] = static_cast<A>(vr[i]);
-        } else {  // as the plain step forms it (first_pass)
-          for (int64_t i = 0; i < piece; ++i) {
-            dr[i] = (std::sqrt(static_cast<A>(vr[i]) * scale) + eps) * inv_lr;
-          }
-        }
+        const int64_t at = o * row + slots[k].pos * inner, to = slots[k].dest + o * piece;
+        gather_piece(w + at, v + at, x + to, d + to, piece, scale, eps, inv_lr, direct);
       }
     }
   };
   io.scatter = [=](const Slot* slots, int64_t count, const A* x) {
+    constexpr int64_t L = Vec<A>::size();
     for (int64_t o = 0; o < outer; ++o) {
       for (int64_t k = 0; k < count; ++k) {
         const int64_t piece = slots[k].count * inner;
         T* wr = w + o * row + slots[k].pos * inner;
         const A* xr = x + slots[k].dest + o * piece;
-        for (int64_t i = 0; i < piece; ++i) wr[i] = static_cast<T>(xr[i]);
+        for (int64_t i = 0; i < piece; i += L) {
+          const int64_t c = std::min(L, piece - i);
+          store_as(wr + i, Vec<A>::loadu(xr + i, c), c);
+        }
       }
     }
   };
