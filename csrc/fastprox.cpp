@@ -1,10 +1,11 @@
 // Schemas of fastprox's operators, defined once: group_norms, the fused in-place step
 // foreach_prox_, of which the public in-place operators are presets (fastprox/ops.py), the step
-// in an Adam metric foreach_metric_prox_ and its coupled form coupled_metric_prox_, and the phases (foreach_group_sums,
-// foreach_group_sums_above, foreach_group_rewrite_) of steps whose groups span several tensors.
-// Kernels register per device: csrc/cpu/*.cpp (CPU), kernels/*.py behind fastprox/_triton.py
-// (CUDA), and these kernels on a host copy (fastprox/_host.py) for every other device. Fake (meta) implementations live in
-// fastprox/_registry.py; the math contract is docs/SPEC.md.
+// in an Adam metric foreach_metric_prox_ and its coupled form coupled_metric_prox_, and the
+// phases (foreach_group_sums, foreach_group_sums_above, foreach_group_rewrite_) of steps whose
+// groups span several tensors. Kernels register per device: csrc/cpu/*.cpp (CPU), kernels/*.py
+// behind fastprox/_triton.py (CUDA), and these kernels on a host copy (fastprox/_host.py) for
+// every other device. Fake (meta) implementations live in fastprox/_registry.py; the math
+// contract is docs/SPEC.md.
 //
 // The mutating op takes the weights as Tensor(a!)[] and returns nothing (a custom op may not
 // return its mutated input); the Python wrappers return the weights. Thresholds travel in a

@@ -43,16 +43,22 @@ def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
     _write_back(weights, copies)
 
 
+def _check_apart(op, moments, written, kind, names) -> None:
+    """No moment may share memory with a tensor the op writes (seen only where they are, not
+    on copies)."""
+    for i, v in enumerate(moments):
+        for j, w in enumerate(written):
+            if _checks.shares_memory(v, w):
+                label = names[i] if names is not None and i < len(names) else f"moments[{i}]"
+                raise ValueError(f"{op}: {label} shares memory with {kind}[{j}], which the "
+                                 "step writes")
+
+
 def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_weighted,
                          exact, names=None):
     op = "foreach_metric_prox_"
     _checks.check_op_weights(op, weights, dims, dim_counts, writes=True)
-    for i, v in enumerate(moments):
-        for j, w in enumerate(weights):
-            if _checks.shares_memory(v, w):
-                label = names[i] if names is not None and i < len(names) else f"moments[{i}]"
-                raise ValueError(f"{op}: {label} shares memory with weights[{j}], which the "
-                                 "step writes")
+    _check_apart(op, moments, weights, "weights", names)
     copies = _per_weight(weights)
     ops.foreach_metric_prox_(copies, _per_weight(moments), _host(lams), _host(metric),
                              dims, dim_counts, size_weighted, exact, names)
@@ -92,12 +98,7 @@ def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, star
     tensor)."""
     op = "coupled_metric_prox_"
     _checks.check_coupled_members(op, members, set_sizes)
-    for i, v in enumerate(moments):
-        for j, w in enumerate(members):
-            if _checks.shares_memory(v, w):
-                label = names[i] if names is not None and i < len(names) else f"moments[{i}]"
-                raise ValueError(f"{op}: {label} shares memory with members[{j}], which the "
-                                 "step writes")
+    _check_apart(op, moments, members, "members", names)
     host_moments = _per_weight(moments)
     tables = [_per_weight(slices), _per_weight(starts), _per_weight(thresholds)]
     ops.coupled_metric_prox_(_per_weight(members), host_moments, axes, _host(metric),

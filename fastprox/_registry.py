@@ -1,8 +1,9 @@
 """Loads the operator library and registers what PyTorch needs beyond its C++ kernels.
 
 Schemas: csrc/fastprox.cpp (defined once: group_norms, the fused step foreach_prox_, the step in
-an Adam metric foreach_metric_prox_ and its coupled form coupled_metric_prox_, and the phases foreach_group_sums /
-foreach_group_sums_above / foreach_group_rewrite_ of steps whose groups span several tensors).
+an Adam metric foreach_metric_prox_ and its coupled form coupled_metric_prox_, and the phases
+foreach_group_sums / foreach_group_sums_above / foreach_group_rewrite_ of steps whose groups
+span several tensors).
 The dispatcher alone picks the kernel, by device:
 
     CPU                      the C++ kernels (csrc/cpu/)

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import torch
 
+# Newton steps of one scalar equation at most, in every engine: the phased step's exact exclusive
+# threshold here, csrc/cpu/group_engine.h's kMaxNewton (the Euclidean and metric CPU kernels),
+# kernels/group_engine.py's MAX_NEWTON (the Triton kernels). Typical data needs 3-15.
+MAX_NEWTON_STEPS = 100
+
 
 def group_scale(norms: torch.Tensor, t) -> torch.Tensor:
     """s = 0 if ||W_g|| <= t else 1 - t/||W_g||: a NaN norm gives a NaN scale, an infinite one

@@ -274,7 +274,8 @@ def check_set(groups, fn: str = _FN, name: str = "groups") -> list:
 
 
 def coupled_prox_(groups, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
-                  size_weighted: bool = True, exact: bool = True, max_newton_steps: int = 64):
+                  size_weighted: bool = True, exact: bool = True,
+                  max_newton_steps: int = _rules.MAX_NEWTON_STEPS):
     fn = _FN
     sets = check_set(groups, fn)
     values = []

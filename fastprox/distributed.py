@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from . import _checks, _fused, _phases
+from . import _checks, _fused, _phases, _rules
 from ._checks import is_dtensor
 from .operators import COLUMNS
 
@@ -98,7 +98,8 @@ def _all_reduce(parts: list[list[torch.Tensor]], groups: tuple, acc: torch.dtype
 
 
 def foreach_prox_(weights, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, dim=None,
-                  size_weighted=True, exact=True, max_newton_steps: int = 64):
+                  size_weighted=True, exact=True,
+                  max_newton_steps: int = _rules.MAX_NEWTON_STEPS):
     """``fastprox.foreach_prox_`` on a list of DTensors (and plain tensors), sharded any way.
 
     Same arguments and per-tensor semantics as ``fastprox.foreach_prox_`` (soft threshold by

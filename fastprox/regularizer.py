@@ -31,7 +31,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import _checks, coupled as _coupled, groups as _groups, metric as _metric, ops, \
+from . import _checks, _rules, coupled as _coupled, groups as _groups, metric as _metric, ops, \
     target as _target
 from ._checks import is_dtensor
 from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED
@@ -467,7 +467,7 @@ class Regularizer:
         # every coupled set in one go: sets that share no tensor run together (coupled.waves)
         _coupled.step_sets([t.groups for t in coupled], coupled_lams,
                            [t.size_weighted for t in coupled], [t.exact for t in coupled],
-                           max_newton_steps=64)
+                           max_newton_steps=_rules.MAX_NEWTON_STEPS)
         self.steps += 1
         if self.controller is not None:
             self.controller.after_step()

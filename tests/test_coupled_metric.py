@@ -98,8 +98,10 @@ def test_kkt_conditions_of_the_sparse_group_step():
                  for p in range(m.tensor.shape[m.axis]) if int(m.index[p]) == grp]
         if not parts:
             continue
-        pick = lambda ts: torch.cat([ts[k].movedim(groups.slices[k].axis, 0)[p].reshape(-1)  # noqa: E731
-                                     for k, p in parts])
+        def pick(ts):
+            return torch.cat([ts[k].movedim(groups.slices[k].axis, 0)[p].reshape(-1)
+                              for k, p in parts])
+
         x, zz, d = pick(members), pick(z), pick(ds)
         t = lg * math.sqrt(sizes[grp])
         if bool((x == 0).all()):

@@ -163,12 +163,19 @@ inline void count_above(V& count, const V& m, const V& tau, const V& one) {
   count = count + ((m > tau) & one);
 }
 
+// The bound on the Newton steps of one scalar equation, in every CPU kernel (the Euclidean
+// exclusive threshold here, the metric group and exclusive steps in metric_rules.h); the same
+// as the Triton kernels' MAX_NEWTON and the phased step's (fastprox/_rules.py). Typical data
+// needs 3-15.
+constexpr int kMaxNewton = 100;
+
 // Per-group parameters of the rewrite  y = pre(x) * scale,  then  y = shrink_magnitude(y, tau).
 template <typename A>
 struct GroupParams {
   A scale = 1;
   A tau = 0;
   A active = 0;          // exact exclusive: count of magnitudes above tau
+  int steps = 0;         // exact exclusive: Newton steps taken
   bool iterate = false;  // exact exclusive: tau still to be refined
   int64_t group = 0;     // AboveStep: where newton() stores the group's sums
 };
@@ -236,7 +243,8 @@ struct ProxStep {
   // One Newton step for the exact exclusive threshold, given the sum and count of the magnitudes
   // above the current tau. tau solves tau = lam * sum_i max(a_i - tau, 0): Newton from 0 rises
   // monotonically and stops exactly when the active set stops changing, so the active count
-  // strictly falls until then (at most n steps; a handful in practice).
+  // strictly falls until then (at most n steps; a handful in practice; kMaxNewton at most, then
+  // tau is a lower bound: the group under-shrinks, never over-shrinks).
   void newton(GroupParams<A>& p, A sum_above, A count_above) const {
     if (!(count_above < p.active) || count_above == A(0)) {
       p.iterate = false;  // same active set: tau is exact (count 0 only by rounding at tiny n)
@@ -244,6 +252,7 @@ struct ProxStep {
     }
     p.tau = std::max(p.tau, newton_tau(sum_above, count_above));
     p.active = count_above;
+    p.iterate = ++p.steps < kMaxNewton;
   }
 
   V rewrite(const V& x, const V& scale, const V& tau) const {

@@ -24,7 +24,8 @@
 
 namespace fastprox::cpu::metric {
 
-constexpr int kMaxNewton = 100;  // bound on the Newton steps of one equation
+// (kMaxNewton, the bound on the Newton steps of one equation: group_engine.h's, one for every
+// CPU kernel)
 
 // The thresholds of one group (in its accumulation type A) and its metric
 // d = (sqrt(v * scale) + eps) * inv_lr (d_formed: the buffers already hold d, not v).
@@ -92,9 +93,8 @@ struct Stats {
 };
 
 // d <- (sqrt(v * scale) + eps) / lr (d holds v on entry, unless p.d_formed); x <- the soft
-// threshold by l1 / d
-// (d = 0: 0, NaN stays NaN; l1 / d is finite for d > 0, so an infinite x stays infinite even
-// where the quotient overflows); the statistics of the result.
+// threshold by l1 / d (d = 0: 0, NaN stays NaN; l1 / d is finite for d > 0, so an infinite x
+// stays infinite even where the quotient overflows); the statistics of the result.
 template <typename A>
 inline void first_pass(Vec<A>& x, Vec<A>& d, const MetricParams<A>& p, Stats<A>& st) {
   using V = Vec<A>;
@@ -260,7 +260,8 @@ std::pair<A*, A*> block_buffers(int64_t size) {
 }
 
 // v laid out like `work` (the same strides): v itself when it already is, else a copy.
-inline at::Tensor like_work(const at::Tensor& v, const at::Tensor& weight, const GroupLayout& layout) {
+inline at::Tensor like_work(const at::Tensor& v, const at::Tensor& weight,
+                            const GroupLayout& layout) {
   if (!layout.is_copy) {
     if (v.strides() == weight.strides()) return v;
     return at::empty_strided(weight.sizes(), weight.strides(), v.options()).copy_(v);
