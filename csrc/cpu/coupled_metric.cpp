@@ -66,6 +66,14 @@ inline void gather_piece(const T* w, const V* v, A* x, A* d, int64_t piece, A sc
                          A inv_lr, bool direct) {
   using Va = Vec<A>;
   constexpr int64_t L = Va::size();
+  if (piece < L / 2) {  // a few elements (a column's, a bias's): scalar, no masked vectors
+    for (int64_t i = 0; i < piece; ++i) {
+      x[i] = static_cast<A>(w[i]);
+      const A value = static_cast<A>(v[i]);
+      d[i] = direct ? value : (std::sqrt(value * scale) + eps) * inv_lr;
+    }
+    return;
+  }
   for (int64_t i = 0; i < piece; i += L) {
     const int64_t c = std::min(L, piece - i);
     store_as(x + i, load_as<A>(w + i, c), c);
@@ -97,6 +105,10 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
         const int64_t piece = slots[k].count * inner;
         T* wr = w + o * row + slots[k].pos * inner;
         const A* xr = x + slots[k].dest + o * piece;
+        if (piece < L / 2) {
+          for (int64_t i = 0; i < piece; ++i) wr[i] = static_cast<T>(xr[i]);
+          continue;
+        }
         for (int64_t i = 0; i < piece; i += L) {
           const int64_t c = std::min(L, piece - i);
           store_as(wr + i, Vec<A>::loadu(xr + i, c), c);
