@@ -53,6 +53,29 @@ def random_set(dtype=torch.float32, device="cpu", special=False):
     return groups, members, moments
 
 
+def wide_set(dtype=torch.float32, groups=700):
+    """(groups, members, moments): a set of many groups (those of a wide layer: its rows, its
+    bias, the next layers' input columns and input channels), more than one block of the
+    kernel's, most members read as narrow columns (a Linear's input units, 3x3 and 1x1
+    convolutions' input channels), some through a permuted or strided view."""
+    g = groups
+    fc1 = torch.randn(g, 40, dtype=dtype) * 0.2                       # rows
+    bias = torch.randn(g, dtype=dtype) * 0.2
+    fc2 = torch.randn(40, g, dtype=dtype) * 0.2                       # columns
+    conv3 = torch.randn(6, g, 3, 3, dtype=dtype) * 0.2                # input channels, 3x3
+    conv1 = torch.randn(5, g, 1, 1, dtype=dtype) * 0.2                # 1x1, permuted
+    strided = (torch.randn(30, 2 * g, dtype=dtype) * 0.2)[:, ::2]     # columns of a view
+    perm = torch.randperm(g).tolist()
+    order = list(range(g))
+    slices = [(fc1, 0, order, "fc1"), (bias, 0, order, "bias"), (fc2, 1, order, "fc2"),
+              (conv3, 1, order, "conv3"), (conv1, 1, perm, "conv1"),
+              (strided, 1, order, "strided")]
+    set_ = fastprox.CoupledGroups(slices, g, name="wide")
+    members = [fc1, bias, fc2, conv3, conv1, strided]
+    moments = [torch.rand(m.shape, dtype=torch.float64).to(dtype) * 2 + 0.05 for m in members]
+    return set_, members, moments
+
+
 def oracle(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, size_weighted=True,
            exact=True):
     """Per member, the float64 result of the metric step with metric ``ds`` (float64, shaped
@@ -60,9 +83,12 @@ def oracle(groups, ds, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0, size_wei
     t_g = lam_group sqrt(n_g) (or lam_group)."""
     out = [m.tensor.detach().to(torch.float64).cpu().clone() for m in groups.slices]
     ds = [d.detach().to(torch.float64).cpu() for d in ds]
+    parts_of = {}
+    for k, m in enumerate(groups.slices):
+        for p, grp in enumerate(m.index.tolist()):
+            parts_of.setdefault(grp, []).append((k, p))
     for grp in range(groups.num_groups):
-        parts = [(k, p) for k, m in enumerate(groups.slices)
-                 for p in range(m.tensor.shape[m.axis]) if int(m.index[p]) == grp]
+        parts = parts_of.get(grp, [])
         if not parts:
             continue
         zs = [out[k].movedim(groups.slices[k].axis, 0)[p] for k, p in parts]

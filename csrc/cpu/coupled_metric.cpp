@@ -13,10 +13,11 @@
 // neighbouring slices row by row). Per group, its slices are gathered from the members (d
 // formed on the way) into a buffer of this thread that stays in cache, the
 // group is solved there (first pass, Newton's method, exclusive step) and written back, blocks of
-// neighbouring groups together, row by row (each cache line of a member read once): one read
-// of every member and moment, one write of every member; no matrix of all groups, no copy of a
-// member (but the working copy of a member that is not dense). Every group is computed by one
-// thread in a fixed order: the result does not depend on the thread count.
+// neighbouring groups together, row by row (each cache line of a member read once; the narrow
+// columns of neighbouring groups, a Linear's input units, as one piece of each row, in
+// vectors): one read of every member and moment, one write of every member; no matrix of all
+// groups, no copy of a member (but the working copy of a member that is not dense). Every group
+// is computed by one thread in a fixed order: the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/max.h>
@@ -66,14 +67,6 @@ inline void gather_piece(const T* w, const V* v, A* x, A* d, int64_t piece, A sc
                          A inv_lr, bool direct) {
   using Va = Vec<A>;
   constexpr int64_t L = Va::size();
-  if (piece < L / 2) {  // a few elements (a column's, a bias's): scalar, no masked vectors
-    for (int64_t i = 0; i < piece; ++i) {
-      x[i] = static_cast<A>(w[i]);
-      const A value = static_cast<A>(v[i]);
-      d[i] = direct ? value : (std::sqrt(value * scale) + eps) * inv_lr;
-    }
-    return;
-  }
   for (int64_t i = 0; i < piece; i += L) {
     const int64_t c = std::min(L, piece - i);
     store_as(x + i, load_as<A>(w + i, c), c);
@@ -83,35 +76,122 @@ inline void gather_piece(const T* w, const V* v, A* x, A* d, int64_t piece, A sc
   }
 }
 
+// The end of the span of slots from `first`: the slots that follow it in the list while their
+// positions follow each other (neighbouring groups' columns: one contiguous piece of every row).
+inline int64_t span_end(const Slot* slots, int64_t first, int64_t count) {
+  int64_t k = first + 1;
+  while (k < count && slots[k].pos == slots[k - 1].pos + slots[k - 1].count) ++k;
+  return k;
+}
+
+// Where each element of a span's piece of row 0 goes in the buffers (row o: target + o * stride,
+// stride = the piece of its slot), for spans of narrow pieces (shorter than a vector: a
+// Linear's columns, a 1x1 convolution's input channels), which are moved a row's piece of all
+// of their slots at a time, in vectors, rather than slot by slot.
+struct SpanMap {
+  std::vector<int64_t> target, stride;
+  int64_t build(const Slot* slots, int64_t first, int64_t last, int64_t inner) {
+    target.clear();
+    stride.clear();
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t piece = slots[k].count * inner;
+      for (int64_t i = 0; i < piece; ++i) {
+        target.push_back(slots[k].dest + i);
+        stride.push_back(piece);
+      }
+    }
+    return static_cast<int64_t>(target.size());
+  }
+};
+
+// Whether every slot of the span has a piece shorter than a vector of A.
+template <typename A>
+inline bool narrow_span(const Slot* slots, int64_t first, int64_t last, int64_t inner) {
+  for (int64_t k = first; k < last; ++k) {
+    if (slots[k].count * inner >= int64_t(Vec<A>::size())) return false;
+  }
+  return last - first > 1;
+}
+
 template <typename A, typename T, typename V>
 MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A inv_lr,
                       bool direct) {
+  using Va = Vec<A>;
+  constexpr int64_t L = Va::size();
   MemberIO<A> io;
   io.n = s.group_size();
   const int64_t outer = s.outer, inner = s.inner, row = s.groups * s.inner;
   io.gather = [=](const Slot* slots, int64_t count, A* x, A* d) {
-    for (int64_t o = 0; o < outer; ++o) {
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t piece = slots[k].count * inner;
-        const int64_t at = o * row + slots[k].pos * inner, to = slots[k].dest + o * piece;
-        gather_piece(w + at, v + at, x + to, d + to, piece, scale, eps, inv_lr, direct);
+    thread_local SpanMap map;
+    for (int64_t first = 0, last; first < count; first = last) {
+      last = span_end(slots, first, count);
+      if (!narrow_span<A>(slots, first, last, inner)) {
+        for (int64_t o = 0; o < outer; ++o) {
+          for (int64_t k = first; k < last; ++k) {
+            const int64_t piece = slots[k].count * inner;
+            const int64_t at = o * row + slots[k].pos * inner, to = slots[k].dest + o * piece;
+            if (o + kPrefetchRows < outer) {  // rows far apart: the hardware does not prefetch
+              prefetch_run(w + at + kPrefetchRows * row, piece);
+              prefetch_run(v + at + kPrefetchRows * row, piece);
+            }
+            gather_piece(w + at, v + at, x + to, d + to, piece, scale, eps, inv_lr, direct);
+          }
+        }
+        continue;
+      }
+      const int64_t width = map.build(slots, first, last, inner);
+      const int64_t* target = map.target.data();
+      const int64_t* stride = map.stride.data();
+      for (int64_t o = 0; o < outer; ++o) {
+        const int64_t at = o * row + slots[first].pos * inner;
+        if (o + kPrefetchRows < outer) {
+          prefetch_run(w + at + kPrefetchRows * row, width);
+          prefetch_run(v + at + kPrefetchRows * row, width);
+        }
+        for (int64_t i = 0; i < width; i += L) {
+          const int64_t c = std::min(L, width - i);
+          Va dv = load_as<A>(v + at + i, c);
+          if (!direct) dv = ((dv * Va(scale)).sqrt() + Va(eps)) * Va(inv_lr);
+          A xs[L], ds[L];
+          load_as<A>(w + at + i, c).store(xs);
+          dv.store(ds);
+          for (int64_t j = 0; j < c; ++j) {
+            const int64_t to = target[i + j] + o * stride[i + j];
+            x[to] = xs[j];
+            d[to] = ds[j];
+          }
+        }
       }
     }
   };
   io.scatter = [=](const Slot* slots, int64_t count, const A* x) {
-    constexpr int64_t L = Vec<A>::size();
-    for (int64_t o = 0; o < outer; ++o) {
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t piece = slots[k].count * inner;
-        T* wr = w + o * row + slots[k].pos * inner;
-        const A* xr = x + slots[k].dest + o * piece;
-        if (piece < L / 2) {
-          for (int64_t i = 0; i < piece; ++i) wr[i] = static_cast<T>(xr[i]);
-          continue;
+    thread_local SpanMap map;
+    for (int64_t first = 0, last; first < count; first = last) {
+      last = span_end(slots, first, count);
+      if (!narrow_span<A>(slots, first, last, inner)) {
+        for (int64_t o = 0; o < outer; ++o) {
+          for (int64_t k = first; k < last; ++k) {
+            const int64_t piece = slots[k].count * inner;
+            T* wr = w + o * row + slots[k].pos * inner;
+            const A* xr = x + slots[k].dest + o * piece;
+            for (int64_t i = 0; i < piece; i += L) {
+              const int64_t c = std::min(L, piece - i);
+              store_as(wr + i, Va::loadu(xr + i, c), c);
+            }
+          }
         }
-        for (int64_t i = 0; i < piece; i += L) {
-          const int64_t c = std::min(L, piece - i);
-          store_as(wr + i, Vec<A>::loadu(xr + i, c), c);
+        continue;
+      }
+      const int64_t width = map.build(slots, first, last, inner);
+      const int64_t* target = map.target.data();
+      const int64_t* stride = map.stride.data();
+      for (int64_t o = 0; o < outer; ++o) {
+        T* wr = w + o * row + slots[first].pos * inner;
+        for (int64_t i = 0; i < width; i += L) {
+          const int64_t c = std::min(L, width - i);
+          A xs[L];
+          for (int64_t j = 0; j < c; ++j) xs[j] = x[target[i + j] + o * stride[i + j]];
+          store_as(wr + i, Va::loadu(xs), c);
         }
       }
     }
@@ -125,9 +205,18 @@ struct Run {
   int64_t member, pos, count, offset;
 };
 
-// elements of the groups of one block, about: 2^13 measured best on GPT-2 and Llama (2^12 to
-// 2^17 tried, bench/RESULTS.md); the buffers (x and d) stay in L2
-constexpr int64_t kBlockElems = 1 << 13;
+// elements of the groups of one block, about: 2^16 measured best on GPT-2, Llama and ResNet-50
+// (2^13 to 2^17 tried, bench/RESULTS.md); the buffers (x and d, 512 KiB in float32) stay in L2
+constexpr int64_t kBlockElems = 1 << 16;
+
+// Elements of the buffers a group of n takes: whole vectors and one more, so that groups start
+// a line apart from any multiple of 4 KiB of each other (a row's pieces of neighbouring groups,
+// written at the same offset of each, would all fall in one set of the L1 cache) and aligned.
+template <typename A>
+constexpr int64_t spaced(int64_t n) {
+  constexpr int64_t L = Vec<A>::size();
+  return n == 0 ? 0 : (n + L - 1) / L * L + L;
+}
 
 // One set, checked: its members' working tensors and moments laid out alike.
 struct SetView {
@@ -184,12 +273,12 @@ void run_set(const SetView& set) {
   std::vector<int64_t> blocks{0};
   int64_t filled = 0;
   for (int64_t g = 0; g < set.groups; ++g) {
-    if (filled > 0 && filled + sizes[g] > kBlockElems) {
+    if (filled > 0 && filled + spaced<A>(sizes[g]) > kBlockElems) {
       blocks.push_back(g);
       largest = std::max(largest, filled);
       filled = 0;
     }
-    filled += sizes[g];
+    filled += spaced<A>(sizes[g]);
   }
   blocks.push_back(set.groups);
   largest = std::max(largest, filled);
@@ -214,7 +303,7 @@ void run_set(const SetView& set) {
           slots[runs[r].member].push_back({runs[r].pos, runs[r].count,
                                            segment.back() + runs[r].offset});
         }
-        segment.push_back(segment.back() + sizes[g]);
+        segment.push_back(segment.back() + spaced<A>(sizes[g]));
       }
       for (int64_t k = 0; k < members; ++k) {
         if (!slots[k].empty()) io[k].gather(slots[k].data(), int64_t(slots[k].size()), x, d);

@@ -43,7 +43,6 @@ constexpr int64_t kBlockElems = 1 << 15;      // group-major path: elements of o
 constexpr int64_t kLaneBlockElems = 1 << 16;  // interleaved path: elements of a block, about
 constexpr int64_t kLaneWidthMax = 256;        // interleaved path: positions of a block's row
 constexpr int64_t kPartialRows = 64;          // interleaved path: rows summed in A, then double
-constexpr int64_t kPrefetchRows = 4;          // interleaved path: rows read ahead
 
 // -- interleaved traversal: groups side by side in every row -----------------------------------
 
@@ -170,12 +169,8 @@ void metric_interleaved(T* w, const V* v, const GroupShape& s,
         const T* wr = w + base + o * run;
         const V* vr = v + base + o * run;
         if (o + kPrefetchRows < s.outer) {  // rows far apart: the hardware does not prefetch
-          for (int64_t j = 0; j < count; j += 64 / int64_t(sizeof(T))) {
-            __builtin_prefetch(wr + kPrefetchRows * run + j);
-          }
-          for (int64_t j = 0; j < count; j += 64 / int64_t(sizeof(V))) {
-            __builtin_prefetch(vr + kPrefetchRows * run + j);
-          }
+          prefetch_run(wr + kPrefetchRows * run, count);
+          prefetch_run(vr + kPrefetchRows * run, count);
         }
         for (int64_t c = 0; c < vectors; ++c) {
           const int64_t k = std::min(L, count - c * L);  // missing lanes: 0, in no group

@@ -151,6 +151,16 @@ inline void store_as(T* p, const Vec<A>& x, int64_t count) {
   }
 }
 
+// Rows of a weight read ahead where a traversal reads pieces of rows far apart (a Linear's
+// columns, a head's slice of a fused projection): the hardware prefetchers do not follow strides
+// of a row.
+constexpr int64_t kPrefetchRows = 4;
+
+template <typename T>
+inline void prefetch_run(const T* p, int64_t count) {
+  for (int64_t j = 0; j < count; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + j);
+}
+
 // -- group-major traversal: every group one contiguous run of the buffer ---------------------
 
 // The step of one group of n elements: x (in: the weight, out: the result) and d (in: v, out:
