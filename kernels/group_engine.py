@@ -684,17 +684,22 @@ def _theta_terms(y, d, theta, thr, WIDE: tl.constexpr):
 def _theta_step(theta, iterate, P, Q, WIDE: tl.constexpr):
     """One Newton step on phi = F^(-1/2) - 1, theta + (F^(3/2) - F) / slope, which is
     theta + (sqrt(P) - theta) P / Q; taken while F > 1 (P > theta^2), done when it no longer
-    moves theta by more than 4 ulps (rounding)."""
+    moves theta by more than 4 ulps (rounding), or after a step of at most 2^-13 of theta
+    (2^-28 in float64: from the left, Newton's method converges quadratically, and what is
+    left, about the square of the step, is below rounding; the CPU's rule)."""
     if WIDE:
         ulp = 2.220446049250313e-16
+        converged = 3.725290298461914e-09  # 2^-28
     else:
         ulp = 1.1920928955078125e-07
+        converged = 0.0001220703125  # 2^-13
     go = iterate & (P > theta * theta) & (Q > 0)
     nxt = theta + (_sqrt(P, WIDE) - theta) * _div(tl.where(go, P, 0.0), tl.where(go, Q, 1.0),
                                                   WIDE)
     small = ~(nxt > theta * (1 + 4 * ulp))
+    done = small | (nxt - theta <= theta * converged)
     theta = tl.where(go, tl.where(small, tl.maximum(theta, nxt), nxt), theta)
-    return theta, go & ~small
+    return theta, go & ~done
 
 
 @triton.jit
