@@ -6,8 +6,9 @@ entries launch, compiled by Triton's real compiler for Hopper (sm_90a, 132 SMs) 
     python bench/compile_gate.py --quick         # a sample (a few seconds)
     python bench/compile_gate.py --first-call    # + cold compile cost of one training step
 
-The specializations come from the launcher itself (kernels/launch.py's plan_* functions, the
-same code a GPU run calls) applied to meta tensors over a catalog: the kernel tests' layouts
+The specializations come from the launcher itself (the plan_* functions of kernels/launch.py,
+kernels/group_phases.py and kernels/metric_prox.py, the same code a GPU run calls) applied to
+meta tensors over a catalog: the kernel tests' layouts
 (with the small tile limits the tests force as well), the GPU benchmark's shapes, the ResNet-50
 and GPT-2 small weight lists, unaligned views and a tensor of more than 2**31 elements; every
 combination of steps (thresholds that may be nonzero, exact or bound exclusive threshold) and
@@ -49,8 +50,9 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tests_kernels")]
 
 from fastprox.kernels import group_engine as engine  # noqa: E402
-from fastprox.kernels import launch  # noqa: E402
-from fastprox.kernels.layout import analyze  # noqa: E402
+from fastprox.kernels import group_phases, launch, metric_prox, tiles  # noqa: E402
+from fastprox.kernels.layout import analyze, is_dense  # noqa: E402
+from fastprox.kernels.tables import Tables  # noqa: E402
 
 TARGETS = {"sm_90a": (90, 132), "sm_80": (80, 108)}  # capability, SMs (H100/H200, A100)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -113,14 +115,14 @@ def _meta_weight(shape, dtype, view):
 
 @contextlib.contextmanager
 def _limits(**values):
-    saved = {k: getattr(launch, k) for k in values}
+    saved = {k: getattr(tiles, k) for k in values}
     for k, v in values.items():
-        setattr(launch, k, v)
+        setattr(tiles, k, v)
     try:
         yield
     finally:
         for k, v in saved.items():
-            setattr(launch, k, v)
+            setattr(tiles, k, v)
 
 
 # The tile limits the kernel tests force to reach each path on small shapes (tests_kernels'
@@ -134,7 +136,7 @@ TEST_PATHS = {"tile": dict(SPLIT_BELOW_BLOCKS=0),
 
 def plans(entries, steps, sms) -> list[launch.Launch]:
     """The launches of every operator the CUDA entries serve, for one list of weights."""
-    tables = launch.Tables(torch.device("cpu"), upload=False)
+    tables = Tables(torch.device("cpu"), upload=False)
     out = []
     for step in steps:
         flags, exact = STEPS[step]
@@ -152,7 +154,7 @@ def plans(entries, steps, sms) -> list[launch.Launch]:
         if layout.num_groups:
             norms = torch.empty(layout.num_groups, dtype=w.dtype, device="meta")
             out += launch.plan_group_norms(w, layout, sms, tables, norms)
-        work = w if launch.is_dense(w) else w.contiguous()
+        work = w if is_dense(w) else w.contiguous()
         out.append(launch.plan_soft_threshold(work, torch.zeros(1, 3, dtype=torch.float64)))
     return out
 
@@ -167,8 +169,8 @@ def metric_plans(entries, steps, sms, tables) -> list[launch.Launch]:
     rows = [(w, torch.empty_like(w), list(d), True, True) for w, d in entries]
     out = []
     for flags in dict.fromkeys(STEPS[step][0] for step in steps):
-        for _, _, launches, _ in launch.plan_metric_step(rows, [flags] * len(entries), table,
-                                                         metric, sms, tables):
+        for _, _, launches, _ in metric_prox.plan_metric_step(rows, [flags] * len(entries),
+                                                              table, metric, sms, tables):
             out += launches
     return out
 
@@ -176,14 +178,14 @@ def metric_plans(entries, steps, sms, tables) -> list[launch.Launch]:
 def phase_plans(entries, sms, tables) -> list[launch.Launch]:
     """The launches of the phase ops (sums, sums above, rewrite) over one list of weights: one
     specialization per phase serves every combination of their arguments."""
-    layouts = launch.phase_layouts([(w, list(d)) for w, d in entries])
+    layouts = group_phases.phase_layouts([(w, list(d)) for w, d in entries])
     l1s = torch.zeros(len(entries), dtype=torch.float64)
     out = []
-    for bucket in launch.phase_buckets([w for w, _ in entries], layouts):
-        for phase, rows in launch.PHASE_ROWS.items():
+    for bucket in group_phases.phase_buckets([w for w, _ in entries], layouts):
+        for phase, rows in group_phases.PHASE_ROWS.items():
             sums = tables.empty(max(rows, 1) * bucket.total, bucket.acc)
             params = tables.empty(2 * bucket.total, bucket.acc)
-            out.append(launch.plan_phase(bucket, l1s, phase, params, sums, sms, tables))
+            out.append(group_phases.plan_phase(bucket, l1s, phase, params, sums, sms, tables))
     return out
 
 
@@ -229,7 +231,7 @@ def specs_of(lau: launch.Launch, capability: int) -> list[Spec]:
     sig, aligned = [], []
     for p, value in zip(runtime, lau.args):
         if isinstance(value, torch.Tensor):
-            if launch.address(value) % 16 == 0:  # the JIT's pointer specialization ("D")
+            if tiles.address(value) % 16 == 0:  # the JIT's pointer specialization ("D")
                 aligned.append(p.name)
         else:
             # Every integer argument is do_not_specialize: its type depends on its range only.
@@ -374,7 +376,7 @@ def first_call(jobs: int) -> list[dict]:
             # the Euclidean step (SGD) and the step in the optimizer's metric (Adam / AdamW)
             for step, launches in (("sgd", _step_launches(entries, sms)),
                                    ("adam", metric_plans(entries, ["group"], sms,
-                                                         launch.Tables("cpu", upload=False)))):
+                                                         Tables("cpu", upload=False)))):
                 specs = list(dict.fromkeys(s for lau in launches for s in specs_of(lau, cap)))
                 start = time.perf_counter()
                 rows = compile_all(specs, jobs)  # a cold cache: what a first call costs
@@ -388,7 +390,7 @@ def first_call(jobs: int) -> list[dict]:
 
 def _step_launches(entries, sms):
     """The launches of one Regularizer group lasso step (foreach_prox_ over the list)."""
-    tables = launch.Tables(torch.device("cpu"), upload=False)
+    tables = Tables(torch.device("cpu"), upload=False)
     table = torch.zeros(len(entries), 3, dtype=torch.float64)
     rows = [(w, list(d), (0.0, 0.0, 0.0), True, True) for w, d in entries]
     flags = [(False, True, False)] * len(entries)

@@ -17,7 +17,7 @@ import torch
 
 import fastprox
 from fastprox import reference
-from fastprox.kernels import launch
+from fastprox.kernels import tiles
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -98,8 +98,8 @@ def main() -> int:
         print(f"{'ok  ' if ok else 'FAIL'} {name}", flush=True)
     rows = fastprox.group_norms(torch.randn(100, 50, device="cuda"), 1)
     print(f"ok   group_norms ({tuple(rows.shape)})", flush=True)
-    print(f"launch constants: ONE_TILE_ELEMS={launch.ONE_TILE_ELEMS}, "
-          f"SPLIT_BELOW_BLOCKS={launch.SPLIT_BELOW_BLOCKS}")
+    print(f"launch constants: ONE_TILE_ELEMS={tiles.ONE_TILE_ELEMS}, "
+          f"SPLIT_BELOW_BLOCKS={tiles.SPLIT_BELOW_BLOCKS}")
     return 1 if failures else 0
 
 

@@ -6,8 +6,11 @@ steps whose groups span several tensors (``foreach_group_sums``, ``foreach_group
 coupled form ``coupled_metric_prox_``.
 
 A leaf: nothing here imports fastprox. One file per op holds its entry (its tables checked, then
-the launch), as csrc/cpu/ does for the CPU; the kernels they share are in group_engine.py, the
-host side (layouts, thresholds, buckets, tables, tuning) in launch.py and layout.py. The
+the launch; the phase ops and the metric step plan their launches there too), as csrc/cpu/ does
+for the CPU; the kernels they share are in group_engine.py; the host side shared by all of them
+is layout.py (layouts), tiles.py (tiles, register budgets, warp counts, tuning), tables.py
+(thresholds, per-tensor and block tables, uploads) and launch.py (buckets, plans and runs of the
+fused step, the runs of every bucket). The
 entries take the weights checked: fastprox/_triton.py checks them and is what
 fastprox/_registry.py registers as the ops' CUDA kernels (and, for the tests, as their CPU
 kernels under ``TRITON_INTERPRET=1``, set before ``import triton``: fastprox._registry.serve).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import launch
+from .tables import check_device_lams, split_dims
 
 # the fused step's thresholds, in the order of a row of ``lams`` (fastprox/operators.py COLUMNS)
 COLUMNS = ("lam_l1", "lam_group", "lam_exclusive")
@@ -34,7 +35,7 @@ def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
             and lams.dtype == torch.float64):
         raise ValueError(f"{caller}: lams must be a float64 tensor of 3 * len(weights) values")
     lams = lams.reshape(n, 3)
-    tensor_dims = launch.split_dims(weights, dims, dim_counts)
+    tensor_dims = split_dims(weights, dims, dim_counts)
     entries = [(w, d, None, size_weighted[i], exact[i])
                for i, (w, d) in enumerate(zip(weights, tensor_dims))]
 
@@ -50,5 +51,5 @@ def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
         if lams.device != weights[0].device:
             raise ValueError(f"{caller}: lams is on {lams.device} but the weights are on "
                              f"{weights[0].device}")
-        launch.check_device_lams(lams, names)
+        check_device_lams(lams, names)
         launch.prox_(entries, names, table=lams.contiguous(), used=used)

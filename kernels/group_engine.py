@@ -20,10 +20,10 @@ persistently, and keeps a tile of BLOCK_O x BLOCK_G x BLOCK_I elements in regist
   ``split_apply_kernel`` folds them per group (in a fixed order: deterministic) and rewrites its
   chunk. Not for the exact exclusive threshold, whose Newton steps need the whole group.
 
-What is compiled is decided on the host (kernels/launch.py) and checked without a GPU by
+What is compiled is decided on the host (kernels/launch.py, kernels/tiles.py) and checked without a GPU by
 bench/compile_gate.py: FIT (one tile, looped, or both chosen per tensor) keeps each
 specialization to the paths its bucket needs; tile sizes and warp counts bound the elements a
-thread holds in registers (kernels/launch.py: elems_per_thread), so nothing spills; no
+thread holds in registers (kernels/tiles.py: elems_per_thread), so nothing spills; no
 subroutine is called (64-bit division, ``sqrt.rn``, ``div.rn.f64``: their calling convention
 spills the tile, see _sqrt and _div); VEC > 1 tells the
 compiler that the tile's contiguous run and the tensor's offset are multiples of 16 bytes
@@ -47,7 +47,7 @@ import os
 import triton
 import triton.language as tl
 
-# Columns of the int64 per-tensor table (kernels/launch.py fills it).
+# Columns of the int64 per-tensor table (kernels/tables.py fills it).
 # The interpreter runs no PTX: _div falls back to the division it replaces.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
 

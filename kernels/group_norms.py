@@ -8,7 +8,8 @@ csrc/cpu/group_norms.cpp. Kernel: prox_kernel with NORMS_ONLY (kernels/group_eng
 from __future__ import annotations
 
 from . import launch
+from .tables import split_dims
 
 
 def group_norms(weight, dim):
-    return launch.group_norms(weight, launch.split_dims([weight], dim, [len(dim)])[0])
+    return launch.group_norms(weight, split_dims([weight], dim, [len(dim)])[0])

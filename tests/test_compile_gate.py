@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import compile_gate as gate  # noqa: E402
 
-from fastprox.kernels import launch  # noqa: E402
+from fastprox.kernels import metric_prox, tiles  # noqa: E402
+from fastprox.kernels.tables import Tables  # noqa: E402
 
 CASES = [((64, 300), [1]), ((300, 64), [0]), ((64, 32, 3, 3), [0, 2, 3]), ((4096, 64), [0]),
          ((3, 20000), [1]), ((33, 17), [1]), ((128, 5, 5), [0, 2])]
@@ -57,12 +58,12 @@ def test_unaligned_view_gets_element_accesses():
 def test_metric_moments_set_the_access_width():
     """The metric step's 16-byte accesses need the moment aligned too, and of the weight's
     dtype: a moment one element off, or of another dtype, gives element-wise accesses."""
-    tables = launch.Tables(torch.device("cpu"), upload=False)
+    tables = Tables(torch.device("cpu"), upload=False)
     table = torch.zeros(1, 3, dtype=torch.float64)
 
     def vec(weight, moment):
-        plans = launch.plan_metric_step([(weight, moment, [1], True, True)],
-                                        [(False, True, False)], table, table, 132, tables)
+        plans = metric_prox.plan_metric_step([(weight, moment, [1], True, True)],
+                                             [(False, True, False)], table, table, 132, tables)
         return {lau.constexprs["VEC"] for _, _, launches, _ in plans for lau in launches}
 
     w = torch.randn(64, 64)
@@ -77,12 +78,12 @@ def test_warp_candidates_bound_elements_per_thread():
     for elems in (64, 512, 4096, 16384):
         for wide in (False, True):
             for per in (8, 16, 32):
-                configs = launch.warp_configs([(elems, per)], wide, 2)
+                configs = tiles.warp_configs([(elems, per)], wide, 2)
                 assert 1 <= len(configs) <= 2
                 for c in configs:
                     w = c["num_warps"]
-                    assert w <= launch.MAX_WARPS[wide]
-                    assert elems <= per * 32 * w or w == launch.MAX_WARPS[wide]
+                    assert w <= tiles.MAX_WARPS[wide]
+                    assert elems <= per * 32 * w or w == tiles.MAX_WARPS[wide]
 
 
 def test_problems_catch_spills_errors_and_narrow_accesses():

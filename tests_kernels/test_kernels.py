@@ -17,7 +17,8 @@ from helpers import DTYPES, OPS, TOLERANCES, assert_matches_reference, random_we
 from kernel_calls import DEVICE, on_triton_paths
 from layouts import LAYOUTS
 
-from fastprox.kernels import launch
+from fastprox.kernels import launch, tiles
+from fastprox.kernels.tables import Tables
 
 GROUPED = [op for op in OPS if op.grouped]
 pytestmark = pytest.mark.usefixtures("backend")
@@ -30,9 +31,9 @@ def path(request, monkeypatch):
     if request.param != "tile" and not on_triton_paths(request):
         pytest.skip("an engine path of the Triton kernels")
     if request.param != "tile":
-        monkeypatch.setattr(launch, "ONE_TILE_ELEMS", 16)
-        monkeypatch.setattr(launch, "TILE_ELEMS", 8)
-    monkeypatch.setattr(launch, "SPLIT_BELOW_BLOCKS", 10 ** 6 if request.param == "split" else 0)
+        monkeypatch.setattr(tiles, "ONE_TILE_ELEMS", 16)
+        monkeypatch.setattr(tiles, "TILE_ELEMS", 8)
+    monkeypatch.setattr(tiles, "SPLIT_BELOW_BLOCKS", 10 ** 6 if request.param == "split" else 0)
     return request.param
 
 
@@ -235,7 +236,7 @@ def _plan(shapes_dims, dtype, sms=132):
         entries.append((w, dims, (0.0, 0.1, 0.0), True, True))
     table = torch.zeros(len(entries), 3, dtype=torch.float64)
     flags = [(False, True, False)] * len(entries)
-    plans = launch.plan_prox(entries, table, flags, sms, launch.Tables("cpu", upload=False))
+    plans = launch.plan_prox(entries, table, flags, sms, Tables("cpu", upload=False))
     return sum(len(launches) for _, _, launches, _ in plans)
 
 

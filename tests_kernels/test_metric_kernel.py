@@ -17,7 +17,8 @@ from helpers import (DTYPES, TOLERANCES, metric_exclusive_kkt, metric_group_kkt,
 from kernel_calls import DEVICE, INTERPRET, on_triton_paths
 from layouts import LAYOUTS
 
-from fastprox.kernels import launch
+from fastprox.kernels import metric_prox, tiles
+from fastprox.kernels.tables import Tables
 
 pytestmark = pytest.mark.usefixtures("backend")
 OP = torch.ops.fastprox.foreach_metric_prox_  # through the dispatcher: the backend under test
@@ -36,8 +37,8 @@ def path(request, monkeypatch):
     if request.param == "looped" and not on_triton_paths(request):
         pytest.skip("an engine path of the Triton kernels")
     if request.param == "looped":
-        monkeypatch.setattr(launch, "ONE_TILE_ELEMS", 64)
-        monkeypatch.setattr(launch, "TILE_ELEMS", 32)
+        monkeypatch.setattr(tiles, "ONE_TILE_ELEMS", 64)
+        monkeypatch.setattr(tiles, "TILE_ELEMS", 32)
     return request.param
 
 
@@ -385,8 +386,8 @@ def test_whole_model_in_few_launches(dtype):
             dims = sorted(d % w.dim() for d in ((dim,) if isinstance(dim, int) else dim))
             entries.append((w, torch.empty_like(w), dims, True, True))
         table = torch.zeros(len(entries), 3, dtype=torch.float64)
-        plans = launch.plan_metric_step(entries, [(False, True, False)] * len(entries), table,
-                                        table, 132, launch.Tables("cpu", upload=False))
+        plans = metric_prox.plan_metric_step(entries, [(False, True, False)] * len(entries),
+                                             table, table, 132, Tables("cpu", upload=False))
         return sum(len(launches) for _, _, launches, _ in plans)
 
     assert count(resnet50_weights()) <= 4

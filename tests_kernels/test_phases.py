@@ -16,7 +16,7 @@ from helpers import DTYPES
 from kernel_calls import DEVICE, on_triton_paths
 from phase_checks import check_phase_ops
 
-from fastprox.kernels import launch
+from fastprox.kernels import tiles
 
 
 @pytest.fixture(params=["one", "several"])
@@ -26,7 +26,7 @@ def sweeps(request, monkeypatch):
     if request.param == "several" and not on_triton_paths(request):
         pytest.skip("an engine path of the Triton kernels")
     if request.param == "several":
-        monkeypatch.setattr(launch, "LOOP_ELEMS", 32)
+        monkeypatch.setattr(tiles, "LOOP_ELEMS", 32)
     return request.param
 
 
