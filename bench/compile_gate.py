@@ -49,7 +49,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tests_kernels")]
 
-from fastprox.kernels import group_engine as engine  # noqa: E402
 from fastprox.kernels import group_phases, launch, metric_prox, tiles  # noqa: E402
 from fastprox.kernels.layout import analyze, is_dense  # noqa: E402
 from fastprox.kernels.tables import Tables  # noqa: E402
@@ -223,7 +222,7 @@ def engine_pointer(kernel: str) -> str:
 
 
 def specs_of(lau: launch.Launch, capability: int) -> list[Spec]:
-    fn = getattr(engine, lau.kernel)
+    fn = launch.KERNELS[lau.kernel]
     runtime = [p for p in fn.params if not p.is_constexpr]
     assert len(runtime) == len(lau.args), (lau.kernel, len(runtime), len(lau.args))
     from triton.runtime.jit import mangle_type  # the JIT's own argument types
@@ -288,7 +287,7 @@ def compile_spec(spec: Spec) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(engine, spec.kernel)
+    fn = launch.KERNELS[spec.kernel]
     names = [n for n, _ in spec.signature]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
     row = dict(spec.label())

@@ -112,13 +112,13 @@ def bench_ops(args, device, bench, records: list, save=lambda: None) -> list[dic
 
 
 def _count_launches(fn) -> int:
-    from fastprox.kernels import group_engine as engine
+    from fastprox.kernels.launch import KERNELS
 
     seen = []
     saved = {}
     for name in ("prox_kernel", "split_stats_kernel", "split_apply_kernel",
                  "soft_threshold_kernel"):
-        kernel = getattr(engine, name)
+        kernel = KERNELS[name]
         saved[name] = kernel
 
         class _Count:
@@ -129,12 +129,12 @@ def _count_launches(fn) -> int:
                 seen.append(grid)
                 return self.k[grid]
 
-        setattr(engine, name, _Count(kernel))
+        KERNELS[name] = _Count(kernel)
     try:
         fn()
     finally:
         for name, kernel in saved.items():
-            setattr(engine, name, kernel)
+            KERNELS[name] = kernel
     return len(seen)
 
 

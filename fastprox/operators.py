@@ -20,7 +20,7 @@ row is docs/SPEC.md.
 Adding an operator: a row here, its function in fastprox/ops.py (a preset: its checks and its
 columns of the fused step), its reference in fastprox/reference.py and, if its per-group math
 is new, that math in each engine (``ProxStep`` in csrc/cpu/group_engine.h, ``_group_params`` in
-kernels/group_engine.py) and a column of the fused step.
+kernels/prox_kernels.py) and a column of the fused step.
 """
 
 from __future__ import annotations

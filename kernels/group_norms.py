@@ -2,7 +2,7 @@
 
 Sum of squares in float32 for 16-bit weights, in the weight's type otherwise; the result has the
 weight's dtype. Contract: docs/SPEC.md; reference: fastprox/reference.py; CPU:
-csrc/cpu/group_norms.cpp. Kernel: prox_kernel with NORMS_ONLY (kernels/group_engine.py).
+csrc/cpu/group_norms.cpp. Kernel: prox_kernel with NORMS_ONLY (kernels/prox_kernels.py).
 """
 
 from __future__ import annotations

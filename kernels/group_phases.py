@@ -11,7 +11,7 @@ y = soft(W, lam_l1):
 
 Sums in float32 (float64 for float64 weights); per-group values shaped like the kept
 dimensions, on the weights' device. Weights are bucketed as for the step (kernels/launch.py),
-one launch of ``phase_kernel`` (kernels/group_engine.py) per bucket, planned here: one read of
+one launch of ``phase_kernel`` (kernels/phase_kernels.py) per bucket, planned here: one read of
 each weight for the sums, one read and one write for the rewrite; every check before any
 launch. Contract: docs/SPEC.md; reference: fastprox/reference.py; CPU:
 csrc/cpu/group_phases.cpp.
@@ -24,8 +24,7 @@ import math
 import torch
 import triton
 
-from . import group_engine as engine
-from . import launch
+from . import launch, phase_kernels
 from .layout import GroupLayout, analyze, finish, to_kept_shape
 from .tables import Item, Tables, by_offset, persistent, split_dims, uploads
 from .tiles import (acc_type, choose_tile, elems_per_thread, is_off64, loop_tile, sm_count,
@@ -34,10 +33,11 @@ from .tiles import (acc_type, choose_tile, elems_per_thread, is_off64, loop_tile
 
 # ---------------------------------------------------------------------------------------------
 # Plans and runs: the same buckets and tables as the fused step (kernels/launch.py), one launch
-# of phase_kernel (kernels/group_engine.py) per bucket.
+# of phase_kernel (kernels/phase_kernels.py) per bucket.
 
-PHASE_SUMS, PHASE_ABOVE, PHASE_REWRITE = (engine.PHASE_SUMS.value, engine.PHASE_ABOVE.value,
-                                          engine.PHASE_REWRITE.value)
+PHASE_SUMS, PHASE_ABOVE, PHASE_REWRITE = (phase_kernels.PHASE_SUMS.value,
+                                          phase_kernels.PHASE_ABOVE.value,
+                                          phase_kernels.PHASE_REWRITE.value)
 PHASE_ROWS = {PHASE_SUMS: 3, PHASE_ABOVE: 2, PHASE_REWRITE: 0}  # per-group output rows
 
 

@@ -1,7 +1,8 @@
 """Plans and launches of the CUDA kernels' fused step: what the GPU runs, computed on the host
 from layouts alone (the same plans are compiled ahead of time, without a GPU, by
 bench/compile_gate.py, on meta tensors), and the runs. The kernels are in
-kernels/group_engine.py, tiles and tuning in kernels/tiles.py, tables in kernels/tables.py.
+kernels/prox_kernels.py, phase_kernels.py and metric_kernels.py (KERNELS, by name), tiles and
+tuning in kernels/tiles.py, tables in kernels/tables.py.
 
 Every in-place operator, one weight or a list, goes through ``prox_``: weights are bucketed by
 dtype, tile shape and alignment, and each bucket is one launch of ``prox_kernel`` (two for the
@@ -18,8 +19,7 @@ import dataclasses
 import torch
 import triton
 
-from . import group_engine as engine
-from . import tiles
+from . import metric_kernels, phase_kernels, prox_kernels, tiles
 from .layout import GroupLayout, analyze, finish, is_dense, to_kept_shape
 from .tables import Item, Tables, block_tables, by_offset, lam_table, persistent
 from .tiles import (acc_type, address, choose_tile, elems_per_thread, fits, is_off64,
@@ -36,16 +36,28 @@ def bucket_key(it: Item):
 # Launch plans: what the GPU runs, computed on the host from layouts alone. The same plans are
 # compiled ahead of time, without a GPU, by bench/compile_gate.py (on meta tensors).
 
+# The kernels a Launch names (a name, so that a plan can be compiled in another process: the
+# compile gate).
+KERNELS = {
+    "prox_kernel": prox_kernels.prox_kernel,
+    "split_stats_kernel": prox_kernels.split_stats_kernel,
+    "split_apply_kernel": prox_kernels.split_apply_kernel,
+    "soft_threshold_kernel": prox_kernels.soft_threshold_kernel,
+    "phase_kernel": phase_kernels.phase_kernel,
+    "metric_kernel": metric_kernels.metric_kernel,
+}
+
+
 @dataclasses.dataclass
 class Launch:
-    kernel: str              # a @triton.jit function of kernels/group_engine.py
+    kernel: str              # a name in KERNELS
     grid: tuple
     args: tuple              # run-time arguments, in order (tensors and ints)
     constexprs: dict
     configs: list            # launch configurations ({"num_warps": w}); timed when several
 
     def run(self, config):
-        getattr(engine, self.kernel)[self.grid](*self.args, **self.constexprs, **config)
+        KERNELS[self.kernel][self.grid](*self.args, **self.constexprs, **config)
 
 def plan_bucket(items: list[Item], lams: torch.Tensor, flags, sms: int, tables: Tables,
                 norms=None) -> tuple[list[Launch], tuple]:

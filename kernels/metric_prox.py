@@ -7,7 +7,7 @@ lams[i] and (s, eps, lr) = metric[i]:
          step by le (exact threshold, or CGES's bound)                    (a lam of 0: skipped)
 
 Weights are bucketed as for foreach_prox_ (kernels/launch.py), each bucket one launch of
-``metric_kernel`` (kernels/group_engine.py), planned here: a group that fits the tile is read
+``metric_kernel`` (kernels/metric_kernels.py), planned here: a group that fits the tile is read
 once from the weight and the moment into registers, solved there by Newton's method, written
 once. The tables are read on the host (every check before any launch): the step is not captured in CUDA graphs.
 Contract: docs/SPEC.md; reference: fastprox/reference.py (foreach_metric_prox_op); CPU:
@@ -32,7 +32,7 @@ _OP = "foreach_metric_prox_"
 
 # ---------------------------------------------------------------------------------------------
 # Plans and runs: each weight with its second moment, laid out alike; buckets as for the fused
-# step (kernels/launch.py), one launch of metric_kernel (kernels/group_engine.py) per bucket.
+# step (kernels/launch.py), one launch of metric_kernel (kernels/metric_kernels.py) per bucket.
 
 METRIC_ARRAYS = 2  # the fused path holds the weight and d in registers: half the tile
 

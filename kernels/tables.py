@@ -13,7 +13,7 @@ import math
 import torch
 import triton
 
-from . import group_engine as engine
+from . import tile_ops
 from . import tiles
 from .tiles import address, capturing
 
@@ -163,24 +163,24 @@ def block_tables(items: list[Item], tile, split_rows: int):
                     it.size_weighted, it.exact, it.row))
 
     def build():
-        meta = torch.zeros(len(items), engine.META_COLS.value, dtype=torch.int64)
+        meta = torch.zeros(len(items), tile_ops.META_COLS.value, dtype=torch.int64)
         ts, locals_ = [], []
         out = 0
         for t, it in enumerate(items):
             lay = it.layout
             per_batch = triton.cdiv(lay.groups, bg)
             chunks = triton.cdiv(lay.outer, split_rows) if split_rows else 1
-            meta[t, engine.META_OFFSET.value] = (address(lay.work) - address(base)) // size
-            meta[t, engine.META_OUTER.value] = lay.outer
-            meta[t, engine.META_GROUPS.value] = lay.groups
-            meta[t, engine.META_INNER.value] = lay.inner
-            meta[t, engine.META_BLOCKS.value] = per_batch
-            meta[t, engine.META_OUT.value] = out
+            meta[t, tile_ops.META_OFFSET.value] = (address(lay.work) - address(base)) // size
+            meta[t, tile_ops.META_OUTER.value] = lay.outer
+            meta[t, tile_ops.META_GROUPS.value] = lay.groups
+            meta[t, tile_ops.META_INNER.value] = lay.inner
+            meta[t, tile_ops.META_BLOCKS.value] = per_batch
+            meta[t, tile_ops.META_OUT.value] = out
             c = math.sqrt(lay.group_size) if it.size_weighted else 1.0
-            meta[t, engine.META_C.value] = torch.tensor(c, dtype=torch.float64).view(torch.int64)
-            meta[t, engine.META_EXACT.value] = int(it.exact)
-            meta[t, engine.META_CHUNKS.value] = chunks
-            meta[t, engine.META_LAM.value] = it.row
+            meta[t, tile_ops.META_C.value] = torch.tensor(c, dtype=torch.float64).view(torch.int64)
+            meta[t, tile_ops.META_EXACT.value] = int(it.exact)
+            meta[t, tile_ops.META_CHUNKS.value] = chunks
+            meta[t, tile_ops.META_LAM.value] = it.row
             count = lay.batch * per_batch
             ts.append(torch.full((count,), t, dtype=torch.int32))
             locals_.append(torch.arange(count, dtype=torch.int32))

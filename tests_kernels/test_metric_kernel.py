@@ -17,7 +17,7 @@ from helpers import (DTYPES, TOLERANCES, metric_exclusive_kkt, metric_group_kkt,
 from kernel_calls import DEVICE, INTERPRET, on_triton_paths
 from layouts import LAYOUTS
 
-from fastprox.kernels import metric_prox, tiles
+from fastprox.kernels import launch, metric_prox, tiles
 from fastprox.kernels.tables import Tables
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -355,10 +355,9 @@ def test_bad_input_leaves_the_weights(backend):
 @pytest.mark.triton_only
 def test_launches(path, monkeypatch):
     """The path fixture reaches the paths it names, and a model's list is a few launches."""
-    from fastprox.kernels import group_engine as engine
 
     seen = []
-    kernel = engine.metric_kernel
+    kernel = launch.KERNELS["metric_kernel"]
 
     class Counting:
         def __getitem__(self, grid):
@@ -367,7 +366,7 @@ def test_launches(path, monkeypatch):
                 return kernel[grid](*args, **kwargs)
             return run
 
-    monkeypatch.setattr(engine, "metric_kernel", Counting())
+    monkeypatch.setitem(launch.KERNELS, "metric_kernel", Counting())
     w = (torch.randn(37, 7) * 0.05).to(DEVICE)
     _call(OP, [w], [random_moment((37, 7)).to(DEVICE)], STEPS["cges"],
           [[0]])
