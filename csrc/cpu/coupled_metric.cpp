@@ -113,6 +113,24 @@ inline bool narrow_span(const Slot* slots, int64_t first, int64_t last, int64_t 
   return last - first > 1;
 }
 
+// Calls each(first, last, narrow) for every span of a block's slots of one member, in order.
+template <typename A, typename F>
+inline void for_spans(const Slot* slots, int64_t count, int64_t inner, F&& each) {
+  for (int64_t first = 0, last; first < count; first = last) {
+    last = span_end(slots, first, count);
+    each(first, last, narrow_span<A>(slots, first, last, inner));
+  }
+}
+
+// Calls each(o, k, piece) for the piece of row o of every slot k of a span, row by row.
+template <typename F>
+inline void for_pieces(const Slot* slots, int64_t first, int64_t last, int64_t outer,
+                       int64_t inner, F&& each) {
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t k = first; k < last; ++k) each(o, k, slots[k].count * inner);
+  }
+}
+
 template <typename A, typename T, typename V>
 MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A inv_lr,
                       bool direct) {
@@ -122,23 +140,19 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
   io.n = s.group_size();
   const int64_t outer = s.outer, inner = s.inner, row = s.groups * s.inner;
   io.gather = [=](const Slot* slots, int64_t count, A* x, A* d) {
-    thread_local SpanMap map;
-    for (int64_t first = 0, last; first < count; first = last) {
-      last = span_end(slots, first, count);
-      if (!narrow_span<A>(slots, first, last, inner)) {
-        for (int64_t o = 0; o < outer; ++o) {
-          for (int64_t k = first; k < last; ++k) {
-            const int64_t piece = slots[k].count * inner;
-            const int64_t at = o * row + slots[k].pos * inner, to = slots[k].dest + o * piece;
-            if (o + kPrefetchRows < outer) {  // rows far apart: the hardware does not prefetch
-              prefetch_run(w + at + kPrefetchRows * row, piece);
-              prefetch_run(v + at + kPrefetchRows * row, piece);
-            }
-            gather_piece(w + at, v + at, x + to, d + to, piece, scale, eps, inv_lr, direct);
+    for_spans<A>(slots, count, inner, [&](int64_t first, int64_t last, bool narrow) {
+      if (!narrow) {
+        for_pieces(slots, first, last, outer, inner, [&](int64_t o, int64_t k, int64_t piece) {
+          const int64_t at = o * row + slots[k].pos * inner, to = slots[k].dest + o * piece;
+          if (o + kPrefetchRows < outer) {  // rows far apart: the hardware does not prefetch
+            prefetch_run(w + at + kPrefetchRows * row, piece);
+            prefetch_run(v + at + kPrefetchRows * row, piece);
           }
-        }
-        continue;
+          gather_piece(w + at, v + at, x + to, d + to, piece, scale, eps, inv_lr, direct);
+        });
+        return;
       }
+      thread_local SpanMap map;
       const int64_t width = map.build(slots, first, last, inner);
       const int64_t* target = map.target.data();
       const int64_t* stride = map.stride.data();
@@ -162,26 +176,22 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
           }
         }
       }
-    }
+    });
   };
   io.scatter = [=](const Slot* slots, int64_t count, const A* x) {
-    thread_local SpanMap map;
-    for (int64_t first = 0, last; first < count; first = last) {
-      last = span_end(slots, first, count);
-      if (!narrow_span<A>(slots, first, last, inner)) {
-        for (int64_t o = 0; o < outer; ++o) {
-          for (int64_t k = first; k < last; ++k) {
-            const int64_t piece = slots[k].count * inner;
-            T* wr = w + o * row + slots[k].pos * inner;
-            const A* xr = x + slots[k].dest + o * piece;
-            for (int64_t i = 0; i < piece; i += L) {
-              const int64_t c = std::min(L, piece - i);
-              store_as(wr + i, Va::loadu(xr + i, c), c);
-            }
+    for_spans<A>(slots, count, inner, [&](int64_t first, int64_t last, bool narrow) {
+      if (!narrow) {
+        for_pieces(slots, first, last, outer, inner, [&](int64_t o, int64_t k, int64_t piece) {
+          T* wr = w + o * row + slots[k].pos * inner;
+          const A* xr = x + slots[k].dest + o * piece;
+          for (int64_t i = 0; i < piece; i += L) {
+            const int64_t c = std::min(L, piece - i);
+            store_as(wr + i, Va::loadu(xr + i, c), c);
           }
-        }
-        continue;
+        });
+        return;
       }
+      thread_local SpanMap map;
       const int64_t width = map.build(slots, first, last, inner);
       const int64_t* target = map.target.data();
       const int64_t* stride = map.stride.data();
@@ -194,7 +204,7 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
           store_as(wr + i, Va::loadu(xs), c);
         }
       }
-    }
+    });
   };
   return io;
 }
