@@ -9,10 +9,10 @@ A leaf: nothing here imports fastprox. One file per op holds its entry (its tabl
 the launch; the phase ops and the metric step plan their launches there too), as csrc/cpu/ does
 for the CPU; the device kernels, one file per family, are prox_kernels.py (the fused step, its
 split path, the soft threshold), phase_kernels.py and metric_kernels.py, on the helpers of
-tile_ops.py; the host side shared by all of them is layout.py (layouts), tiles.py (tiles, register budgets, warp counts, tuning), tables.py
-(thresholds, per-tensor and block tables, uploads) and launch.py (buckets, plans and runs of the
-fused step, the runs of every bucket). The
-entries take the weights checked: fastprox/_triton.py checks them and is what
+tile_ops.py; the host side shared by all of them is layout.py (layouts), tiles.py (tiles,
+register budgets, warp counts, tuning), tables.py (thresholds, per-tensor and block tables,
+uploads) and launch.py (buckets, plans and runs of the fused step, the runs of every bucket).
+The entries take the weights checked: fastprox/_triton.py checks them and is what
 fastprox/_registry.py registers as the ops' CUDA kernels (and, for the tests, as their CPU
 kernels under ``TRITON_INTERPRET=1``, set before ``import triton``: fastprox._registry.serve).
 """

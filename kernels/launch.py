@@ -231,4 +231,3 @@ def _soft_threshold(weight: torch.Tensor, table: torch.Tensor) -> None:
     launch.run(launch.configs[0])
     if work is not weight:
         weight.copy_(work)
-

@@ -9,9 +9,9 @@ lams[i] and (s, eps, lr) = metric[i]:
 Weights are bucketed as for foreach_prox_ (kernels/launch.py), each bucket one launch of
 ``metric_kernel`` (kernels/metric_kernels.py), planned here: a group that fits the tile is read
 once from the weight and the moment into registers, solved there by Newton's method, written
-once. The tables are read on the host (every check before any launch): the step is not captured in CUDA graphs.
-Contract: docs/SPEC.md; reference: fastprox/reference.py (foreach_metric_prox_op); CPU:
-csrc/cpu/metric_prox.cpp.
+once. The tables are read on the host (every check before any launch): the step is not
+captured in CUDA graphs. Contract: docs/SPEC.md; reference: fastprox/reference.py
+(foreach_metric_prox_op); CPU: csrc/cpu/metric_prox.cpp.
 """
 
 from __future__ import annotations

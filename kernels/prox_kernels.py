@@ -21,8 +21,8 @@ persistently, and keeps a tile of BLOCK_O x BLOCK_G x BLOCK_I elements in regist
   ``split_apply_kernel`` folds them per group (in a fixed order: deterministic) and rewrites its
   chunk. Not for the exact exclusive threshold, whose Newton steps need the whole group.
 
-What is compiled is decided on the host (kernels/launch.py, kernels/tiles.py) and checked without a GPU by
-bench/compile_gate.py: FIT (one tile, looped, or both chosen per tensor) keeps each
+What is compiled is decided on the host (kernels/launch.py, kernels/tiles.py) and checked
+without a GPU by bench/compile_gate.py: FIT (one tile, looped, or both chosen per tensor) keeps each
 specialization to the paths its bucket needs; tile sizes and warp counts bound the elements a
 thread holds in registers (kernels/tiles.py: elems_per_thread), so nothing spills; no
 subroutine is called (64-bit division, ``sqrt.rn``, ``div.rn.f64``: their calling convention

@@ -13,8 +13,7 @@ import math
 import torch
 import triton
 
-from . import tile_ops
-from . import tiles
+from . import tile_ops, tiles
 from .tiles import address, capturing
 
 # ---------------------------------------------------------------------------------------------
@@ -230,4 +229,3 @@ def by_offset(items: list[Item]) -> list[list[Item]]:
     same = [it for it in items if (address(it.layout.work) - base) % size == 0]
     rest = [it for it in items if (address(it.layout.work) - base) % size != 0]
     return [same] + (by_offset(rest) if rest else [])
-

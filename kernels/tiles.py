@@ -44,6 +44,7 @@ def p2(x: int) -> int:
 def capturing() -> bool:
     return not INTERPRET and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
+
 def sm_count(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 1
@@ -56,6 +57,7 @@ def address(t: torch.Tensor) -> int:
     if t.device.type == "meta":
         return t.storage_offset() * t.element_size()
     return t.data_ptr()
+
 
 # ---------------------------------------------------------------------------------------------
 # Register budgets and tile shapes.
@@ -198,6 +200,8 @@ def max_registers(warps: int, wide: bool = False) -> int:
     occupancy (seen: 80 registers and 48 bytes of spills where 89 registers spill nothing)."""
     return min(255, 65536 // (32 * warps))
 
+
+# ---------------------------------------------------------------------------------------------
 # Tuning: a small set of launch configurations per kernel, timed once per key (group size and
 # group count, rounded to powers of two) on scratch copies: the kernels work in place.
 
@@ -214,4 +218,3 @@ def choose_config(key, configs, trial):
     times = [triton.testing.do_bench(lambda c=c: trial(c), warmup=5, rep=25) for c in configs]
     _tuned[key] = configs[times.index(min(times))]
     return _tuned[key]
-

@@ -90,7 +90,12 @@ inline int64_t span_end(const Slot* slots, int64_t first, int64_t count) {
 // of their slots at a time, in vectors, rather than slot by slot.
 struct SpanMap {
   std::vector<int64_t> target, stride;
-  int64_t build(const Slot* slots, int64_t first, int64_t last, int64_t inner) {
+  struct View {
+    int64_t width;  // elements of the span's piece of a row
+    const int64_t* target;
+    const int64_t* stride;
+  };
+  View build(const Slot* slots, int64_t first, int64_t last, int64_t inner) {
     target.clear();
     stride.clear();
     for (int64_t k = first; k < last; ++k) {
@@ -100,7 +105,7 @@ struct SpanMap {
         stride.push_back(piece);
       }
     }
-    return static_cast<int64_t>(target.size());
+    return {static_cast<int64_t>(target.size()), target.data(), stride.data()};
   }
 };
 
@@ -153,9 +158,7 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
         return;
       }
       thread_local SpanMap map;
-      const int64_t width = map.build(slots, first, last, inner);
-      const int64_t* target = map.target.data();
-      const int64_t* stride = map.stride.data();
+      const auto [width, target, stride] = map.build(slots, first, last, inner);
       for (int64_t o = 0; o < outer; ++o) {
         const int64_t at = o * row + slots[first].pos * inner;
         if (o + kPrefetchRows < outer) {
@@ -192,9 +195,7 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
         return;
       }
       thread_local SpanMap map;
-      const int64_t width = map.build(slots, first, last, inner);
-      const int64_t* target = map.target.data();
-      const int64_t* stride = map.stride.data();
+      const auto [width, target, stride] = map.build(slots, first, last, inner);
       for (int64_t o = 0; o < outer; ++o) {
         T* wr = w + o * row + slots[first].pos * inner;
         for (int64_t i = 0; i < width; i += L) {
