@@ -247,6 +247,10 @@ void run_set(const SetView& set) {
   std::vector<MemberIO<A>> io;
   for (size_t k = 0; k < set.layouts.size(); ++k) {
     const GroupLayout& layout = set.layouts[k];
+    if (layout.work.numel() == 0) {  // no element (its layout still counts its positions)
+      io.push_back({0, [](const Slot*, int64_t, A*, A*) {}, [](const Slot*, int64_t, const A*) {}});
+      continue;
+    }
     const double* m = set.rows[k];
     const A scale = static_cast<A>(m[0]), eps = static_cast<A>(m[1]);
     const A inv_lr = static_cast<A>(1.0 / m[2]);
