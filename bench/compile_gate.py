@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tests_kernels")]
 
-from fastprox.kernels import group_phases, launch, metric_prox, tiles  # noqa: E402
+from fastprox.kernels import coupled_metric, group_phases, launch, metric_prox, tiles  # noqa: E402
 from fastprox.kernels.layout import analyze, is_dense  # noqa: E402
 from fastprox.kernels.tables import Tables  # noqa: E402
 
@@ -188,6 +188,62 @@ def phase_plans(entries, sms, tables) -> list[launch.Launch]:
     return out
 
 
+def _coupled_sets(dtype):
+    """Coupled sets of real models on meta tensors, as (name, [(member, axis, index)], groups):
+    a GPT-2 block's heads (fused QKV columns, its bias, the output projection's rows) and
+    neurons, a ResNet block's channels (a conv's output channels, its BatchNorm, the next conv's
+    input channels)."""
+    def meta(*shape):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    heads = [p // 64 for p in range(512)]
+    units = list(range(2048))
+    chans = list(range(64))
+    return [("gpt2 heads", [(meta(512, 1536), 1, heads * 3), (meta(1536), 0, heads * 3),
+                            (meta(512, 512), 0, heads)], 8),
+            ("gpt2 neurons", [(meta(512, 2048), 1, units), (meta(2048), 0, units),
+                              (meta(2048, 512), 0, units)], 2048),
+            ("resnet channels", [(meta(64, 64, 3, 3), 0, chans), (meta(64), 0, chans),
+                                 (meta(64), 0, chans), (meta(256, 64, 1, 1), 1, chans)], 64)]
+
+
+def _slice_rows(members, groups):
+    """(table, starts) of a set: per group, its (member, position) rows, members in order."""
+    rows = [[] for _ in range(groups)]
+    for k, (_, _, index) in enumerate(members):
+        for p, g in enumerate(index):
+            rows[g].append((k, p))
+    table = torch.tensor([r for g in rows for r in g], dtype=torch.int64).reshape(-1, 2)
+    starts = torch.tensor([0] + [len(g) for g in rows]).cumsum(0)
+    return table, starts
+
+
+def coupled_plans(dtype, steps) -> dict[str, list[launch.Launch]]:
+    """The launches of coupled_metric_prox_ over each coupled set of _coupled_sets, for every
+    combination of steps, with the metric formed from Adam's moments or given (direct), and
+    with float64 sums (float64 members, or a direct metric beyond 1e18); moments (or metrics)
+    of the members' dtype, float32 or float64 (what the op reads them as)."""
+    out: dict = {}
+    moment_dtypes = dict.fromkeys([dtype, torch.float32, torch.float64])
+    for name, members, groups in _coupled_sets(dtype):
+        table, starts = _slice_rows(members, groups)
+        shapes = tuple(coupled_metric._shape_key(w, a) for w, a, _ in members)
+        layout = coupled_metric.set_layout(shapes, table, starts)
+        for flags in dict.fromkeys(STEPS[step][0] for step in steps):
+            t = torch.full((groups,), float(flags[1]), dtype=torch.float64)
+            for mdtype in moment_dtypes:
+                for direct in (False, True):
+                    for wide in sorted({dtype == torch.float64,
+                                        direct or dtype == torch.float64}):
+                        wave = coupled_metric.Wave(dtype, mdtype, wide)
+                        wave.add([w for w, _, _ in members],
+                                 [torch.empty_like(w, dtype=mdtype) for w, _, _ in members],
+                                 [(1.0, 0.0, 1.0)] * len(members), layout, t, float(flags[0]),
+                                 float(flags[2]), True)
+                        out.setdefault(name, []).append(coupled_metric.plan_wave(wave, direct))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Specializations: what Triton's JIT compiles for a launch (its cache key), as an ASTSource.
 
@@ -264,6 +320,14 @@ def enumerate_specs(quick: bool = False, targets=TARGETS, dtypes=DTYPES,
                             for spec in specs_of(lau, cap):
                                 found.setdefault(spec, set()).add(
                                     f"{case}{' [' + path + ']' if path else ''}")
+        if only and not any(o in "coupled" for o in only):
+            continue
+        for dname, dtype in dtypes.items():  # coupled sets: one per dtype in the quick sample
+            steps = STEPS if not quick else ["group"]
+            for name, launches in coupled_plans(dtype, steps).items():
+                for lau in launches[:1] if quick else launches:
+                    for spec in specs_of(lau, cap):
+                        found.setdefault(spec, set()).add(f"coupled {name}")
     return found
 
 

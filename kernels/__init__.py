@@ -6,10 +6,10 @@ steps whose groups span several tensors (``foreach_group_sums``, ``foreach_group
 coupled form ``coupled_metric_prox_``.
 
 A leaf: nothing here imports fastprox. One file per op holds its entry (its tables checked, then
-the launch; the phase ops and the metric step plan their launches there too), as csrc/cpu/ does
+the launch; the phase ops and the metric steps plan their launches there too), as csrc/cpu/ does
 for the CPU; the device kernels, one file per family, are prox_kernels.py (the fused step, its
-split path, the soft threshold), phase_kernels.py and metric_kernels.py, on the helpers of
-tile_ops.py; the host side shared by all of them is layout.py (layouts), tiles.py (tiles,
+split path, the soft threshold), phase_kernels.py, metric_kernels.py and coupled_kernels.py (the
+coupled metric step, on the metric kernel's per-group rules), on the helpers of tile_ops.py; the host side shared by all of them is layout.py (layouts), tiles.py (tiles,
 register budgets, warp counts, tuning), tables.py (thresholds, per-tensor and block tables,
 uploads) and launch.py (buckets, plans and runs of the fused step, the runs of every bucket).
 The entries take the weights checked: fastprox/_triton.py checks them and is what

@@ -1,7 +1,8 @@
 """Plans and launches of the CUDA kernels' fused step: what the GPU runs, computed on the host
 from layouts alone (the same plans are compiled ahead of time, without a GPU, by
 bench/compile_gate.py, on meta tensors), and the runs. The kernels are in
-kernels/prox_kernels.py, phase_kernels.py and metric_kernels.py (KERNELS, by name), tiles and
+kernels/prox_kernels.py, phase_kernels.py, metric_kernels.py and coupled_kernels.py (KERNELS,
+by name), tiles and
 tuning in kernels/tiles.py, tables in kernels/tables.py.
 
 Every in-place operator, one weight or a list, goes through ``prox_``: weights are bucketed by
@@ -19,7 +20,7 @@ import dataclasses
 import torch
 import triton
 
-from . import metric_kernels, phase_kernels, prox_kernels, tiles
+from . import coupled_kernels, metric_kernels, phase_kernels, prox_kernels, tiles
 from .layout import GroupLayout, analyze, finish, is_dense, to_kept_shape
 from .tables import Item, Tables, block_tables, by_offset, lam_table, persistent
 from .tiles import (acc_type, address, choose_tile, elems_per_thread, fits, is_off64,
@@ -45,6 +46,7 @@ KERNELS = {
     "soft_threshold_kernel": prox_kernels.soft_threshold_kernel,
     "phase_kernel": phase_kernels.phase_kernel,
     "metric_kernel": metric_kernels.metric_kernel,
+    "coupled_metric_kernel": coupled_kernels.coupled_metric_kernel,
 }
 
 

@@ -1,6 +1,7 @@
 """The Triton kernel of the proximal step in an optimizer's metric on CUDA (metric_kernel, for
-kernels/metric_prox.py and kernels/coupled_metric.py; docs/SPEC.md, "Proximal steps in an
-optimizer's metric"), over the same blocks and tables as prox_kernel (kernels/prox_kernels.py).
+kernels/metric_prox.py; docs/SPEC.md, "Proximal steps in an optimizer's metric"), over the same
+blocks and tables as prox_kernel (kernels/prox_kernels.py), and the per-group rules it shares
+with the coupled metric kernel (kernels/coupled_kernels.py).
 """
 
 from __future__ import annotations
@@ -40,22 +41,28 @@ def _metric_params(meta, metric, t, ACC: tl.constexpr):
 
 
 @triton.jit
-def _metric_load(p, q, off, mask, l1, s, eps, inv_lr, DO_L1: tl.constexpr, WIDE: tl.constexpr,
-                 ACC: tl.constexpr):
-    """(y, d) of a tile: d = (sqrt(v s) + eps) / lr (0 outside the mask) and y the weight after
-    the metric soft threshold by l1 / d (an element with d = 0 becomes 0, NaN stays NaN;
-    l1 == 0: the weight as it is)."""
-    x = _load(p + off, mask).to(ACC)
-    v = _load(q + off, mask).to(ACC)
-    d = tl.where(mask, (_sqrt(v * s, WIDE) + eps) * inv_lr, 0.0)
+def _metric_soft(x, d, l1, DO_L1: tl.constexpr, WIDE: tl.constexpr):
+    """The metric soft threshold of x by l1 / d: an element with d = 0 becomes 0, NaN stays NaN,
+    an infinite x stays infinite (l1 / d is finite for d > 0, and may overflow); l1 == 0: x as
+    it is."""
     y = x
     if DO_L1:
-        # l1 / d is finite for d > 0: an infinite x stays infinite where the quotient overflows
         infinite = (x * 0 != 0) & (x == x)
         soft = tl.where(d > 0, tl.where(infinite, x, _shrink(x, l1 * _inv(d, WIDE), WIDE)),
                         tl.where(x != x, x, 0.0))
         y = tl.where(l1 > 0, soft, x)
-    return y, d
+    return y
+
+
+@triton.jit
+def _metric_load(p, q, off, mask, l1, s, eps, inv_lr, DO_L1: tl.constexpr, WIDE: tl.constexpr,
+                 ACC: tl.constexpr):
+    """(y, d) of a tile: d = (sqrt(v s) + eps) / lr (0 outside the mask) and y the weight after
+    the metric soft threshold by l1 / d (_metric_soft)."""
+    x = _load(p + off, mask).to(ACC)
+    v = _load(q + off, mask).to(ACC)
+    d = tl.where(mask, (_sqrt(v * s, WIDE) + eps) * inv_lr, 0.0)
+    return _metric_soft(x, d, l1, DO_L1, WIDE), d
 
 
 @triton.jit

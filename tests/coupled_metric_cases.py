@@ -53,18 +53,22 @@ def random_set(dtype=torch.float32, device="cpu", special=False):
     return groups, members, moments
 
 
-def wide_set(dtype=torch.float32, groups=700):
+def wide_set(dtype=torch.float32, groups=700, device="cpu"):
     """(groups, members, moments): a set of many groups (those of a wide layer: its rows, its
     bias, the next layers' input columns and input channels), more than one block of the
     kernel's, most members read as narrow columns (a Linear's input units, 3x3 and 1x1
     convolutions' input channels), some through a permuted or strided view."""
     g = groups
-    fc1 = torch.randn(g, 40, dtype=dtype) * 0.2                       # rows
-    bias = torch.randn(g, dtype=dtype) * 0.2
-    fc2 = torch.randn(40, g, dtype=dtype) * 0.2                       # columns
-    conv3 = torch.randn(6, g, 3, 3, dtype=dtype) * 0.2                # input channels, 3x3
-    conv1 = torch.randn(5, g, 1, 1, dtype=dtype) * 0.2                # 1x1, permuted
-    strided = (torch.randn(30, 2 * g, dtype=dtype) * 0.2)[:, ::2]     # columns of a view
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device) * 0.2
+
+    fc1 = rand(g, 40)                 # rows
+    bias = rand(g)
+    fc2 = rand(40, g)                 # columns
+    conv3 = rand(6, g, 3, 3)          # input channels, 3x3
+    conv1 = rand(5, g, 1, 1)          # 1x1, permuted
+    strided = rand(30, 2 * g)[:, ::2]  # columns of a view
     perm = torch.randperm(g).tolist()
     order = list(range(g))
     slices = [(fc1, 0, order, "fc1"), (bias, 0, order, "bias"), (fc2, 1, order, "fc2"),
@@ -72,7 +76,8 @@ def wide_set(dtype=torch.float32, groups=700):
               (strided, 1, order, "strided")]
     set_ = fastprox.CoupledGroups(slices, g, name="wide")
     members = [fc1, bias, fc2, conv3, conv1, strided]
-    moments = [torch.rand(m.shape, dtype=torch.float64).to(dtype) * 2 + 0.05 for m in members]
+    moments = [torch.rand(m.shape, dtype=torch.float64, device=device).to(dtype) * 2 + 0.05
+               for m in members]
     return set_, members, moments
 
 

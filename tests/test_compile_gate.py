@@ -43,6 +43,51 @@ def test_meta_plans_are_the_plans_of_real_tensors(dtype, step):
     assert _specs(real, step) == _specs(meta, step)
 
 
+def _coupled_catalog():
+    found = set()
+    for dtype in gate.DTYPES.values():
+        for launches in gate.coupled_plans(dtype, gate.STEPS).values():
+            found |= {s for lau in launches for s in gate.specs_of(lau, 90)}
+    return found
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["adam", "direct"])
+def test_coupled_launches_of_real_sets_are_in_the_catalog(monkeypatch, direct):
+    """The coupled metric step on real (CPU) sets of every dtype, mixed dtypes and float64 sums
+    included, launches only specializations the gate compiles (its constexprs come from dtypes
+    and steps alone, never from the sets' layouts)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from coupled_metric_cases import random_set
+    from fastprox.kernels import coupled_metric, launch
+
+    seen = []
+    monkeypatch.setattr(launch.Launch, "run", lambda self, config: seen.append(self))
+    for dtype in gate.DTYPES.values():
+        for lams in [(0.0, 0.3, 0.0), (0.01, 0.3, 0.0), (0.0, 0.2, 0.05), (0.01, 0.0, 0.05)]:
+            groups, members, ds = random_set(dtype)
+            if dtype == torch.float32 and direct:
+                ds = [d * 1e19 for d in ds]  # float64 sums
+            if lams[0] > 0:
+                ds = [d.double() for d in ds]  # float64 moments (or metrics)
+            members[1].data = members[1].data.to(torch.bfloat16)  # a set of mixed dtypes
+            slices, starts = coupled_metric_prox_args(groups)
+            coupled_metric.coupled_metric_prox_(
+                members, ds, [m.axis for m in groups.slices],
+                torch.tensor([(1.0, 0.0, 1.0)] * len(members), dtype=torch.float64),
+                [len(members)], [slices], [starts],
+                [lams[1] * groups.sizes.double().sqrt()], [lams[0]], [lams[2]], [True], direct)
+    assert seen
+    catalog = _coupled_catalog()
+    for lau in seen:
+        for spec in gate.specs_of(lau, 90):
+            assert spec in catalog, dict(spec.constexprs)
+
+
+def coupled_metric_prox_args(groups):
+    from fastprox.metric import _slice_table
+    return _slice_table(groups)
+
+
 def test_unaligned_view_gets_element_accesses():
     base = torch.randn(65 * 64)
     aligned = [(base[:64 * 64].view(64, 64), [1])]
@@ -119,7 +164,7 @@ def test_quick_gate_compiles_clean(tmp_path):
     assert {r["arch"] for r in result["rows"]} == {"sm_90a", "sm_80"}
     assert {r["kernel"] for r in result["rows"]} == {
         "prox_kernel", "split_stats_kernel", "split_apply_kernel", "soft_threshold_kernel",
-        "phase_kernel", "metric_kernel"}
+        "phase_kernel", "metric_kernel", "coupled_metric_kernel"}
     assert {r["steps"] for r in result["rows"] if r["kernel"] == "phase_kernel"} == {
         "sums", "above", "rewrite"}
     assert summary["aligned"] > 0 and summary["aligned_128"] == summary["aligned"]

@@ -394,7 +394,7 @@ def test_whole_model_in_few_launches(dtype):
 
 
 def test_coupled_groups_of_different_sizes(backend):
-    """coupled_metric_prox_ on every backend (Triton: its matrices of groups, one per group
+    """coupled_metric_prox_ on every backend (groups of different sizes: each its own
     threshold)."""
     from fastprox.metric import coupled_metric_prox_
     from test_metric_training import coupled_sizes_case
