@@ -4,7 +4,9 @@ device-to-device copy of the same bytes; plus whole-model parameter lists throug
 against a Python loop of single calls and the user's eager loop, and the coupled step of
 ResNet-50's and GPT-2 small's coupled groups against the per-tensor step and the copy floor,
 and the step in an Adam step's metric on their weights and second moments against the Euclidean
-step, the float64 reference and its floor (one read of both, one write).
+step, the float64 reference and its floor (one read of both, one write); and the regularizer's
+proximal step on GPT-2, Llama and ResNet-50 trained with AdamW beside the AdamW step and the
+training step.
 
     make bench-gpu                        # or: python bench/gpu_kernels.py [--out FILE.json]
     python bench/gpu_kernels.py --ops group_shrink_ --dtypes fp32 --shapes rows-4096
@@ -252,6 +254,45 @@ def bench_metric(args, device, bench, records: list, save=lambda: None) -> list[
     return records
 
 
+def bench_training(args, device, bench, records: list, save=lambda: None) -> list[dict]:
+    """The regularizer's proximal step beside the AdamW step and the training step (forward,
+    backward, AdamW) on the models of bench/test_bench_cpu.py's test_training_step (harness.
+    step_model: GPT-2 and Llama with coupled heads and neurons, ResNet-50 with channels),
+    float32: ``reg.prox_step(opt)`` in the AdamW metric and Euclidean, on the state of one
+    AdamW step. The strength is the CPU benchmark's times ``GPU_SCALE``, so that the repeated
+    calls of a timing loop leave the groups alive (every group takes the Newton steps). A model
+    whose packages are missing is recorded as skipped, with the reason."""
+    for model in (["gpt2-tiny"] if args.tiny else harness.STEP_MODELS):
+        try:
+            net, reg, loss_fn = harness.step_model(model, torch.Generator().manual_seed(0),
+                                                   device, lam=1e-4 * GPU_SCALE)
+        except ImportError as e:
+            records.append(dict(step_model=model, skipped=f"ImportError: {e}"))
+            print(f"training step {model}: skipped ({e})", flush=True)
+            save()
+            continue
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+
+        def train():
+            with torch.enable_grad():
+                opt.zero_grad(set_to_none=False)
+                loss_fn().backward()
+                opt.step()
+
+        train()  # the state the proximal step reads: one step taken
+        row = dict(step_model=model, params=sum(p.numel() for p in params),
+                   sets=len(reg.coupled))
+        row["train_s"] = bench(train)
+        row["adamw_s"] = bench(opt.step)
+        row["metric_s"] = bench(lambda: reg.prox_step(opt, prox="metric"))
+        row["euclidean_s"] = bench(lambda: reg.prox_step(opt, prox="euclidean"))
+        records.append(row)
+        save()
+        print(harness.report("", "", [], steps=[row]).splitlines()[-1], flush=True)
+    return records
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes, wall clock, no compile")
@@ -263,6 +304,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-models", action="store_true")
     parser.add_argument("--no-coupled", action="store_true")
     parser.add_argument("--no-metric", action="store_true")
+    parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     parser.add_argument("--compile-ops", nargs="*", choices=list(harness.BY_LABEL),
                         help="compile the baseline for these operators only (default: all)")
@@ -278,7 +320,7 @@ def main(argv=None) -> dict:
     bench = _timer(args.tiny)
     machine = _machine()
     print(f"Machine: {machine['name']}")
-    result = dict(machine=machine, ops=[], models=[], coupled=[], metric=[])
+    result = dict(machine=machine, ops=[], models=[], coupled=[], metric=[], training=[])
 
     def save():  # after every row: a run cut short keeps what it measured
         with open(args.out, "w") as f:
@@ -292,10 +334,12 @@ def main(argv=None) -> dict:
             bench_metric(args, device, bench, result["metric"], save)
         if not args.no_coupled:
             bench_coupled(args, device, bench, result["coupled"], save)
+        if not args.no_training:
+            bench_training(args, device, bench, result["training"], save)
     save()
     print(harness.report(machine["name"], "device-to-device copy", result["ops"],
                          result["models"], [r for r in result["coupled"] if "coupled_s" in r],
-                         result["metric"]))
+                         result["metric"], [r for r in result["training"] if "train_s" in r]))
     print(f"written: {args.out}")
     return result
 

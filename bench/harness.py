@@ -329,3 +329,50 @@ def coupled_model(name: str, device="cpu"):
     per_tensor = [t for t in Regularizer(model, "group_lasso").targets.values()
                   if id(t.param.untyped_storage()) in touched]
     return model, found.sets, per_tensor
+
+
+# -- models trained with AdamW, for the proximal step beside the optimizer and training steps -----
+
+STEP_MODELS = ["gpt2-4l", "llama-4l", "resnet50", "gpt2-small"]
+
+
+def step_model(name: str, g: torch.Generator, device="cpu", lam: float = 1e-4):
+    """(model, regularizer, loss_fn) of a coupled model trained with AdamW, on ``device``:
+    Hugging Face GPT-2 and Llama (GQA) built from configs (4 layers, 512 wide, 8 heads; Llama 4
+    KV heads, MLP 1536; vocabulary 256) and GPT-2 small, heads and neurons, batch 8 x 64 tokens;
+    ResNet-50 (channels, torchvision's layout), batch 8 x 3 x 64 x 64; ``gpt2-tiny`` (1 layer,
+    32 wide, 2 heads, batch 2 x 16: smoke runs). ImportError without transformers (GPT-2,
+    Llama) or Torch-Pruning (ResNet-50)."""
+    import fastprox
+
+    torch.manual_seed(0)
+    if name == "resnet50":
+        from fastprox.demo.models import Bottleneck, ResNet
+
+        model = ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), in_ch=3,
+                       classes=1000).to(device)
+        x = torch.randn(8, 3, 64, 64, generator=g).to(device)
+        y = torch.randint(0, 1000, (8,), generator=g).to(device)
+        reg = fastprox.Regularizer(model, "channels", lam=lam, example_inputs=(x[:1],))
+        return model, reg, lambda: torch.nn.functional.cross_entropy(model(x), y)
+    import transformers as tf
+
+    batch = (8, 64)
+    if name == "llama-4l":
+        config = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536,
+                                num_hidden_layers=4, num_attention_heads=8,
+                                num_key_value_heads=4, max_position_embeddings=128)
+        model = tf.LlamaForCausalLM(config)
+    elif name == "gpt2-4l":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_positions=128, n_embd=512,
+                                                 n_layer=4, n_head=8))
+    elif name == "gpt2-tiny":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=32, n_embd=32,
+                                                 n_layer=1, n_head=2))
+        batch = (2, 16)
+    else:
+        model = tf.GPT2LMHeadModel(tf.GPT2Config())
+    model.to(device)
+    ids = torch.randint(0, model.config.vocab_size, batch, generator=g).to(device)
+    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=lam)
+    return model, reg, lambda: model(input_ids=ids, labels=ids).loss

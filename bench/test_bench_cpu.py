@@ -191,42 +191,9 @@ def test_metric_step(benchmark, model, impl):
 
 # -- the proximal step beside the optimizer step and the training step ---------------------------
 
-STEP_MODELS = ["gpt2-4l", "llama-4l", "resnet50", "gpt2-small"]
+STEP_MODELS = harness.STEP_MODELS
 STEP_IMPLS = ["train", "adamw", "metric", "euclidean"]
 STEP_LAM = 1e-4
-
-
-def _step_model(name: str, g: torch.Generator):
-    """(model, regularizer, batch, loss_fn) of a coupled model trained with AdamW: Hugging Face
-    GPT-2 and Llama (GQA) built from configs (4 layers, 512 wide, 8 heads; Llama 4 KV heads,
-    MLP 1536; vocabulary 256) and GPT-2 small, heads and neurons, batch 8 x 64 tokens;
-    ResNet-50 (channels, torchvision's layout), batch 8 x 3 x 64 x 64."""
-    torch.manual_seed(0)
-    if name == "resnet50":
-        from fastprox.demo.models import Bottleneck, ResNet
-
-        model = ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), in_ch=3, classes=1000)
-        x = torch.randn(8, 3, 64, 64, generator=g)
-        y = torch.randint(0, 1000, (8,), generator=g)
-        reg = fastprox.Regularizer(model, "channels", lam=STEP_LAM,
-                                   example_inputs=(x[:1],))
-        return model, reg, lambda: torch.nn.functional.cross_entropy(model(x), y)
-    import transformers as tf
-
-    if name == "llama-4l":
-        config = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536,
-                                num_hidden_layers=4, num_attention_heads=8,
-                                num_key_value_heads=4, max_position_embeddings=128)
-        model = tf.LlamaForCausalLM(config)
-    elif name == "gpt2-4l":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_positions=128, n_embd=512,
-                                                 n_layer=4, n_head=8))
-    else:
-        model = tf.GPT2LMHeadModel(tf.GPT2Config())
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (8, 64), generator=g)
-    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=STEP_LAM)
-    return model, reg, lambda: model(input_ids=ids, labels=ids).loss
 
 
 @pytest.mark.parametrize("impl", STEP_IMPLS)
@@ -241,7 +208,8 @@ def test_training_step(benchmark, model, impl):
         pytest.importorskip("torch_pruning")
     else:
         pytest.importorskip("transformers")
-    net, reg, loss_fn = _cached(("step", model), lambda g: _step_model(model, g))
+    net, reg, loss_fn = _cached(("step", model),
+                                lambda g: harness.step_model(model, g, lam=STEP_LAM))
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     loss_fn().backward()

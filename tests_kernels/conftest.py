@@ -9,6 +9,10 @@ import pytest
 import torch
 
 HERE = os.path.dirname(__file__)
+# As in tests/conftest.py: the repository root (where `python -m pytest` runs) stays off
+# sys.path, where its kernels/ would pass for the Hugging Face `kernels` package.
+ROOT = os.path.abspath(os.path.join(HERE, ".."))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, "..", "bench"))

@@ -44,10 +44,20 @@ def test_bench_script_tiny(tmp_path):
         "gpu_report", os.path.join(HERE, "..", "bench", "gpu_report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
+    # the regularizer's step beside AdamW and the training step, on a tiny GPT-2
+    [t] = result["training"]
+    assert t["step_model"] == "gpt2-tiny"
+    if "skipped" in t:
+        assert "transformers" in t["skipped"]
+    else:
+        for impl in ("train", "adamw", "metric", "euclidean"):
+            assert math.isfinite(t[f"{impl}_s"]) and t[f"{impl}_s"] > 0
+        assert t["sets"] == 2 and t["params"] > 0
+    training_lines = 2 * 2 if "train_s" in t else 0  # a header and a row in two tables
     text = report.report(result)
-    assert text.count("\n| ") == report.report(dict(result, coupled=[])).count("\n| ") + \
-        coupled_lines
-    assert report.report(dict(result, coupled=[])).count("\n| ") == \
+    bare = report.report(dict(result, coupled=[], training=[]))
+    assert text.count("\n| ") == bare.count("\n| ") + coupled_lines + training_lines
+    assert bare.count("\n| ") == \
         2 * (len(result["ops"]) + len(result["models"]) + 2) + metric_lines
     assert ("| resnet-tiny |" in text) == ("coupled_s" in c)
     assert "Targets met:" in text
