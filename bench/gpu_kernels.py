@@ -328,14 +328,14 @@ def main(argv=None) -> dict:
 
     with torch.no_grad(), harness.served_by_kernels(not cuda):
         bench_ops(args, device, bench, result["ops"], save)
+        if not args.no_training:  # the product's path first: a run cut short keeps it
+            bench_training(args, device, bench, result["training"], save)
         if not args.no_models:
             bench_models(args, device, bench, result["models"], save)
         if not args.no_metric:
             bench_metric(args, device, bench, result["metric"], save)
         if not args.no_coupled:
             bench_coupled(args, device, bench, result["coupled"], save)
-        if not args.no_training:
-            bench_training(args, device, bench, result["training"], save)
     save()
     print(harness.report(machine["name"], "device-to-device copy", result["ops"],
                          result["models"], [r for r in result["coupled"] if "coupled_s" in r],
