@@ -317,6 +317,26 @@ class AdamState:
         self.optimizer = optimizer
         self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self._by_storage = None  # built when a coupled set asks (its members: plain tensors)
+        self._floats = None  # per parameter (lr, eps, beta2, step), read when a set asks
+
+    def floats(self, param, fn: str) -> tuple:
+        """(lr, eps, beta2, step) of a stepped parameter as Python numbers: every parameter's
+        step count and every parameter group's lr, eps and beta2 read in one transfer per device
+        the first time (a capturable or fused Adam keeps its step counts on the GPU: one host
+        synchronisation per step, not one per member)."""
+        if self._floats is None:
+            state = self.optimizer.state
+            stepped = [p for g in self.optimizer.param_groups for p in g["params"]
+                       if "step" in state.get(p, {})]
+            groups = self.optimizer.param_groups
+            values = _numbers([state[p]["step"] for p in stepped] +
+                              [v for g in groups for v in (g["lr"], g["eps"], g["betas"][1])],
+                              "lr, eps, beta2 and step", fn)
+            hyper = {id(g): tuple(values[len(stepped) + 3 * j:len(stepped) + 3 * j + 3])
+                     for j, g in enumerate(groups)}
+            self._floats = {id(p): (*hyper[id(self.group_of[id(p)])], step)
+                            for p, step in zip(stepped, values)}
+        return self._floats[id(param)]
 
     @property
     def by_storage(self) -> dict:
@@ -350,7 +370,8 @@ class AdamState:
             found = self.metric(p)
             if found is None:
                 return None
-            v, lr, eps, beta2, step = found
+            v = found[0]
+            lr, eps, beta2, step = self.floats(p, fn)
             if v.stride() != p.stride():
                 raise ValueError(f"{fn}: the second moment of {m.name} is laid out unlike the "
                                  "parameter; its view cannot be found")

@@ -301,6 +301,36 @@ def test_regularizer_adamw_step_is_the_oracle_with_adams_metric():
     assert str(opt.state_dict()["state"]) == str(saved["state"])
 
 
+def test_regularizer_adamw_step_reads_the_optimizer_numbers_at_once(monkeypatch):
+    """The AdamW step of coupled sets reads the step counts (tensors: on the GPU for a fused
+    or capturable AdamW) and the groups' lr, eps and beta2 in one transfer per device, never
+    one number per member (each a host synchronisation on CUDA), and steps what it stepped
+    before."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(TinyMLP(), TinyMLP())
+    reg = fastprox.Regularizer(model, "neurons", lam=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-2))
+    model(torch.randn(16, 6)).square().mean().backward()
+    opt.step()
+    assert len(reg.coupled) == 2 and torch.is_tensor(opt.state[model[0].up.weight]["step"])
+    want = copy.deepcopy(model)
+    reg_want = fastprox.Regularizer(want, "neurons", lam=0.05)
+    opt_want = torch.optim.AdamW(want.parameters(), lr=1e-2)
+    opt_want.load_state_dict(opt.state_dict())
+    for group in opt_want.param_groups:
+        group["lr"] = 1e-2
+    reg_want.prox_step(opt_want)
+
+    def no_item(self):
+        raise AssertionError("a number read from a tensor on its own")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    reg.prox_step(opt)
+    monkeypatch.undo()
+    for a, b in zip(model.parameters(), want.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_heads_of_a_fused_projection(dtype):
     """Heads as GPT-2 lays them out: runs of neighbouring columns of a fused QKV weight (three
