@@ -19,122 +19,28 @@ input units of every Linear, conv, Hugging Face ``Conv1D`` and packed attention 
 ``heads`` (fastprox/groups.py) regularize what a model can lose as a whole: group lasso on
 coupled groups (``CoupledTarget``), whose units ``fastprox.compact`` then removes. Every
 parameter a preset leaves out is listed in ``reg.skipped`` with the reason.
+
+Here: the Regularizer (its targets, the optimizer hook, its penalty, its state). What a preset
+makes of a model is fastprox/presets.py; the proximal step itself, Euclidean or in an Adam
+step's metric, is fastprox/steps.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from . import _checks, _rules, coupled as _coupled, groups as _groups, metric as _metric, ops, \
-    target as _target
+from . import _checks, ops, presets as _presets, steps as _steps, target as _target
 from ._checks import is_dtensor
-from ._modules import CONV as _CONV, WEIGHTED as _WEIGHTED
-from .coupled import CoupledGroups
+from .presets import COUPLED_PRESETS, PRESETS, CGESSchedule, CoupledTarget, Target
+from .steps import PROX_MODES
 
-PRESETS = ("group_lasso", "sparse_group_lasso", "lasso", "exclusive", "cges")
-COUPLED_PRESETS = _groups.PRESETS  # channels, neurons, heads
-PROX_MODES = ("auto", "metric", "euclidean")
-
-
-@dataclasses.dataclass
-class Target:
-    """One regularized tensor: its thresholds, groups and options (see the module docstring)."""
-
-    name: str
-    param: torch.Tensor
-    kind: str
-    lam_l1: float = 0.0
-    lam_group: float = 0.0
-    lam_exclusive: float = 0.0
-    dim: int | tuple | None = None
-    size_weighted: bool = True
-    exact: bool = True
-
-    def config(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("name", "param")}
-
-
-@dataclasses.dataclass
-class CoupledTarget:
-    """One coupled set (fastprox.groups) and its thresholds: the penalty
-    ``lam_l1 ||W||_1 + lam_group sum_g c_g ||W_g|| + (lam_exclusive/2) sum_g ||W_g||_1^2`` over
-    its groups (``c_g = sqrt(n_g)`` when ``size_weighted``). ``params``: the parameters its
-    members are slices of (one learning rate must hold for all of them)."""
-
-    name: str
-    groups: CoupledGroups
-    params: list
-    lam_l1: float = 0.0
-    lam_group: float = 0.0
-    lam_exclusive: float = 0.0
-    size_weighted: bool = True
-    exact: bool = True
-
-    def config(self) -> dict:
-        return {f: getattr(self, f) for f in ("lam_l1", "lam_group", "lam_exclusive",
-                                               "size_weighted", "exact")}
-
-
-@dataclasses.dataclass(frozen=True)
-class CGESSchedule:
-    """CGES's per-layer mix of group and exclusive sparsity (Yoon & Hwang 2017).
-
-    For the l-th regularized layer (0-based, in model order)::
-
-        lam_group     = lam * clamp(mu - step * l, 0, 1)       * group_scales[l]
-        lam_exclusive = lam * clamp(1 - mu + step * l, 0, 1)   * exclusive_scales[l]
-
-    Lower layers get more group sparsity (remove inputs), upper ones more exclusive sparsity
-    (competition within a group). The defaults are the published ones, whose scales were set
-    for the paper's conv5x5x32 - conv5x5x64 - fc1024 - fc10 network; layers past the end of a
-    scale list get scale 1. The clamp only matters past 4 layers (published: l = 0..3).
-    """
-
-    mu: float = 0.8
-    step: float = 0.2
-    group_scales: tuple = (1.0, 1.0, 1 / 15, 1 / 144)
-    exclusive_scales: tuple = (1.0, 0.5, 15.0, 144.0)
-
-    def weights(self, layer: int) -> tuple[float, float]:
-        def scale(values, i):
-            return values[i] if i < len(values) else 1.0
-
-        group = min(max(self.mu - self.step * layer, 0.0), 1.0)
-        exclusive = min(max(1.0 - self.mu + self.step * layer, 0.0), 1.0)
-        return (group * scale(self.group_scales, layer),
-                exclusive * scale(self.exclusive_scales, layer))
-
-
-def _preset_dim(kind: str, weight: torch.Tensor, module: nn.Module | None):
-    """The groups a preset regularizes: the outgoing weights of each input unit.
-
-    Linear (out, in): columns, dim=0; Hugging Face Conv1D (in, out): rows, dim=1. Conv
-    (O, I, k...): group lasso takes input channels (0, 2, 3...); exclusive and CGES take each
-    input position across filters, dim=0 (CGES)."""
-    is_conv = isinstance(module, _CONV) if module is not None else weight.dim() > 2
-    if kind == "lasso":
-        return None
-    if module is not None and _groups._out_axis(module) == 1:
-        return 1
-    if is_conv and kind in ("group_lasso", "sparse_group_lasso"):
-        return (0, *range(2, weight.dim()))
-    return 0
-
-
-def _check_lam(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Regularizer: {name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"Regularizer: {name} must be a finite number >= 0, got {value}")
-    return float(value)
+__all__ = ["Regularizer", "Target", "CoupledTarget", "CGESSchedule", "PRESETS",
+           "COUPLED_PRESETS", "PROX_MODES"]
 
 
 class Regularizer:
@@ -186,12 +92,12 @@ class Regularizer:
                  overrides: Mapping[str, Mapping] | None = None, bias_l1: float | None = None,
                  schedule: CGESSchedule | None = None, example_inputs=None, forward_fn=None,
                  target: _target.SparsityTarget | None = None):
-        coupled = _coupled_kinds(preset)
+        coupled = _presets.coupled_kinds(preset)
         if preset is not None and preset not in PRESETS and not coupled:
             raise ValueError(f"Regularizer: preset must be one of {PRESETS}, one of "
                              f"{COUPLED_PRESETS} (or a tuple of them) or None, got {preset!r}")
-        lam = _check_lam(lam, "lam")
-        lam_l1 = lam if lam_l1 is None else _check_lam(lam_l1, "lam_l1")
+        lam = _presets.check_lam(lam, "lam")
+        lam_l1 = lam if lam_l1 is None else _presets.check_lam(lam_l1, "lam_l1")
         self.targets: dict[str, Target] = {}
         self.coupled: dict[str, CoupledTarget] = {}
         self.skipped: list[tuple[str, str]] = []
@@ -216,55 +122,14 @@ class Regularizer:
         if isinstance(exclude, str):
             exclude = (exclude,)
         exclude = set(exclude)
-        _check_names(model, exclude, "exclude")
+        _presets.check_names(model, exclude, "exclude")
         if coupled:
-            self._build_coupled(model, coupled, lam, exclude, overrides, example_inputs,
-                                forward_fn)
-            return
-        schedule = schedule or CGESSchedule()
-        overrides = dict(overrides or {})
-        used = set()
-
-        def matches(name: str, keys) -> str | None:
-            for key in keys:
-                if name == key or name.startswith(key + "."):
-                    return key
-            return None
-
-        layer = 0
-        for module_name, module, pname, param in _weights(model):
-            if matches(pname, exclude):
-                continue
-            keys = sorted(k for k in overrides if matches(pname, [k]))
-            settings = {}
-            for key in keys:  # a module's settings first, then a parameter's own
-                used.add(key)
-                settings.update(overrides[key])
-            kind = settings.pop("kind", preset)
-            if kind not in PRESETS:
-                raise ValueError(f"Regularizer: {pname}: kind must be one of {PRESETS}, got "
-                                 f"{kind!r}")
-            strength = _check_lam(settings.pop("lam", lam), f"{pname}.lam")
-            target = _preset_target(kind, pname, param, module, strength, lam_l1, layer,
-                                    schedule)
-            layer += 1
-            _apply_override(target, settings)
-            _check_dim(target)
-            self.targets[pname] = target
-            if bias_l1 is not None and module is not None and getattr(module, "bias", None) \
-                    is not None and not matches(f"{module_name}.bias", exclude):
-                bname = f"{module_name}.bias" if module_name else "bias"
-                self.targets[bname] = Target(bname, module.bias, "lasso",
-                                             lam_l1=_check_lam(bias_l1, "bias_l1"))
-        unknown = set(overrides) - used
-        if unknown:
-            raise ValueError(f"Regularizer: overrides name no regularized parameter: "
-                             f"{sorted(unknown)}")
-        if isinstance(model, nn.Module):
-            kept = {id(t.param) for t in self.targets.values()}
-            for pname, param in model.named_parameters():
-                if id(param) not in kept:
-                    self.skipped.append((pname, _why_skipped(model, pname, param, exclude)))
+            self.coupled, self.found, self.skipped = _presets.coupled_targets(
+                model, coupled, lam, exclude, overrides, example_inputs, forward_fn)
+        else:
+            self.targets, self.skipped = _presets.plain_targets(
+                model, preset, lam, lam_l1, exclude, overrides, bias_l1,
+                schedule or CGESSchedule())
 
     def _controller(self, model, target: _target.SparsityTarget) -> _target.Controller:
         every = {**self.targets, **self.coupled}
@@ -290,34 +155,6 @@ class Regularizer:
             count = _target.sequential_count(model, target.example_input, sparsity_stats)
         return _target.Controller(target, layers, count)
 
-    def _build_coupled(self, model, kinds, lam, exclude, overrides, example_inputs, forward_fn):
-        if not isinstance(model, nn.Module):
-            raise TypeError("Regularizer: the coupled presets need an nn.Module (its groups are "
-                            "discovered from the model)")
-        found = _groups.discover(model, kinds, example_inputs=example_inputs,
-                                 forward_fn=forward_fn, exclude=tuple(exclude))
-        params = dict(model.named_parameters())
-        overrides = dict(overrides or {})
-        used = set()
-        for coupled in found.sets:
-            names = sorted({m.name.split("[")[0] for m in coupled.slices})
-            target = CoupledTarget(coupled.name, coupled, [params[n] for n in names],
-                                   lam_group=lam)
-            for key in sorted(overrides, key=lambda k: k not in COUPLED_PRESETS):
-                # a kind (every set of it) first, then a set, its module, or a parameter name
-                if key == coupled.unit.kind or key == coupled.name or \
-                        key == coupled.unit.module or any(
-                            n == key or n.startswith(key + ".") for n in names):
-                    used.add(key)
-                    _apply_override(target, overrides[key])
-            self.coupled[coupled.name] = target
-        unknown = set(overrides) - used
-        if unknown:
-            raise ValueError(f"Regularizer: overrides name no coupled set or module: "
-                             f"{sorted(unknown)}")
-        self.found = found
-        self.skipped = list(found.skipped)
-
     # -- building ------------------------------------------------------------------------------
     def add(self, name: str, param: torch.Tensor, *, kind: str = "custom", lam_l1: float = 0.0,
             lam_group: float = 0.0, lam_exclusive: float = 0.0, dim=None,
@@ -328,10 +165,10 @@ class Regularizer:
         L1, group and exclusive terms."""
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"Regularizer.add: param must be a tensor, got {type(param).__name__}")
-        target = Target(name, param, kind, _check_lam(lam_l1, "lam_l1"),
-                        _check_lam(lam_group, "lam_group"),
-                        _check_lam(lam_exclusive, "lam_exclusive"), dim, size_weighted, exact)
-        _check_dim(target)
+        check = _presets.check_lam
+        target = Target(name, param, kind, check(lam_l1, "lam_l1"), check(lam_group, "lam_group"),
+                        check(lam_exclusive, "lam_exclusive"), dim, size_weighted, exact)
+        _presets.check_dim(target)
         for other in self.targets.values():
             if other.name != name and _checks.shares_memory(other.param, param):
                 raise ValueError(
@@ -369,48 +206,15 @@ class Regularizer:
 
         Returns the hook's handle; ``handle.remove()`` detaches. Every target must be a
         parameter of the optimizer."""
-        self._prox_of(optimizer, prox, "Regularizer.attach")
-        self._lr_of(optimizer)  # fails now, not at the first step, if a target is missing
+        _steps.prox_of(optimizer, prox, "Regularizer.attach")
+        _steps.lr_of(self, optimizer)  # fails now, not at the first step, if a target is missing
         self.prox = prox
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.prox_step(opt))
-
-    @staticmethod
-    def _prox_of(optimizer, prox: str, fn: str) -> str:
-        """The step ``prox`` asks for with this optimizer: "metric" or "euclidean"."""
-        if prox not in PROX_MODES:
-            raise ValueError(f"{fn}: prox must be one of {PROX_MODES}, got {prox!r}")
-        adam = isinstance(optimizer, _metric.ADAMS)
-        if prox == "metric" and not adam:
-            raise ValueError(f"{fn}: prox='metric' needs torch.optim.Adam or AdamW (the "
-                             f"metric is their second moment), got {type(optimizer).__name__}")
-        if prox == "auto":
-            if adam:
-                return "metric"
-            if not isinstance(optimizer, torch.optim.SGD):
-                raise ValueError(
-                    f"{fn}: no exact proximal step is known for {type(optimizer).__name__}'s "
-                    "steps (fastprox takes Adam and AdamW in their metric, SGD in the Euclidean "
-                    "one); pass prox='euclidean' for the Euclidean step with thresholds "
-                    "lr * lam (a heuristic for this optimizer)")
-            return "euclidean"
-        return prox
-
-    def _lr_of(self, optimizer) -> dict[int, object]:
-        lrs = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                lrs[id(p)] = group["lr"]
-        missing = [t.name for t in self.targets.values() if id(t.param) not in lrs]
-        missing += [t.name for t in self.coupled.values()
-                    if any(id(p) not in lrs for p in t.params)]
-        if missing:
-            raise ValueError(f"Regularizer: {missing} are not parameters of the optimizer")
-        return lrs
 
     @torch.no_grad()
     def prox_step(self, optimizer: torch.optim.Optimizer | None = None, *, lr=None,
                   prox: str | None = None) -> None:
-        """The proximal step of every target.
+        """The proximal step of every target (fastprox/steps.py).
 
         With an Adam / AdamW ``optimizer`` and ``prox`` (default: ``reg.prox``, set by
         ``attach``) "auto" or "metric": the step in the optimizer's metric (see ``attach``),
@@ -424,92 +228,14 @@ class Regularizer:
         ``foreach_prox_`` hands to ``fastprox.distributed``: every rank must take the step."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
-        if optimizer is not None and self._prox_of(optimizer, prox or self.prox,
-                                                   "Regularizer.prox_step") == "metric":
-            self._metric_step(optimizer)
-            self.steps += 1
-            if self.controller is not None:
-                self.controller.after_step()
-            return
-        lrs = self._lr_of(optimizer) if optimizer is not None else None
-        by_device: dict[object, list[Target]] = {}
-        for t in self.targets.values():  # sharded targets apart: plain ones keep the fast path
-            by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
-                                 []).append(t)
-        # every check before anything is written: one learning rate per coupled set, and the
-        # thresholds it gives (finite, >= 0)
-        coupled, coupled_lams = list(self.coupled.values()), []
-        for t in coupled:
-            rate = lr
-            if lrs is not None:
-                rates = {id(p): lrs[id(p)] for p in t.params}
-                values = list(rates.values())
-                if any(v is not values[0] and v != values[0] for v in values[1:]):
-                    raise ValueError(f"Regularizer.prox_step: the parameters of {t.name} are in "
-                                     "parameter groups with different learning rates; a coupled "
-                                     "group needs one")
-                rate = values[0]
-            coupled_lams.append(tuple(
-                _coupled._threshold(rate * lam, f"lr * {name} of {t.name}",
-                                    "Regularizer.prox_step")
-                for name, lam in (("lam_l1", t.lam_l1), ("lam_group", t.lam_group),
-                                  ("lam_exclusive", t.lam_exclusive))))
-        for device, targets in by_device.items():
-            rates = [lrs[id(t.param)] if lrs is not None else lr for t in targets]
-            args = dict(
-                lam_l1=[r * t.lam_l1 for r, t in zip(rates, targets)],
-                lam_group=[r * t.lam_group for r, t in zip(rates, targets)],
-                lam_exclusive=[r * t.lam_exclusive for r, t in zip(rates, targets)],
-                dim=[t.dim for t in targets],
-                size_weighted=[t.size_weighted for t in targets],
-                exact=[t.exact for t in targets])
-            ops.foreach_prox_([t.param for t in targets], **args)
-        # every coupled set in one go: sets that share no tensor run together (coupled.waves)
-        _coupled.step_sets([t.groups for t in coupled], coupled_lams,
-                           [t.size_weighted for t in coupled], [t.exact for t in coupled],
-                           max_newton_steps=_rules.MAX_NEWTON_STEPS)
+        if optimizer is not None and _steps.prox_of(optimizer, prox or self.prox,
+                                                    "Regularizer.prox_step") == "metric":
+            _steps.metric_step(self, optimizer)
+        else:
+            _steps.euclidean_step(self, optimizer, lr)
         self.steps += 1
         if self.controller is not None:
             self.controller.after_step()
-
-    def _metric_step(self, optimizer) -> None:
-        """Every target in the Adam / AdamW step's metric: plain targets in one
-        ``foreach_metric_prox_`` call per device (sharded ones in one of their own), coupled
-        sets one after another in one fused call (``metric.coupled_metric_step``)."""
-        self._lr_of(optimizer)
-        fn = "Regularizer.prox_step"
-        state = _metric.AdamState(optimizer)
-        by_device: dict[object, list] = {}
-        for t in self.targets.values():
-            found = state.metric(t.param)
-            if found is None or (t.lam_l1 == 0 and t.lam_group == 0 and t.lam_exclusive == 0):
-                continue
-            by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
-                                 []).append((t, found))
-        # every check before anything is written: coupled sets' metrics and thresholds
-        coupled = []
-        for t in self.coupled.values():
-            found = state.coupled(t.groups, fn)
-            if found is not None and (t.lam_l1 > 0 or t.lam_group > 0 or t.lam_exclusive > 0):
-                coupled.append((t, found))
-        for pairs in by_device.values():
-            targets, found = zip(*pairs)
-            v, lr, eps, beta2, step = zip(*found)
-            _metric.foreach_metric_prox_(
-                [t.param for t in targets], list(v), lr=list(lr), eps=list(eps),
-                beta2=list(beta2), step=list(step),
-                lam_l1=[t.lam_l1 for t in targets], lam_group=[t.lam_group for t in targets],
-                lam_exclusive=[t.lam_exclusive for t in targets], dim=[t.dim for t in targets],
-                size_weighted=[t.size_weighted for t in targets],
-                exact=[t.exact for t in targets])
-        if coupled:  # every set in one fused call, one after another
-            sets = [t.groups for t, _ in coupled]
-            _metric.coupled_metric_step(
-                sets, [views for _, (views, _) in coupled], [rows for _, (_, rows) in coupled],
-                [(t.lam_l1, t.lam_group, t.lam_exclusive) for t, _ in coupled],
-                [t.size_weighted for t, _ in coupled], [t.exact for t, _ in coupled],
-                names=[[f"member {k} ({m.name}) of {g.name}: the second moment (exp_avg_sq)"
-                        for k, m in enumerate(g.slices)] for g in sets])
 
     # -- penalty -------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
@@ -575,11 +301,11 @@ class Regularizer:
                 raise TypeError(f"{fn}: the settings of {name} must be a dict, got "
                                 f"{type(config).__name__}")
             copy = dataclasses.replace(original)
-            _apply_override(copy, config)
+            _presets.apply_override(copy, config)
             if isinstance(copy, Target):
                 if not isinstance(copy.kind, str):
                     raise TypeError(f"{fn}: {name}: kind must be a string, got {copy.kind!r}")
-                _check_dim(copy)
+                _presets.check_dim(copy)
             staged[name] = (original, copy)
         steps = state["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -600,118 +326,6 @@ class Regularizer:
         self.steps, self.prox = steps, prox
         if controller is not None:
             self.controller.set_state(controller)
-
-
-def _preset_target(kind: str, name: str, param, module, lam: float, lam_l1: float, layer: int,
-                   schedule: CGESSchedule) -> Target:
-    """The target a preset makes of one weight (``layer``: its index among the regularized)."""
-    target = Target(name, param, kind, dim=_preset_dim(kind, param, module))
-    if kind == "group_lasso":
-        target.lam_group = lam
-    elif kind == "sparse_group_lasso":
-        target.lam_group, target.lam_l1 = lam, lam_l1
-    elif kind == "lasso":
-        target.lam_l1 = lam
-    elif kind == "exclusive":
-        target.lam_exclusive = lam
-    else:  # cges
-        wg, we = schedule.weights(layer)
-        target.lam_group, target.lam_exclusive = lam * wg, lam * we
-        target.size_weighted, target.exact = False, False
-    return target
-
-
-def _apply_override(target, values: Mapping) -> None:
-    """Sets the given fields of a Target or a CoupledTarget, checked (thresholds are numbers,
-    a coupled target's flags bools; a Target's dim and flags are checked by _check_dim)."""
-    coupled = isinstance(target, CoupledTarget)
-    fields = set(target.config()) if coupled else \
-        {f.name for f in dataclasses.fields(Target)} - {"name", "param"}
-    for key, value in values.items():
-        if key not in fields:
-            raise ValueError(f"Regularizer: unknown setting {key!r} for {target.name} "
-                             f"(expected one of {sorted(fields)})")
-        if key.startswith("lam"):
-            value = _check_lam(value, f"{target.name}.{key}")
-        elif coupled:
-            _checks.check_flag(value, key, f"Regularizer: {target.name}")
-        setattr(target, key, value)
-
-
-def _coupled_kinds(preset) -> tuple:
-    """The coupled presets named by ``preset`` (a name or a tuple of names), else ()."""
-    kinds = (preset,) if isinstance(preset, str) else preset
-    if isinstance(kinds, (tuple, list)) and kinds and all(
-            isinstance(k, str) and k in COUPLED_PRESETS for k in kinds):
-        return tuple(kinds)
-    if isinstance(preset, (tuple, list)):
-        raise ValueError(f"Regularizer: a tuple preset names coupled presets "
-                         f"{COUPLED_PRESETS}, got {preset!r}")
-    return ()
-
-
-def _names_of(model) -> set[str]:
-    if isinstance(model, nn.Module):
-        names = {n for n, _ in model.named_modules() if n}
-        return names | {n for n, _ in model.named_parameters()}
-    names = set()
-    for pname, _ in model:
-        parts = pname.split(".")
-        names.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
-    return names
-
-
-def _check_names(model, keys, what: str) -> None:
-    if not keys:
-        return
-    if not isinstance(model, nn.Module):
-        model = list(model)
-    unknown = sorted(k for k in keys if k not in _names_of(model))
-    if unknown:
-        raise ValueError(f"Regularizer: {what} names no module or parameter of the model: "
-                         f"{unknown}")
-
-
-def _check_dim(target: Target) -> None:
-    """A target's dim must fit its tensor (checked when the regularizer is built, not inside
-    optimizer.step())."""
-    if target.dim is not None and not _checks.is_dim_spec(target.dim):
-        raise TypeError(f"Regularizer: {target.name}: dim must be None, an int or a tuple, got "
-                        f"{target.dim!r}")
-    _checks.normalize_dim(target.dim, target.param, f"Regularizer: {target.name}")
-    for flag in ("size_weighted", "exact"):
-        _checks.check_flag(getattr(target, flag), flag, f"Regularizer: {target.name}")
-
-
-def _why_skipped(model: nn.Module, pname: str, param, exclude) -> str:
-    mname = pname.rsplit(".", 1)[0] if "." in pname else ""
-    if any(pname == k or pname.startswith(k + ".") or mname == k or mname.startswith(k + ".")
-           for k in exclude):
-        return "excluded"
-    module = model.get_submodule(mname) if mname else model
-    if param.dim() < 2:
-        return f"a 1-D {pname.rsplit('.', 1)[-1]} of {type(module).__name__} (biases: bias_l1)"
-    return f"not a Linear/conv/Conv1D weight or packed attention projection " \
-           f"({type(module).__name__})"
-
-
-def _weights(model):
-    """(module name, module, parameter name, weight) of every regularizable weight."""
-    if isinstance(model, nn.Module):
-        dense = _groups._dense_types()
-        for mname, module in model.named_modules():
-            prefix = f"{mname}." if mname else ""
-            if isinstance(module, (*_WEIGHTED, *dense)):
-                yield mname, module, prefix + "weight", module.weight
-            elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-                # the packed q, k, v projections: a Linear weight (3 * embed_dim, embed_dim)
-                yield mname, None, prefix + "in_proj_weight", module.in_proj_weight
-        return
-    for pname, param in model:
-        if not isinstance(param, torch.Tensor):
-            raise TypeError(f"Regularizer: {pname} is not a tensor")
-        if param.dim() >= 2:
-            yield pname.rsplit(".", 1)[0] if "." in pname else "", None, pname, param
 
 
 def _penalty(t: Target) -> torch.Tensor | None:

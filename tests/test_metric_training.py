@@ -229,8 +229,8 @@ def test_attach_chooses_per_optimizer_and_refuses_what_it_cannot_serve():
             want = fastprox.group_shrink_(want.clone(), 1e-2 * 1e-3, dim=0)
         assert torch.equal(p.detach(), want), n
     # SGD: Euclidean under "auto"; a parameter Adam has not stepped yet is left alone
-    assert fastprox.Regularizer._prox_of(torch.optim.SGD(model.parameters(), lr=0.1), "auto",
-                                         "f") == "euclidean"
+    assert fastprox.steps.prox_of(torch.optim.SGD(model.parameters(), lr=0.1), "auto",
+                                   "f") == "euclidean"
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
     reg2 = fastprox.Regularizer(model, "group_lasso", lam=10.0)
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}

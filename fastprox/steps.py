@@ -1,0 +1,139 @@
+"""The proximal step of a Regularizer after an optimizer step (``Regularizer.prox_step``).
+
+* ``euclidean_step``: thresholds ``lr * lam`` (``lr`` of each parameter's group, or the one
+  given): plain targets in one ``foreach_prox_`` call per device (sharded ones in one of their
+  own), coupled sets through the phases (fastprox/coupled.py, sets that share no tensor
+  together);
+* ``metric_step``: the step in an Adam / AdamW step's metric, read from the optimizer's state
+  (fastprox/metric.py): plain targets in one ``foreach_metric_prox_`` call per device, coupled
+  sets one after another in one ``coupled_metric_prox_`` call.
+
+Each checks everything (learning rates, thresholds, metrics) before anything is written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _rules, coupled as _coupled, metric as _metric, ops
+from ._checks import is_dtensor
+
+PROX_MODES = ("auto", "metric", "euclidean")
+
+
+def prox_of(optimizer, prox: str, fn: str) -> str:
+    """The step ``prox`` asks for with this optimizer: "metric" or "euclidean"."""
+    if prox not in PROX_MODES:
+        raise ValueError(f"{fn}: prox must be one of {PROX_MODES}, got {prox!r}")
+    adam = isinstance(optimizer, _metric.ADAMS)
+    if prox == "metric" and not adam:
+        raise ValueError(f"{fn}: prox='metric' needs torch.optim.Adam or AdamW (the "
+                         f"metric is their second moment), got {type(optimizer).__name__}")
+    if prox == "auto":
+        if adam:
+            return "metric"
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise ValueError(
+                f"{fn}: no exact proximal step is known for {type(optimizer).__name__}'s "
+                "steps (fastprox takes Adam and AdamW in their metric, SGD in the Euclidean "
+                "one); pass prox='euclidean' for the Euclidean step with thresholds "
+                "lr * lam (a heuristic for this optimizer)")
+        return "euclidean"
+    return prox
+
+
+def lr_of(reg, optimizer) -> dict[int, object]:
+    """Per parameter (by id) its group's learning rate; every target must be a parameter of
+    the optimizer."""
+    lrs = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lrs[id(p)] = group["lr"]
+    missing = [t.name for t in reg.targets.values() if id(t.param) not in lrs]
+    missing += [t.name for t in reg.coupled.values()
+                if any(id(p) not in lrs for p in t.params)]
+    if missing:
+        raise ValueError(f"Regularizer: {missing} are not parameters of the optimizer")
+    return lrs
+
+
+def euclidean_step(reg, optimizer, lr) -> None:
+    """Every target's Euclidean step, thresholds ``lr * lam`` (``lr`` from ``optimizer``'s
+    parameter groups, or the ``lr`` given when ``optimizer`` is None)."""
+    lrs = lr_of(reg, optimizer) if optimizer is not None else None
+    by_device: dict = {}
+    for t in reg.targets.values():  # sharded targets apart: plain ones keep the fast path
+        by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
+                             []).append(t)
+    # every check before anything is written: one learning rate per coupled set, and the
+    # thresholds it gives (finite, >= 0)
+    coupled, coupled_lams = list(reg.coupled.values()), []
+    for t in coupled:
+        rate = lr
+        if lrs is not None:
+            rates = {id(p): lrs[id(p)] for p in t.params}
+            values = list(rates.values())
+            if any(v is not values[0] and v != values[0] for v in values[1:]):
+                raise ValueError(f"Regularizer.prox_step: the parameters of {t.name} are in "
+                                 "parameter groups with different learning rates; a coupled "
+                                 "group needs one")
+            rate = values[0]
+        coupled_lams.append(tuple(
+            _coupled._threshold(rate * lam, f"lr * {name} of {t.name}",
+                                "Regularizer.prox_step")
+            for name, lam in (("lam_l1", t.lam_l1), ("lam_group", t.lam_group),
+                              ("lam_exclusive", t.lam_exclusive))))
+    for targets in by_device.values():
+        rates = [lrs[id(t.param)] if lrs is not None else lr for t in targets]
+        ops.foreach_prox_([t.param for t in targets],
+                          lam_l1=[r * t.lam_l1 for r, t in zip(rates, targets)],
+                          lam_group=[r * t.lam_group for r, t in zip(rates, targets)],
+                          lam_exclusive=[r * t.lam_exclusive for r, t in zip(rates, targets)],
+                          dim=[t.dim for t in targets],
+                          size_weighted=[t.size_weighted for t in targets],
+                          exact=[t.exact for t in targets])
+    # every coupled set in one go: sets that share no tensor run together (coupled.waves)
+    _coupled.step_sets([t.groups for t in coupled], coupled_lams,
+                       [t.size_weighted for t in coupled], [t.exact for t in coupled],
+                       max_newton_steps=_rules.MAX_NEWTON_STEPS)
+
+
+def metric_step(reg, optimizer) -> None:
+    """Every target in the Adam / AdamW step's metric: plain targets in one
+    ``foreach_metric_prox_`` call per device (sharded ones in one of their own), coupled sets
+    one after another in one fused call (``metric.coupled_metric_step``); a parameter the
+    optimizer has not stepped yet is left as it is."""
+    lr_of(reg, optimizer)
+    fn = "Regularizer.prox_step"
+    state = _metric.AdamState(optimizer)
+    by_device: dict = {}
+    for t in reg.targets.values():
+        found = state.metric(t.param)
+        if found is None or (t.lam_l1 == 0 and t.lam_group == 0 and t.lam_exclusive == 0):
+            continue
+        by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
+                             []).append((t, found))
+    # every check before anything is written: coupled sets' metrics and thresholds
+    coupled = []
+    for t in reg.coupled.values():
+        found = state.coupled(t.groups, fn)
+        if found is not None and (t.lam_l1 > 0 or t.lam_group > 0 or t.lam_exclusive > 0):
+            coupled.append((t, found))
+    for pairs in by_device.values():
+        targets, found = zip(*pairs)
+        v, lr, eps, beta2, step = zip(*found)
+        _metric.foreach_metric_prox_(
+            [t.param for t in targets], list(v), lr=list(lr), eps=list(eps),
+            beta2=list(beta2), step=list(step),
+            lam_l1=[t.lam_l1 for t in targets], lam_group=[t.lam_group for t in targets],
+            lam_exclusive=[t.lam_exclusive for t in targets], dim=[t.dim for t in targets],
+            size_weighted=[t.size_weighted for t in targets],
+            exact=[t.exact for t in targets])
+    if coupled:  # every set in one fused call, one after another
+        sets = [t.groups for t, _ in coupled]
+        _metric.coupled_metric_step(
+            sets, [views for _, (views, _) in coupled], [rows for _, (_, rows) in coupled],
+            [(t.lam_l1, t.lam_group, t.lam_exclusive) for t, _ in coupled],
+            [t.size_weighted for t, _ in coupled], [t.exact for t, _ in coupled],
+            names=[[f"member {k} ({m.name}) of {g.name}: the second moment (exp_avg_sq)"
+                    for k, m in enumerate(g.slices)] for g in sets])
