@@ -1,7 +1,7 @@
 """The per-group rules of the phased step (fastprox/_phases.py: coupled groups, groups across
 shards), from a group's combined sums to its scale and exclusive threshold. Formulas and edge
 cases: docs/SPEC.md; the C++ and Triton kernels apply the same rules inside their kernels
-(csrc/cpu/group_engine.h, kernels/prox_kernels.py), and fastprox/reference.py states them again,
+(csrc/cpu/group_steps.h, kernels/prox_kernels.py), and fastprox/reference.py states them again,
 in a form of its own, as the tests' oracle.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 # Newton steps of one scalar equation at most, in every engine: the phased step's exact exclusive
-# threshold here, csrc/cpu/group_engine.h's kMaxNewton (the Euclidean and metric CPU kernels),
+# threshold here, csrc/cpu/group_steps.h's kMaxNewton (the Euclidean and metric CPU kernels),
 # kernels/metric_kernels.py's MAX_NEWTON (the Triton kernels). Typical data needs 3-15.
 MAX_NEWTON_STEPS = 100
 

@@ -19,7 +19,7 @@ row is docs/SPEC.md.
 
 Adding an operator: a row here, its function in fastprox/ops.py (a preset: its checks and its
 columns of the fused step), its reference in fastprox/reference.py and, if its per-group math
-is new, that math in each engine (``ProxStep`` in csrc/cpu/group_engine.h, ``_group_params`` in
+is new, that math in each engine (``ProxStep`` in csrc/cpu/group_steps.h, ``_group_params`` in
 kernels/prox_kernels.py) and a column of the fused step.
 """
 

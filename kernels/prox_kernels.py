@@ -1,6 +1,7 @@
 """The Triton kernels of the fused step on CUDA (prox_kernel, the split kernels,
 soft_threshold_kernel), behind every in-place operator and group_norms: the GPU face of
-csrc/cpu/group_engine.h, with the same per-group logic (ProxStep there, _group_params here).
+csrc/cpu/group_engine.h and group_steps.h, with the same per-group logic (ProxStep there,
+_group_params here).
 
 A launch serves a *bucket*: one or more weights of one dtype, each seen through the layout of
 kernels/layout.py, ``[batch][outer][groups][inner]`` of dense memory, group (b, g) being

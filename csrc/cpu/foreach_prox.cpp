@@ -8,7 +8,7 @@
 // step (fastprox/operators.py). Tensor i's groups reduce
 // dims[sum(dim_counts[:i]) : sum(dim_counts[:i+1])]. `caller` and `lam_names` (the caller's names
 // of the three thresholds; default: lam_l1, lam_group, lam_exclusive) name the function and
-// argument in error messages. The per-group step is ProxStep (group_engine.h); the contract is
+// argument in error messages. The per-group step is ProxStep (group_steps.h); the contract is
 // docs/SPEC.md.
 //
 // A tensor whose only step is the soft threshold (lg = le = 0) has no groups: its memory span

@@ -24,7 +24,7 @@
 
 namespace fastprox::cpu::metric {
 
-// (kMaxNewton, the bound on the Newton steps of one equation: group_engine.h's, one for every
+// (kMaxNewton, the bound on the Newton steps of one equation: group_steps.h's, one for every
 // CPU kernel)
 
 // The thresholds of one group (in its accumulation type A) and its metric
