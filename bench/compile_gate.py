@@ -192,7 +192,7 @@ def _coupled_sets(dtype):
     """Coupled sets of real models on meta tensors, as (name, [(member, axis, index)], groups):
     a GPT-2 block's heads (fused QKV columns, its bias, the output projection's rows) and
     neurons, a ResNet block's channels (a conv's output channels, its BatchNorm, the next conv's
-    input channels)."""
+    input channels), and the columns of a tensor of more than 2**31 elements."""
     def meta(*shape):
         return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -204,7 +204,9 @@ def _coupled_sets(dtype):
             ("gpt2 neurons", [(meta(512, 2048), 1, units), (meta(2048), 0, units),
                               (meta(2048, 512), 0, units)], 2048),
             ("resnet channels", [(meta(64, 64, 3, 3), 0, chans), (meta(64), 0, chans),
-                                 (meta(64), 0, chans), (meta(256, 64, 1, 1), 1, chans)], 64)]
+                                 (meta(64), 0, chans), (meta(256, 64, 1, 1), 1, chans)], 64),
+            # a column spans 2**31 elements and more: 64-bit offsets within a segment
+            ("columns of 2**31+", [(meta(65536, 32769), 1, list(range(32769)))], 32769)]
 
 
 def _slice_rows(members, groups):
@@ -222,19 +224,18 @@ def coupled_plans(dtype, steps) -> dict[str, list[launch.Launch]]:
     """The launches of coupled_metric_prox_ over each coupled set of _coupled_sets, for every
     combination of steps, with the metric formed from Adam's moments or given (direct), and
     with float64 sums (float64 members, or a direct metric beyond 1e18); moments (or metrics)
-    of the members' dtype, float32 or float64 (what the op reads them as)."""
+    of the members' dtype or of the sums' type (what the op reads them as)."""
     out: dict = {}
-    moment_dtypes = dict.fromkeys([dtype, torch.float32, torch.float64])
     for name, members, groups in _coupled_sets(dtype):
         table, starts = _slice_rows(members, groups)
         shapes = tuple(coupled_metric._shape_key(w, a) for w, a, _ in members)
         layout = coupled_metric.set_layout(shapes, table, starts)
         for flags in dict.fromkeys(STEPS[step][0] for step in steps):
             t = torch.full((groups,), float(flags[1]), dtype=torch.float64)
-            for mdtype in moment_dtypes:
-                for direct in (False, True):
-                    for wide in sorted({dtype == torch.float64,
-                                        direct or dtype == torch.float64}):
+            for direct in (False, True):
+                for wide in sorted({dtype == torch.float64, direct or dtype == torch.float64}):
+                    for mdtype in dict.fromkeys([dtype, torch.float64 if wide else
+                                                 torch.float32]):
                         wave = coupled_metric.Wave(dtype, mdtype, wide)
                         wave.add([w for w, _, _ in members],
                                  [torch.empty_like(w, dtype=mdtype) for w, _, _ in members],

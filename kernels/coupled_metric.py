@@ -9,7 +9,8 @@ where contiguous) cut into segments of at most two dims. Sets that share no tens
 members and moments have one dtype each, form one launch (a wave): one program per group,
 largest groups first, reading the members and moments in place. A member of another dtype or
 offset than the wave's first is worked on in a copy of its layout (written back after the
-launch), a moment whose layout differs from its member's is read from a copy laid out like it.
+launch), a moment whose layout differs from its member's is read from a copy laid out like it,
+moments of another dtype than the members' from a copy in the sums' type (float32, or float64).
 Every check (the tables, the metric, the moments, over all sets) runs before any launch; the
 moments' bounds are read on the host in one transfer.
 """
@@ -367,10 +368,10 @@ def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, star
             continue
         ws, vs = [members[i] for i in span], [moments[i] for i in span]
         dtype, mdtype = _common_dtype(ws), _common_dtype(vs)
-        if mdtype != dtype and mdtype.itemsize < 4:  # read as the members' or in float32
-            mdtype = torch.float32
         wide = dtype == torch.float64 or (direct and any(top.get(i, 0.0) > _WIDE_D
                                                          for i in span))
+        if mdtype != dtype:  # read in the type the sums take (what the kernel converts them to)
+            mdtype = torch.float64 if wide else torch.float32
         storages = {w.untyped_storage().data_ptr() for w in ws if w.numel()}
         wave = waves[-1] if waves else None
         if wave is None or (wave.dtype, wave.mdtype, wave.wide) != (dtype, mdtype, wide) or \
