@@ -318,6 +318,7 @@ class AdamState:
         self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self._by_storage = None  # built when a coupled set asks (its members: plain tensors)
         self._floats = None  # per parameter (lr, eps, beta2, step), read when a set asks
+        self._rows: dict = {}  # per parameter its metric row, for every member of it
 
     def floats(self, param, fn: str) -> tuple:
         """(lr, eps, beta2, step) of a stepped parameter as Python numbers: every parameter's
@@ -371,13 +372,14 @@ class AdamState:
             if found is None:
                 return None
             v = found[0]
-            lr, eps, beta2, step = self.floats(p, fn)
+            if id(p) not in self._rows:  # checked, as the op does (once per parameter)
+                self._rows[id(p)] = metric_row(*self.floats(p, fn), k, fn)
+            rows.append(self._rows[id(p)])
             if v.stride() != p.stride():
                 raise ValueError(f"{fn}: the second moment of {m.name} is laid out unlike the "
                                  "parameter; its view cannot be found")
             views.append(v.as_strided(m.tensor.shape, m.tensor.stride(), v.storage_offset()
                                       + m.tensor.storage_offset() - p.storage_offset()))
-            rows.append(metric_row(lr, eps, beta2, step, k, fn))  # checked, as the op does
         rates = [lr for _, _, lr in rows]
         if all(lr == 0 for lr in rates):
             return None
