@@ -24,6 +24,7 @@ import math
 import torch
 
 from . import launch
+from .tables import check_moments
 from .tiles import INTERPRET, acc_type, address, max_registers
 
 _OP = "coupled_metric_prox_"
@@ -321,34 +322,11 @@ def _check(members, moments, axes, rows, set_sizes, slices, starts, thresholds, 
         layouts.append(layout if active and layout.segs.shape[0] else None)
         if active:
             used += [i for i in span if moments[i].numel()]
-    ranges = [_range(w) for w in members]
-    for i in used:  # the moments used: apart from every member, finite and >= 0
-        lo, hi = _range(moments[i])
-        for j, (wlo, whi) in enumerate(ranges):
-            if lo < whi and wlo < hi:
-                raise ValueError(f"{_OP}: {label(i)} shares memory with members[{j}], which the "
-                                 "step writes")
-    top = {}
-    if used:  # one reduction per moment, one read on the host for all of them
-        bounds = torch.stack([torch.stack(torch.aminmax(moments[i])).double()
-                              for i in used]).tolist()
-        for i, (lo, hi) in zip(used, bounds):
-            if not (lo >= 0 and hi < math.inf):
-                raise ValueError(f"{_OP}: {label(i)} has negative, NaN or infinite entries "
-                                 "(a metric is finite and >= 0); from an optimizer's state, the "
-                                 "state is damaged: check the loss and gradients for NaN/inf, "
-                                 "or reload a checkpoint")
-            top[i] = hi
+    top = check_moments(_OP, moments, used, members, label, lambda j: f"members[{j}]",
+                        "(a metric is finite and >= 0); from an optimizer's state, the state "
+                        "is damaged: check the loss and gradients for NaN/inf, or reload a "
+                        "checkpoint")
     return layouts, top
-
-
-def _range(t):
-    if t.numel() == 0:
-        return (0, 0)
-    lo = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
-    hi = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
-    base = address(t)
-    return base + lo * t.element_size(), base + (hi + 1) * t.element_size()
 
 
 def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, starts, thresholds,

@@ -23,7 +23,7 @@ import triton
 
 from . import launch, tiles
 from .layout import GroupLayout, analyze, finish
-from .tables import Item, Tables, address_range, by_offset, persistent, split_dims
+from .tables import Item, Tables, by_offset, check_moments, persistent, split_dims
 from .tiles import (acc_type, address, choose_tile, elems_per_thread, fits, is_off64, loop_tile,
                     p2, sm_count, tile_cap, vector_width, warp_configs)
 
@@ -193,22 +193,9 @@ def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_
         if not (all(math.isfinite(x) for x in (s, eps, lr)) and s >= 0 and eps >= 0 and lr > 0):
             raise ValueError(f"{op}: metric[{i}] must be (scale >= 0, eps >= 0, lr > 0), finite")
     used = [i for i in range(n) if weights[i].numel() and any(lam_rows[i])]
-    ranges = [address_range(w) for w in weights]
-    for i in used:  # the moments used: apart from the weights, finite and >= 0
-        lo, hi = address_range(moments[i])
-        for j, (wlo, whi) in enumerate(ranges):
-            if lo < whi and wlo < hi:
-                raise ValueError(f"{op}: {label(i)} shares memory with weights[{j}], which the "
-                                 "step writes")
-    if used:  # one reduction per moment, one read on the host for all of them
-        bounds = torch.stack([torch.stack(torch.aminmax(moments[i])).double()
-                              for i in used]).tolist()
-        for i, (lo, hi) in zip(used, bounds):
-            if not (lo >= 0 and hi < math.inf):
-                raise ValueError(f"{op}: {label(i)} has negative, NaN or infinite entries (a "
-                                 "second moment is finite and >= 0); the optimizer's state is "
-                                 "damaged: check the loss and gradients for NaN/inf, or reload "
-                                 "a checkpoint")
+    check_moments(op, moments, used, weights, label, lambda j: f"weights[{j}]",
+                  "(a second moment is finite and >= 0); the optimizer's state is damaged: "
+                  "check the loss and gradients for NaN/inf, or reload a checkpoint")
     metric_([(w, v, d, sw, ex) for w, v, d, sw, ex in
                     zip(weights, moments, tensor_dims, size_weighted, exact)],
                    lam_rows, metric_rows)

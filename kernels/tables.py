@@ -40,6 +40,30 @@ def address_range(t: torch.Tensor) -> tuple[int, int]:
     return begin, begin + (span + 1) * t.element_size()
 
 
+def check_moments(op: str, moments, used, writes, label, write_label, damaged: str) -> dict:
+    """The moments ``used`` (their indices) of a metric step, checked before anything runs:
+    apart from every tensor the step writes (``writes``, named by ``write_label``), finite and
+    >= 0 (one reduction each, all the bounds read on the host in one transfer); ``damaged``
+    ends the error of one that is not. Returns the largest value of each."""
+    ranges = [address_range(w) for w in writes]
+    for i in used:
+        lo, hi = address_range(moments[i])
+        for j, (wlo, whi) in enumerate(ranges):
+            if lo < whi and wlo < hi:
+                raise ValueError(f"{op}: {label(i)} shares memory with {write_label(j)}, which "
+                                 "the step writes")
+    top = {}
+    if used:
+        bounds = torch.stack([torch.stack(torch.aminmax(moments[i])).double()
+                              for i in used]).tolist()
+        for i, (lo, hi) in zip(used, bounds):
+            if not (lo >= 0 and hi < math.inf):
+                raise ValueError(f"{op}: {label(i)} has negative, NaN or infinite entries "
+                                 f"{damaged}")
+            top[i] = hi
+    return top
+
+
 # ---------------------------------------------------------------------------------------------
 # Thresholds: per weight (lam_l1, lam_group, lam_exclusive). Values the host can read (numbers,
 # CPU tensors) are checked here and passed as a table; CUDA tensors stay on the GPU (a learning
