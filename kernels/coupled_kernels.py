@@ -103,6 +103,55 @@ def _coupled_value(p, q, off, mask, l1, thr, s, eps, inv_lr, theta, keep, skip,
     return y, d
 
 
+# What a sweep over a group's segments sums (_sweep): per group, vectors of one lane.
+SWEEP_STATS = tl.constexpr(1)   # NaN count, infinity count, sum (d y)^2, max d
+SWEEP_NEWTON = tl.constexpr(2)  # the group step's P and Q at theta
+SWEEP_ACTIVE = tl.constexpr(3)  # the exact exclusive threshold's active set: sum |y|, 1/d, count
+SWEEP_L1 = tl.constexpr(4)      # sum |y| (CGES's bound)
+
+
+@triton.jit
+def _sweep(base, moments, offsets, metric, segs, first, end, l1, thr, le, theta, keep, skip, S,
+           WHAT: tl.constexpr, BLOCK: tl.constexpr, OFF64: tl.constexpr, DIRECT: tl.constexpr,
+           DO_L1: tl.constexpr, DO_GROUP: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr):
+    """One sweep over segments [first, end) of a group: the sums WHAT names, with y after the
+    soft threshold (statistics, Newton) or after the group step too (the exclusive threshold).
+    Elementwise accumulators, reduced once."""
+    a = tl.zeros((1, BLOCK), ACC)
+    b = tl.zeros((1, BLOCK), ACC)
+    c = tl.zeros((1, BLOCK), ACC)
+    m = tl.zeros((1, BLOCK), ACC)
+    for sg in range(first, end):
+        p, q, n1, s1, n2, s2, n, sc, ep, il = _segment(base, moments, offsets, metric, segs, sg,
+                                                       OFF64, ACC)
+        for e0 in range(0, n, BLOCK):
+            off, mask = _segment_tile(e0, n, n1, s1, n2, s2, BLOCK)
+            if WHAT == SWEEP_STATS or WHAT == SWEEP_NEWTON:
+                y, d = _coupled_load(p, q, off, mask, l1, sc, ep, il, DIRECT, DO_L1, WIDE, ACC)
+            else:
+                y, d = _coupled_value(p, q, off, mask, l1, thr, sc, ep, il, theta, keep, skip,
+                                      DIRECT, DO_L1, DO_GROUP, WIDE, ACC)
+            if WHAT == SWEEP_STATS:
+                a += (y != y).to(ACC)
+                b += (tl.abs(y) == float("inf")).to(ACC)
+                if DO_GROUP:
+                    dy = d * y
+                    c += dy * dy
+                    m = tl.maximum(m, d)
+            elif WHAT == SWEEP_NEWTON:
+                t_p, t_q = _theta_terms(y, d, theta[:, None], thr, WIDE)
+                a += t_p
+                b += t_q
+            elif WHAT == SWEEP_ACTIVE:
+                t_m, t_i, t_c = _excl_terms(tl.abs(y), d, (le * S)[:, None], WIDE, ACC)
+                a += t_m
+                b += t_i
+                c += t_c
+            else:
+                a += tl.abs(y)
+    return tl.sum(a, 1), tl.sum(b, 1), tl.sum(c, 1), tl.max(m, 1)
+
+
 @triton.jit(do_not_specialize=["num_groups"])
 def coupled_metric_kernel(base, moments, offsets, metric, segs, groups, params, num_groups,
                           BLOCK: tl.constexpr, OFF64: tl.constexpr, DIRECT: tl.constexpr,
@@ -110,8 +159,9 @@ def coupled_metric_kernel(base, moments, offsets, metric, segs, groups, params, 
                           WIDE: tl.constexpr, ACC: tl.constexpr):
     """The coupled metric step of group program_id(0): its segments [first, end) of ``segs``
     (rows of the group table ``groups``), its thresholds (t, l1, le) the row of the float64
-    table ``params`` (the formulas above). Per-group values are vectors of one lane, the tiles
-    (1, BLOCK)."""
+    table ``params`` (the formulas above): a statistics sweep, a sweep per Newton step, the
+    exclusive threshold's sweeps (_sweep), then the rewrite. Per-group values are vectors of
+    one lane, the tiles (1, BLOCK)."""
     gid = tl.program_id(0)
     if gid < num_groups:
         grow = groups + gid * GROUP_COLS
@@ -135,44 +185,20 @@ def coupled_metric_kernel(base, moments, offsets, metric, segs, groups, params, 
             S = zero
             skip_e = ~nan_g
             if DO_GROUP or DO_EXCL:
-                c_nan = tl.zeros((1, BLOCK), ACC)
-                c_inf = tl.zeros((1, BLOCK), ACC)
-                s_dz = tl.zeros((1, BLOCK), ACC)
-                m_d = tl.zeros((1, BLOCK), ACC)
-                for sg in range(first, end):
-                    p, q, n1, s1, n2, s2, n, sc, ep, il = _segment(base, moments, offsets,
-                                                                   metric, segs, sg, OFF64, ACC)
-                    for e0 in range(0, n, BLOCK):
-                        off, mask = _segment_tile(e0, n, n1, s1, n2, s2, BLOCK)
-                        y, d = _coupled_load(p, q, off, mask, l1, sc, ep, il, DIRECT, DO_L1,
-                                             WIDE, ACC)
-                        c_nan += (y != y).to(ACC)
-                        c_inf += (tl.abs(y) == float("inf")).to(ACC)
-                        if DO_GROUP:
-                            dy = d * y
-                            s_dz += dy * dy
-                            m_d = tl.maximum(m_d, d)
-                nan_g, bad = _flags(tl.sum(c_nan, 1), tl.sum(c_inf, 1), thr, le)
+                c_nan, c_inf, dz2, dmax = _sweep(
+                    base, moments, offsets, metric, segs, first, end, l1, thr, le, theta, keep,
+                    skip, S, SWEEP_STATS, BLOCK, OFF64, DIRECT, DO_L1, DO_GROUP, WIDE, ACC)
+                nan_g, bad = _flags(c_nan, c_inf, thr, le)
                 if DO_GROUP:
-                    theta, keep, skip = _theta_start(tl.sum(s_dz, 1), tl.max(m_d, 1), thr, bad,
-                                                     WIDE)
+                    theta, keep, skip = _theta_start(dz2, dmax, thr, bad, WIDE)
                     iterate = keep & ~skip
                     k = 0
                     while tl.max(iterate.to(tl.int32), 0) > 0:
-                        f_t = tl.zeros((1, BLOCK), ACC)
-                        s_t = tl.zeros((1, BLOCK), ACC)
-                        for sg in range(first, end):
-                            p, q, n1, s1, n2, s2, n, sc, ep, il = _segment(
-                                base, moments, offsets, metric, segs, sg, OFF64, ACC)
-                            for e0 in range(0, n, BLOCK):
-                                off, mask = _segment_tile(e0, n, n1, s1, n2, s2, BLOCK)
-                                y, d = _coupled_load(p, q, off, mask, l1, sc, ep, il, DIRECT,
-                                                     DO_L1, WIDE, ACC)
-                                a, b = _theta_terms(y, d, theta[:, None], thr, WIDE)
-                                f_t += a
-                                s_t += b
-                        theta, iterate = _theta_step(theta, iterate, tl.sum(f_t, 1),
-                                                     tl.sum(s_t, 1), WIDE)
+                        P, Q, _, _ = _sweep(
+                            base, moments, offsets, metric, segs, first, end, l1, thr, le, theta,
+                            keep, skip, S, SWEEP_NEWTON, BLOCK, OFF64, DIRECT, DO_L1, DO_GROUP,
+                            WIDE, ACC)
+                        theta, iterate = _theta_step(theta, iterate, P, Q, WIDE)
                         k += 1
                         iterate = iterate & (k < MAX_NEWTON)
                 if DO_EXCL:
@@ -182,39 +208,19 @@ def coupled_metric_kernel(base, moments, offsets, metric, segs, groups, params, 
                         iterate = ~skip_e
                         k = 0
                         while tl.max(iterate.to(tl.int32), 0) > 0:
-                            a_m = tl.zeros((1, BLOCK), ACC)
-                            a_i = tl.zeros((1, BLOCK), ACC)
-                            a_c = tl.zeros((1, BLOCK), ACC)
-                            for sg in range(first, end):
-                                p, q, n1, s1, n2, s2, n, sc, ep, il = _segment(
-                                    base, moments, offsets, metric, segs, sg, OFF64, ACC)
-                                for e0 in range(0, n, BLOCK):
-                                    off, mask = _segment_tile(e0, n, n1, s1, n2, s2, BLOCK)
-                                    y, d = _coupled_value(p, q, off, mask, l1, thr, sc, ep, il,
-                                                          theta, keep, skip, DIRECT, DO_L1,
-                                                          DO_GROUP, WIDE, ACC)
-                                    t_m, t_i, t_c = _excl_terms(tl.abs(y), d, (le * S)[:, None],
-                                                                WIDE, ACC)
-                                    a_m += t_m
-                                    a_i += t_i
-                                    a_c += t_c
-                            S, active, iterate = _excl_step(S, active, iterate, tl.sum(a_m, 1),
-                                                            tl.sum(a_i, 1), tl.sum(a_c, 1), le,
-                                                            WIDE)
+                            s_m, s_i, s_c, _ = _sweep(
+                                base, moments, offsets, metric, segs, first, end, l1, thr, le,
+                                theta, keep, skip, S, SWEEP_ACTIVE, BLOCK, OFF64, DIRECT, DO_L1,
+                                DO_GROUP, WIDE, ACC)
+                            S, active, iterate = _excl_step(S, active, iterate, s_m, s_i, s_c,
+                                                            le, WIDE)
                             k += 1
                             iterate = iterate & (k < MAX_NEWTON)
                     else:  # CGES's bound: one sweep for ||y||_1
-                        a_m = tl.zeros((1, BLOCK), ACC)
-                        for sg in range(first, end):
-                            p, q, n1, s1, n2, s2, n, sc, ep, il = _segment(
-                                base, moments, offsets, metric, segs, sg, OFF64, ACC)
-                            for e0 in range(0, n, BLOCK):
-                                off, mask = _segment_tile(e0, n, n1, s1, n2, s2, BLOCK)
-                                y, d = _coupled_value(p, q, off, mask, l1, thr, sc, ep, il,
-                                                      theta, keep, skip, DIRECT, DO_L1,
-                                                      DO_GROUP, WIDE, ACC)
-                                a_m += tl.abs(y)
-                        S = tl.sum(a_m, 1)
+                        S, _, _, _ = _sweep(
+                            base, moments, offsets, metric, segs, first, end, l1, thr, le, theta,
+                            keep, skip, S, SWEEP_L1, BLOCK, OFF64, DIRECT, DO_L1, DO_GROUP, WIDE,
+                            ACC)
             for sg in range(first, end):
                 p, q, n1, s1, n2, s2, n, sc, ep, il = _segment(base, moments, offsets, metric,
                                                                segs, sg, OFF64, ACC)
