@@ -175,7 +175,8 @@ def coupled_metric_kernel(base, moments, offsets, metric, segs, groups, params, 
         thr = _threshold_as(t_raw, WIDE)
         l1 = _threshold_as(l1_raw, WIDE)
         le = _threshold_as(le_raw, WIDE)
-        if _valid(t_raw) & _valid(l1_raw) & _valid(le_raw):
+        # a group with no threshold is left as it is (bit-identical: never rewritten)
+        if _valid(t_raw) & _valid(l1_raw) & _valid(le_raw) & (t_raw + l1_raw + le_raw > 0):
             zero = tl.zeros((1,), ACC)
             nan_g = zero != zero
             bad = nan_g

@@ -196,6 +196,36 @@ def test_lam_zero_and_groups_without_thresholds_are_bit_identical(backend):
     torch.testing.assert_close(one.cpu(), torch.tensor([[0.45]]))  # z (1 - t / (d |z|))
 
 
+def test_groups_without_a_threshold_are_left_bit_identical(backend):
+    """The op with a threshold per group, some 0 (no l1, no exclusive term): those groups keep
+    their bits (a NaN payload included), the others are the oracle's step by their own t_g."""
+    from fastprox.metric import _slice_table
+
+    groups, members, ds = random_set(torch.float32, DEVICE)
+    slices, starts = _slice_table(groups)
+    t = 0.3 * groups.sizes.double().sqrt()
+    off = torch.tensor([g % 2 == 1 for g in range(groups.num_groups)])
+    t[off] = 0.0
+    with torch.no_grad():
+        view = members[1].movedim(1, 0)  # group by column: column 1 is group 1 (no threshold)
+        view[1, 0] = float("nan")
+    before = [m.clone() for m in members]
+    want = oracle(groups, ds, lam_group=0.3)
+    torch.ops.fastprox.coupled_metric_prox_(
+        members, list(ds), [m.axis for m in groups.slices],
+        torch.tensor([(1.0, 0.0, 1.0)] * len(members), dtype=torch.float64), [len(members)],
+        [slices], [starts], [t], [0.0], [0.0], [True], True)
+    for k, (m, got, old, w) in enumerate(zip(groups.slices, members, before, want)):
+        index = m.index.tolist()
+        for p, g in enumerate(index):
+            a, b = got.movedim(m.axis, 0)[p], old.movedim(m.axis, 0)[p]
+            if off[g]:
+                assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (k, p)
+            else:
+                torch.testing.assert_close(a.double().cpu(), w.movedim(m.axis, 0)[p],
+                                           **tolerance(torch.float32))
+
+
 @pytest.mark.parametrize("damage", ["negative", "nan", "inf"])
 def test_a_damaged_moment_of_the_second_set_leaves_every_member_unwritten(backend, damage):
     groups, members, ds = random_set(torch.float32, DEVICE)
