@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from . import launch
+from . import coupled_kernels, launch
 from .tables import check_moments
 from .tiles import INTERPRET, acc_type, address, max_registers
 
@@ -32,7 +32,7 @@ _WIDE_D = 1e18          # a direct metric beyond this: (d x)^2 overflows float32
 BLOCK = {False: 1024, True: 512}  # elements of a tile: float32 sums, float64 sums
 OFF32_LIMIT = 2 ** 31   # in-segment offsets are int32 below this
 WARPS = 4
-SEG_COLS, GROUP_COLS = 6, 3
+SEG_COLS = coupled_kernels.SEG_COLS.value  # the columns of the segment table
 
 
 # ---------------------------------------------------------------------------------------------
