@@ -215,10 +215,24 @@ class Wave:
                 self.moments[i] = _like(v, self.work[i], self.mdtype)
 
 
+def _upload(tables, device) -> list:
+    """Host tables (int64 or float64) on the device in one transfer: one int64 buffer, each
+    table a view of it starting 16 bytes aligned (the alignment the kernel is compiled for)."""
+    parts, views, at = [], [], 0
+    for t in tables:
+        bits = t.reshape(-1).view(torch.int64)
+        pad = -bits.numel() % 2
+        parts += [bits, bits.new_zeros(pad)]
+        views.append((at, bits.numel(), t.dtype, t.shape))
+        at += bits.numel() + pad
+    buffer = torch.cat(parts).to(device)
+    return [buffer[a:a + n].view(dtype).reshape(shape) for a, n, dtype, shape in views]
+
+
 def plan_wave(wave: Wave, direct: bool) -> launch.Launch | None:
     """The launch of a wave: its tables (the segment and group tables cached by the sets'
-    layouts; the offsets, metric and thresholds built for this call), grid one program per
-    group holding a segment, largest first."""
+    layouts; the offsets, metric and thresholds built for this call and uploaded together),
+    grid one program per group holding a segment, largest first."""
     device = wave.work[0].device
     key = (str(device), *((layout.serial, start, exact)
                           for layout, start, _, _, _, exact in wave.sets))
@@ -250,14 +264,13 @@ def plan_wave(wave: Wave, direct: bool) -> launch.Launch | None:
     thresholds = torch.cat([torch.stack([t, torch.full_like(t, l1), torch.full_like(t, le)], 1)
                             for _, _, t, l1, le, _ in wave.sets])
     firsts = torch.tensor([0] + [t.numel() for _, _, t, _, _, _ in wave.sets]).cumsum(0)
-    params = thresholds[firsts[owner[:, 0]] + owner[:, 1]].contiguous().to(device)
+    params = thresholds[firsts[owner[:, 0]] + owner[:, 1]]
     base, mbase = wave.work[0], wave.moments[0]
     offsets = torch.tensor([((address(w) - address(base)) // w.element_size(),
                              (address(v) - address(mbase)) // v.element_size())
-                            for w, v in zip(wave.work, wave.moments)],
-                           dtype=torch.int64).to(device)
-    metric = torch.tensor([(s, eps, 1.0 / lr) for s, eps, lr in wave.rows],
-                          dtype=torch.float64).to(device)
+                            for w, v in zip(wave.work, wave.moments)], dtype=torch.int64)
+    metric = torch.tensor([(s, eps, 1.0 / lr) for s, eps, lr in wave.rows], dtype=torch.float64)
+    offsets, metric, params = _upload([offsets, metric, params], device)
     flags = (any(l1 > 0 for _, _, _, l1, _, _ in wave.sets),
              any(bool((t > 0).any()) for _, _, t, _, _, _ in wave.sets),
              any(le > 0 for _, _, _, _, le, _ in wave.sets))
