@@ -2,8 +2,7 @@
 from layouts alone (the same plans are compiled ahead of time, without a GPU, by
 bench/compile_gate.py, on meta tensors), and the runs. The kernels are in
 kernels/prox_kernels.py, phase_kernels.py, metric_kernels.py and coupled_kernels.py (KERNELS,
-by name), tiles and
-tuning in kernels/tiles.py, tables in kernels/tables.py.
+by name), tiles and tuning in kernels/tiles.py, tables in kernels/tables.py.
 
 Every in-place operator, one weight or a list, goes through ``prox_``: weights are bucketed by
 dtype, tile shape and alignment, and each bucket is one launch of ``prox_kernel`` (two for the
