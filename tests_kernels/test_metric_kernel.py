@@ -352,6 +352,32 @@ def test_bad_input_leaves_the_weights(backend):
            [True])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_one_bad_entry_of_a_moment_anywhere_is_found(backend, dtype):
+    """The moment check reads every entry: one bad entry (negative, NaN, inf) at the start, in
+    each of the unrolled chains, in the tail or at the end of moments of odd sizes refuses the
+    step and leaves the weight as it was; -0.0 and the largest finite value pass."""
+    if backend == "reference":
+        pytest.skip("the oracle checks the values it computes with, not every argument of the op")
+    for n in (1, 63, 64 * 3 + 17, 40003):
+        w = (torch.randn(n) * 0.05).to(DEVICE)
+        v = random_moment((n,)).to(dtype).to(DEVICE)
+        before = w.clone()
+        good = v.clone()
+        good[0] = -0.0
+        good[-1] = torch.finfo(dtype).max
+        _call(OP, [w.clone().unsqueeze(0)], [good.unsqueeze(0)], (0, 0.1, 0), [[1]])
+        positions = sorted({0, min(17, n - 1), min(33, n - 1), min(50, n - 1), n // 2,
+                            max(n - 5, 0), n - 1})
+        for i in positions:
+            for bad in (-1e-3, math.nan, math.inf):
+                damaged = v.clone()
+                damaged[i] = bad
+                with pytest.raises(ValueError, match=r"moments\[0\] has negative, NaN or "):
+                    _call(OP, [w.unsqueeze(0)], [damaged.unsqueeze(0)], (0, 0.1, 0), [[1]])
+                assert torch.equal(w, before), (n, i, bad)
+
+
 @pytest.mark.triton_only
 def test_launches(path, monkeypatch):
     """The path fixture reaches the paths it names, and a model's list is a few launches."""

@@ -71,7 +71,7 @@ inline void gather_piece(const T* w, const V* v, A* x, A* d, int64_t piece, A sc
     const int64_t c = std::min(L, piece - i);
     store_as(x + i, load_as<A>(w + i, c), c);
     Va dv = load_as<A>(v + i, c);
-    if (!direct) dv = ((dv * Va(scale)).sqrt() + Va(eps)) * Va(inv_lr);
+    if (!direct) dv = adam_metric(dv, scale, eps, inv_lr);
     store_as(d + i, dv, c);
   }
 }
@@ -168,7 +168,7 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
         for (int64_t i = 0; i < width; i += L) {
           const int64_t c = std::min(L, width - i);
           Va dv = load_as<A>(v + at + i, c);
-          if (!direct) dv = ((dv * Va(scale)).sqrt() + Va(eps)) * Va(inv_lr);
+          if (!direct) dv = adam_metric(dv, scale, eps, inv_lr);
           A xs[L], ds[L];
           load_as<A>(w + at + i, c).store(xs);
           dv.store(ds);

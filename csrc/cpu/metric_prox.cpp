@@ -157,6 +157,7 @@ void metric_interleaved(T* w, const V* v, const GroupShape& s,
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / (width * s.outer));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     auto [x, d] = block_buffers<A>(width * s.outer);
+    const MetricParams<A> mp = p;  // a local copy: the buffers' stores cannot change it
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b = blk / blocks_per_batch;
       const int64_t g0 = (blk % blocks_per_batch) * per_block;
@@ -175,7 +176,7 @@ void metric_interleaved(T* w, const V* v, const GroupShape& s,
         for (int64_t c = 0; c < vectors; ++c) {
           const int64_t k = std::min(L, count - c * L);  // missing lanes: 0, in no group
           Vec<A> xv = load_as<A>(wr + c * L, k), dv = load_as<A>(vr + c * L, k);
-          first_pass(xv, dv, p, st[c]);
+          first_pass(xv, dv, mp, st[c]);
           xv.store(x + o * width + c * L);
           dv.store(d + o * width + c * L);
         }

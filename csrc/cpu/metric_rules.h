@@ -99,13 +99,20 @@ struct Stats {
   Vec<A> absmax{A(0)}, dz2{A(0)}, dmax{A(0)};
 };
 
+// The metric of an Adam step from its second moment v: (sqrt(v * scale) + eps) / lr, in one
+// place for every CPU kernel.
+template <typename A>
+inline Vec<A> adam_metric(const Vec<A>& v, A scale, A eps, A inv_lr) {
+  return ((v * Vec<A>(scale)).sqrt() + Vec<A>(eps)) * Vec<A>(inv_lr);
+}
+
 // d <- (sqrt(v * scale) + eps) / lr (d holds v on entry, unless p.d_formed); x <- the soft
 // threshold by l1 / d (d = 0: 0, NaN stays NaN; l1 / d is finite for d > 0, so an infinite x
 // stays infinite even where the quotient overflows); the statistics of the result.
 template <typename A>
 inline void first_pass(Vec<A>& x, Vec<A>& d, const MetricParams<A>& p, Stats<A>& st) {
   using V = Vec<A>;
-  if (!p.d_formed) d = ((d * V(p.scale)).sqrt() + V(p.eps)) * V(p.inv_lr);
+  if (!p.d_formed) d = adam_metric(d, p.scale, p.eps, p.inv_lr);
   if (p.l1 > A(0)) {
     const V zero(A(0)), ax = x.abs();
     const V mag = ax - V(p.l1) / d;  // d = 0: -inf (x finite) or NaN
@@ -288,37 +295,34 @@ inline at::Tensor like_work(const at::Tensor& v, const at::Tensor& weight,
 }
 
 // Whether every entry of a second moment is finite and >= 0 (NaN fails too): one parallel read.
+// Per lane, a bad entry (< 0, > the largest finite value, or NaN) sets all bits of its lane in
+// one of kChains independent accumulators (bitwise or: no chain through a NaN-aware min/max).
 template <typename V>
 bool valid_moment(const V* v, int64_t n) {
   std::atomic<bool> ok{true};
   at::parallel_for(0, n, kParallelGrainElems, [&](int64_t begin, int64_t end) {
     using A = at::opmath_type<V>;
     using Vec = at::vec::Vectorized<A>;
-    constexpr int64_t W = Lanes<V>::kWidth, P = Lanes<V>::kParts;
-    const A top = std::numeric_limits<A>::max();
-    // the smallest and largest entry, NaN-propagating: valid iff 0 <= min and max <= top
-    Vec lo(A(0)), hi(A(0));
+    constexpr int64_t W = Lanes<V>::kWidth, P = Lanes<V>::kParts, kChains = 4;
+    const Vec zero(A(0)), top(std::numeric_limits<A>::max());
+    Vec bad[kChains] = {zero, zero, zero, zero};
+    auto mark = [&](Vec& acc, const Vec& x) { acc = acc | (x < zero) | (x > top) | (x != x); };
     int64_t i = begin;
-    for (; i + W <= end; i += W) {
-      Vec parts[P];
-      Lanes<V>::load(v + i, W, parts);
-      for (int64_t k = 0; k < P; ++k) {
-        lo = at::vec::minimum(lo, parts[k]);
-        hi = at::vec::maximum(hi, parts[k]);
+    for (; i + kChains * W <= end; i += kChains * W) {
+      for (int64_t c = 0; c < kChains; ++c) {
+        Vec parts[P];
+        Lanes<V>::load(v + i + c * W, W, parts);
+        for (int64_t k = 0; k < P; ++k) mark(bad[c], parts[k]);
       }
     }
-    A lanes_lo[Vec::size()], lanes_hi[Vec::size()];
-    lo.store(lanes_lo);
-    hi.store(lanes_hi);
-    bool good = true;
-    for (int64_t k = 0; k < Vec::size(); ++k) {
-      good &= (lanes_lo[k] >= A(0)) & (lanes_hi[k] <= top);
+    for (; i < end; i += W) {
+      Vec parts[P];
+      Lanes<V>::load(v + i, std::min(W, end - i), parts);  // missing lanes: 0, valid
+      for (int64_t k = 0; k < P; ++k) mark(bad[0], parts[k]);
     }
-    for (; i < end; ++i) {
-      const A x = static_cast<A>(v[i]);
-      good &= (x >= A(0)) & (x <= top);
-    }
-    if (!good) ok.store(false, std::memory_order_relaxed);
+    const Vec any = (bad[0] | bad[1]) | (bad[2] | bad[3]);
+    // a lane with every bit set is a NaN, never == 0: all lanes 0 iff no bad entry
+    if (any.zero_mask() != (1 << Vec::size()) - 1) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }
