@@ -32,10 +32,11 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import _checks, _fused, _phases, _rules
+from . import _checks, _fused, _phases, _rules, coupled_plan as _plan
 from ._registry import ops
 
 _FN = "coupled_prox_"
+waves = _plan.waves  # the sets in waves of sets that share no memory
 
 
 class Slice(NamedTuple):
@@ -298,33 +299,6 @@ def coupled_prox_(groups, *, lam_l1=0.0, lam_group=0.0, lam_exclusive=0.0,
     return groups
 
 
-def waves(sets: list[CoupledGroups]) -> list[list[int]]:
-    """The sets in waves: a set goes in the wave after the last one holding an earlier set it
-    shares memory with, so running the waves in order, each wave's sets together, is running
-    the sets one after another in the order given."""
-    seen: dict[int, list[tuple[int, int, int]]] = {}  # storage -> (set, lo, hi) of members
-    wave_of: list[int] = []
-    for j, g in enumerate(sets):
-        wave = 0
-        spans = []
-        for m in g.slices:
-            if m.tensor.numel() == 0:
-                continue
-            base = m.tensor.untyped_storage().data_ptr()
-            lo, hi = _checks.span(m.tensor)
-            for i, ilo, ihi in seen.get(base, []):
-                if lo < ihi and ilo < hi:
-                    wave = max(wave, wave_of[i] + 1)
-            spans.append((base, lo, hi))
-        for base, lo, hi in spans:
-            seen.setdefault(base, []).append((j, lo, hi))
-        wave_of.append(wave)
-    out: list[list[int]] = [[] for _ in range(max(wave_of, default=-1) + 1)]
-    for j, w in enumerate(wave_of):
-        out[w].append(j)
-    return out
-
-
 def step_sets(sets: list[CoupledGroups], lams: list[tuple], size_weighted: list[bool],
               exact: list[bool], max_newton_steps: int) -> None:
     """The step of every set (checked sets, checked per-set thresholds (l1, lg, le) and flags),
@@ -333,7 +307,7 @@ def step_sets(sets: list[CoupledGroups], lams: list[tuple], size_weighted: list[
     rewrite call per kind of sums for the sets without Newton steps, and one phased run for the
     exact exclusive ones."""
     with torch.no_grad():
-        for wave in waves(sets):
+        for wave in _plan.waves(sets):
             soft, one_pass, newton = [], {}, []
             for j in wave:
                 l1, lg, le = lams[j]
@@ -389,35 +363,39 @@ def _newton_sets(sets, lams, size_weighted, max_newton_steps) -> None:
 def _one_pass_sets(sets, lams, size_weighted, what: int) -> None:
     """Steps without Newton iterations (group lasso, sparse group lasso, CGES's bound) of sets
     that share no memory, all with the same statistics (``what``): the sums of every member's
-    slices in one fused ``foreach_group_sums`` call; each set's statistics added per group in
-    one gather (members in order, each member's slices in position order); the per-group
-    rules; the rewrite of every member in one fused ``foreach_group_rewrite_`` call."""
-    tensors, dims, counts, l1s = [], [], [], []
-    for g, (l1, _, _) in zip(sets, lams):
-        tensors += [m.tensor for m in g.slices]
-        dims += [d for ds in g._dims for d in ds]
-        counts += [len(ds) for ds in g._dims]
-        l1s += [float(l1)] * len(g.slices)
+    slices in one fused ``foreach_group_sums`` call; the statistics added per group (members
+    in order, each member's slices in position order) in one gather per table width; the
+    per-group rules of all sets at once; the rewrite of every member in one fused
+    ``foreach_group_rewrite_`` call. The member lists and tables are the wave's plan
+    (fastprox/coupled_plan.py), built once."""
+    plan = _plan.one_pass_plan(sets, size_weighted)
+    tensors = [m.tensor for g in sets for m in g.slices]
+    l1s = [float(l1) for g, (l1, _, _) in zip(sets, lams) for _ in g.slices]
     group, excl = bool(what & 1), bool(what & 2)
     count = int(group) + int(excl)  # the nonzero count is not used
-    sums = ops.foreach_group_sums(tensors, dims, counts, l1s, what)
-    scales, taus = [], []
-    offset = 0
-    for g, (l1, lg, le), sw in zip(sets, lams, size_weighted):
-        acc = torch.float64 if any(m.tensor.dtype == torch.float64 for m in g.slices) \
-            else torch.float32
-        parts = sums[offset:offset + len(g.slices)]
-        offset += len(g.slices)
-        totals = [g._totals([part[k].to(acc) for part in parts]) for k in range(count)]
+    sums = ops.foreach_group_sums(tensors, plan.dims, plan.counts, l1s, what)
+    scales: list = [None] * len(tensors)
+    taus: list = [None] * len(tensors)
+    for r in plan.rules:
+        totals = []
+        for k in range(count):
+            parts = []
+            for members, table in r.sums:
+                flat = [sums[i][k].reshape(-1) for i in members]
+                joined = torch.cat([f if f.dtype == r.acc else f.to(r.acc) for f in flat] +
+                                   [torch.zeros(1, dtype=r.acc, device=r.device)])
+                parts.append(joined[table].sum(dim=1))
+            totals.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        t, le = plan.thresholds(r, lams)
         scale = tau = None
         if group:
-            t = _thresholds(g, lg, sw).to(device=g.device, dtype=acc)
             scale = _rules.group_scale(torch.sqrt(totals[0]), t)
         if excl:
             s = scale if scale is not None else torch.ones_like(totals[-1])
             l1_norm = totals[-1] * s
             tau = _rules.exclusive_tau(_rules.cges_bound(l1_norm, le), l1_norm, s)
-        nothing = [None] * len(g.slices)
-        scales += nothing if scale is None else list(scale[g._all_index].split(g._counts))
-        taus += nothing if tau is None else list(tau[g._all_index].split(g._counts))
-    ops.foreach_group_rewrite_(tensors, dims, counts, l1s, scales, taus)
+        for out, value in ((scales, scale), (taus, tau)):
+            if value is not None:
+                for i, part in zip(r.members, value[r.index].split(r.counts)):
+                    out[i] = part
+    ops.foreach_group_rewrite_(tensors, plan.dims, plan.counts, l1s, scales, taus)
