@@ -12,8 +12,8 @@ from fastprox import CoupledGroups, Slice, coupled_plan, reference
 from helpers import TOLERANCES
 
 ONE_PASS = [dict(lam_group=0.3), dict(lam_l1=0.05, lam_group=0.2),
-            dict(lam_group=0.1, lam_exclusive=0.4, exact=False), dict(lam_exclusive=0.4,
-                                                                       exact=False)]
+            dict(lam_group=0.1, lam_exclusive=0.4, exact=False),
+            dict(lam_exclusive=0.4, exact=False)]
 
 
 def _sets(dtype=torch.float32):
