@@ -181,7 +181,6 @@ class OnePassPlan:
             r.c = torch.cat(cs) if cs else torch.zeros(0, dtype=torch.float64)
             r.index = (torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
                        ).to(r.device)
-        self.members = members
 
     def thresholds(self, r: _Rules, lams) -> tuple:
         """(t, le) per group of ``r``'s sets, in ``r.acc`` on its device, for the per-set

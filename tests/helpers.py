@@ -131,3 +131,14 @@ def random_weight(shape, dtype, generator=None) -> torch.Tensor:
         w[1] = 0  # a whole zero row
         w[:, 0] = 0  # a whole zero column
     return w.to(dtype)
+
+
+class TinyMLP(torch.nn.Module):
+    """A block MLP (up, ReLU, down: 6 -> 8 -> 6) the neurons preset finds."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(6, 8), torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))

@@ -13,6 +13,7 @@ import torch
 
 import fastprox
 from coupled_metric_cases import LAMS, oracle, random_set, tolerance, wide_set
+from helpers import TinyMLP
 from fastprox import reference
 from fastprox.metric import _slice_table, coupled_metric_prox_, coupled_metric_step
 
@@ -256,15 +257,6 @@ def test_lam_zero_and_empty_sets_are_bit_identical():
     g = fastprox.CoupledGroups([(one, 0, [0])], 1)
     coupled_metric_prox_(g, [torch.tensor([[2.0]])], lam_group=0.1)
     torch.testing.assert_close(one, torch.tensor([[0.45]]))  # x = z (1 - t / (d |z|))
-
-
-class TinyMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(6, 8), torch.nn.Linear(8, 6)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def test_regularizer_adamw_step_is_the_oracle_with_adams_metric():

@@ -9,7 +9,7 @@ import torch
 import fastprox
 from fastprox import CoupledGroups, Slice, coupled_plan, reference
 
-from helpers import TOLERANCES
+from helpers import TOLERANCES, TinyMLP
 
 ONE_PASS = [dict(lam_group=0.3), dict(lam_l1=0.05, lam_group=0.2),
             dict(lam_group=0.1, lam_exclusive=0.4, exact=False),
@@ -111,18 +111,9 @@ def test_thresholds_follow_the_learning_rate():
             assert torch.equal(a, b), lam
 
 
-class BlockMLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(6, 8), torch.nn.Linear(8, 6)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
 def test_regularizer_euclidean_step_plans_once(monkeypatch):
     built = _count_builds(monkeypatch)
-    model = BlockMLP()
+    model = TinyMLP()
     reg = fastprox.Regularizer(model, "neurons", lam=1e-2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(4):
