@@ -118,6 +118,51 @@ def test_long_groups_of_runs_and_views_match_the_oracle(backend, dtype):
     assert bool((want[0].reshape(700, 3, 3, 8).abs().amax(dim=(0, 1, 3)) > 0).all())
 
 
+
+# (rows of the two consumers, the producer's row, groups): groups of ~1500 elements, dozens to a
+# block; of ~5000, a block grown or cut to a whole vector of groups; of ~10000, too big for that
+COLUMN_SETS = {"many": (701, 467, 331, 50), "grown": (2001, 1999, 1003, 37),
+               "few": (4001, 3999, 2003, 37)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size", list(COLUMN_SETS))
+def test_column_groups_in_blocks_of_every_size_match_the_oracle(backend, size, dtype):
+    """Groups whose slices are mostly single columns of long rows (a Linear's input units, a
+    1x1 convolution's input channels) beside a producer's rows and a bias, in Adam's metric:
+    row and group counts that are not multiples of a vector, groups from a few dozen elements
+    to ~10000 (from many groups to a block of the kernel's to a few). Per-group scales from 0.1
+    to 1: some groups become 0, the others are shrunk."""
+    outer1, outer2, width, g = COLUMN_SETS[size]
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    scale = torch.linspace(0.1, 1.0, g, dtype=torch.float64)[torch.randperm(g, generator=gen)]
+
+    def member(shape, axis):
+        w = torch.randn(shape, dtype=torch.float64, generator=gen) * 0.2
+        view = [1] * len(shape)
+        view[axis] = g
+        return (w * scale.reshape(view)).to(dtype).to(DEVICE)
+
+    fc = member((outer1, g), 1)              # input units of a Linear
+    conv = member((outer2, g, 1, 1), 1)      # input channels of a 1x1 convolution
+    rows = member((g, width), 0)             # the producer's output units
+    bias = member((g,), 0)
+    members = [fc, conv, rows, bias]
+    order = list(range(g))
+    groups = fastprox.CoupledGroups([(m, axis, order, name) for m, axis, name in
+                                     zip(members, (1, 1, 0, 0), ("fc", "conv", "rows", "bias"))],
+                                    g, name=size)
+    vs = [(torch.rand(m.shape, dtype=torch.float64, generator=gen) * 2 + 0.05).mul_(1e-6)
+          .to(dtype).to(DEVICE) for m in members]
+    rows_ = _adam_rows(len(members))
+    lams = dict(lam_l1=1e-3, lam_group=2.0, lam_exclusive=0.0)
+    want = oracle(groups, _adam_ds(vs, rows_), **lams)
+    coupled_metric_step([groups], [vs], [rows_], [tuple(lams.values())], [True], [True])
+    for got, w in zip(members, want):
+        _close(got, w, dtype)
+    dead = int((want[2] == 0).all(dim=1).sum())
+    assert 0 < dead < g  # some groups zero, some shrunk
+
 def test_sets_sharing_a_tensor_run_in_order(backend):
     """A conv weight in two sets (its output channels in one, its input channels in the next):
     one call, the second set reads what the first wrote."""

@@ -11,12 +11,14 @@
 // with the per-group rules of the plain metric step (metric_rules.h): a group gets what
 // foreach_metric_prox_ gives the same elements in one row (in the order of the buffer: runs of
 // neighbouring slices row by row). Per group, its slices are gathered from the members (d
-// formed on the way) into a buffer of this thread that stays in cache, the
-// group is solved there (first pass, Newton's method, exclusive step) and written back, blocks of
-// neighbouring groups together, row by row (each cache line of a member read once; the narrow
-// columns of neighbouring groups, a Linear's input units, as one piece of each row, in
-// vectors): one read of every member and moment, one write of every member; no matrix of all
-// groups, no copy of a member (but the working copy of a member that is not dense). Every group
+// formed on the way) into a buffer of this thread that stays in cache, the group is solved
+// there (first pass, Newton's method, exclusive step) and written back, blocks of neighbouring
+// groups together, row by row: each cache line of a member read once; the narrow columns of
+// neighbouring groups as one piece of each row, in vectors; single columns (a Linear's or a 1x1
+// convolution's input units) in tiles transposed in registers, a block holding a whole vector
+// of groups where it can, so that its columns are whole, aligned vectors of each row. One read
+// of every member and moment, one write of every member; no matrix of all groups, no copy of a
+// member (but the working copy of a member that is not dense). Every group
 // is computed by one thread in a fixed order: the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -85,9 +87,9 @@ inline int64_t span_end(const Slot* slots, int64_t first, int64_t count) {
 }
 
 // Where each element of a span's piece of row 0 goes in the buffers (row o: target + o * stride,
-// stride = the piece of its slot), for spans of narrow pieces (shorter than a vector: a
-// Linear's columns, a 1x1 convolution's input channels), which are moved a row's piece of all
-// of their slots at a time, in vectors, rather than slot by slot.
+// stride = the piece of its slot), for spans of narrow pieces (shorter than a vector: a 3x3
+// convolution's input channels; single columns take the transposes below), which are moved a
+// row's piece of all of their slots at a time, in vectors, rather than slot by slot.
 struct SpanMap {
   std::vector<int64_t> target, stride;
   struct View {
@@ -136,6 +138,83 @@ inline void for_pieces(const Slot* slots, int64_t first, int64_t last, int64_t o
   }
 }
 
+// Whether every slot of the span is one element of each row (a Linear's or a 1x1
+// convolution's input units): the span's piece of the rows is then a matrix whose columns are
+// the slots' groups, moved in tiles of L x L elements through a transpose in registers rather
+// than element by element.
+inline bool unit_span(const Slot* slots, int64_t first, int64_t last, int64_t inner) {
+  if (inner != 1) return false;
+  for (int64_t k = first; k < last; ++k) {
+    if (slots[k].count != 1) return false;
+  }
+  return true;
+}
+
+// Tiles of one thread for the transposes (zeroed once: lanes past a partial tile are moved but
+// never stored).
+template <typename A>
+struct Tiles {
+  static constexpr int64_t L = Vec<A>::size();
+  alignas(64) A in_x[L * L] = {}, in_d[L * L] = {}, out_x[L * L] = {}, out_d[L * L] = {};
+};
+
+// Rows o of a unit span (w and v at its first column, rows `row` elements apart), `width`
+// columns, slot c of the span to its group's run at slots[c].dest (element o at dest + o):
+// x as it is, d formed (as first_pass forms it) unless direct.
+template <typename A, typename T, typename V>
+void gather_columns(const T* w, const V* v, int64_t row, int64_t outer, const Slot* slots,
+                    int64_t width, A* x, A* d, A scale, A eps, A inv_lr, bool direct) {
+  using Va = Vec<A>;
+  constexpr int64_t L = Va::size();
+  thread_local Tiles<A> t;
+  for (int64_t o0 = 0; o0 < outer; o0 += L) {
+    const int64_t rows = std::min(L, outer - o0);
+    for (int64_t r = 0; r < rows && o0 + L + r < outer; ++r) {  // the next tile's rows
+      prefetch_run(w + (o0 + L + r) * row, width);
+      prefetch_run(v + (o0 + L + r) * row, width);
+    }
+    for (int64_t j0 = 0; j0 < width; j0 += L) {
+      const int64_t cols = std::min(L, width - j0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t at = (o0 + r) * row + j0;
+        Va dv = load_as<A>(v + at, cols);
+        if (!direct) dv = adam_metric(dv, scale, eps, inv_lr);
+        load_as<A>(w + at, cols).store(t.in_x + r * L);
+        dv.store(t.in_d + r * L);
+      }
+      at::vec::transpose_mxn<A, L, L>(t.in_x, L, t.out_x, L);
+      at::vec::transpose_mxn<A, L, L>(t.in_d, L, t.out_d, L);
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t to = slots[j0 + c].dest + o0;
+        store_as(x + to, Va::loadu(t.out_x + c * L), rows);
+        store_as(d + to, Va::loadu(t.out_d + c * L), rows);
+      }
+    }
+  }
+}
+
+// The inverse of gather_columns for x: each group's run back into its column of the rows.
+template <typename A, typename T>
+void scatter_columns(T* w, int64_t row, int64_t outer, const Slot* slots, int64_t width,
+                     const A* x) {
+  using Va = Vec<A>;
+  constexpr int64_t L = Va::size();
+  thread_local Tiles<A> t;
+  for (int64_t o0 = 0; o0 < outer; o0 += L) {
+    const int64_t rows = std::min(L, outer - o0);
+    for (int64_t j0 = 0; j0 < width; j0 += L) {
+      const int64_t cols = std::min(L, width - j0);
+      for (int64_t c = 0; c < cols; ++c) {
+        Va::loadu(x + slots[j0 + c].dest + o0, rows).store(t.in_x + c * L);
+      }
+      at::vec::transpose_mxn<A, L, L>(t.in_x, L, t.out_x, L);
+      for (int64_t r = 0; r < rows; ++r) {
+        store_as(w + (o0 + r) * row + j0, Va::loadu(t.out_x + r * L), cols);
+      }
+    }
+  }
+}
+
 template <typename A, typename T, typename V>
 MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A inv_lr,
                       bool direct) {
@@ -155,6 +234,12 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
           }
           gather_piece(w + at, v + at, x + to, d + to, piece, scale, eps, inv_lr, direct);
         });
+        return;
+      }
+      if (unit_span(slots, first, last, inner)) {
+        const int64_t at = slots[first].pos;
+        gather_columns(w + at, v + at, row, outer, slots + first, last - first, x, d, scale, eps,
+                       inv_lr, direct);
         return;
       }
       thread_local SpanMap map;
@@ -194,6 +279,10 @@ MemberIO<A> member_io(T* w, const V* v, const GroupShape& s, A scale, A eps, A i
         });
         return;
       }
+      if (unit_span(slots, first, last, inner)) {
+        scatter_columns(w + slots[first].pos, row, outer, slots + first, last - first, x);
+        return;
+      }
       thread_local SpanMap map;
       const auto [width, target, stride] = map.build(slots, first, last, inner);
       for (int64_t o = 0; o < outer; ++o) {
@@ -227,6 +316,45 @@ template <typename A>
 constexpr int64_t spaced(int64_t n) {
   constexpr int64_t L = Vec<A>::size();
   return n == 0 ? 0 : (n + L - 1) / L * L + L;
+}
+
+// Blocks of neighbouring groups, of about kBlockElems elements of the buffers (at least one
+// group each), as the group index where each starts (and the end): a function of the sizes
+// alone, never of the thread count. A block holds a multiple of L = Vec<A>::size() groups where
+// that costs at most twice kBlockElems: the columns of a block (a Linear's or a convolution's
+// input units, the groups' slices of a consumer) are then whole vectors of each row, aligned,
+// and no cache line of a row is read by two blocks. `largest`: the elements of the largest.
+template <typename A>
+std::vector<int64_t> group_blocks(const std::vector<int64_t>& sizes, int64_t& largest) {
+  constexpr int64_t L = Vec<A>::size();
+  const int64_t groups = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> blocks{0};
+  largest = 0;
+  for (int64_t g = 0; g < groups;) {
+    const int64_t start = g;
+    int64_t filled = 0, aligned = start, aligned_filled = 0;  // the last multiple of L groups
+    while (g < groups) {
+      const int64_t next = filled + spaced<A>(sizes[g]);
+      if (g > start && next > kBlockElems) {
+        if (aligned > start) {  // back to the last multiple of L
+          g = aligned;
+          filled = aligned_filled;
+          break;
+        }
+        if (next > 2 * kBlockElems) break;  // fewer than L groups fit in twice the budget
+      }
+      filled = next;
+      ++g;
+      if ((g - start) % L == 0) {
+        aligned = g;
+        aligned_filled = filled;
+        if (filled > kBlockElems) break;  // grown past the budget to reach L groups
+      }
+    }
+    blocks.push_back(g);
+    largest = std::max(largest, filled);
+  }
+  return blocks;
 }
 
 // One set, checked: its members' working tensors and moments laid out alike.
@@ -283,20 +411,7 @@ void run_set(const SetView& set) {
     run_starts.push_back(static_cast<int64_t>(runs.size()));
     sizes.push_back(n);
   }
-  // blocks of neighbouring groups of about kBlockElems elements (at least one group each): a
-  // function of the sizes alone, never of the thread count
-  std::vector<int64_t> blocks{0};
-  int64_t filled = 0;
-  for (int64_t g = 0; g < set.groups; ++g) {
-    if (filled > 0 && filled + spaced<A>(sizes[g]) > kBlockElems) {
-      blocks.push_back(g);
-      largest = std::max(largest, filled);
-      filled = 0;
-    }
-    filled += spaced<A>(sizes[g]);
-  }
-  blocks.push_back(set.groups);
-  largest = std::max(largest, filled);
+  const std::vector<int64_t> blocks = group_blocks<A>(sizes, largest);
   if (largest == 0) return;
   const int64_t count = static_cast<int64_t>(blocks.size()) - 1;
   const int64_t members = static_cast<int64_t>(io.size());
