@@ -243,6 +243,32 @@ def test_a_damaged_second_set_leaves_the_first_unwritten():
         assert torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize("damaged", ["shared", "view"])
+def test_a_moment_read_by_two_sets_is_checked(damaged):
+    """A conv weight in two sets (output channels, then input channels), its moment given to
+    both (what the Regularizer gives: the parameter's exp_avg_sq): read once, and refused when
+    damaged; the second set's other moment, a view that overlaps the first one's memory but
+    reaches past it, is checked on its own. Nothing is written."""
+    kw = dict(dtype=torch.float32)
+    w1, w2, b1 = torch.randn(6, 4, 3, 3, **kw), torch.randn(5, 6, 3, 3, **kw), torch.randn(6, **kw)
+    first = fastprox.CoupledGroups([(w1, 0, range(6)), (b1, 0, range(6))], 6, name="a")
+    second = fastprox.CoupledGroups([(w2, 0, range(5)), (w1, 1, [0, 1, 2, 3])], 5, name="b")
+    flat = torch.rand(w1.numel() + w2.numel(), **kw) + 0.1
+    v1, vb = flat[:w1.numel()].view(w1.shape), torch.rand(6, **kw) + 0.1
+    v2 = flat[100:100 + w2.numel()].view(w2.shape)  # from inside v1 to past its end
+    if damaged == "shared":
+        v1[5, 3, 2, 2] = float("nan")
+    else:
+        v2.view(-1)[200] = -1.0  # past v1's memory
+    before = [t.clone() for t in (w1, w2, b1)]
+    lams = (0.0, 0.3, 0.0)
+    with pytest.raises(ValueError, match="has negative, NaN or infinite entries"):
+        coupled_metric_step([first, second], [[v1, vb], [v2, v1]], [None, None], [lams, lams],
+                            [True, True], [True, True], direct=True)
+    for a, b in zip((w1, w2, b1), before):
+        assert torch.equal(a, b)
+
 def test_lam_zero_and_empty_sets_are_bit_identical():
     groups, members, ds = random_set(torch.float32)
     before = [m.clone() for m in members]

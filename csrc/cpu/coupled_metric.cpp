@@ -29,6 +29,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/group_engine.h"
@@ -569,6 +570,17 @@ void coupled_metric_prox_cpu(at::TensorList members, at::TensorList moments,
     return true;
   };
   std::vector<bool> wide(sets, false);
+  // dense moments already found valid (a parameter in two sets, its output units in one and its
+  // input units in the next: its moment is read once): their address ranges and dtypes
+  std::vector<std::tuple<uintptr_t, uintptr_t, at::ScalarType>> valid;
+  auto known_valid = [&](const at::Tensor& v) {
+    if (!v.is_non_overlapping_and_dense()) return false;
+    const auto [lo, hi] = address_range(v);
+    for (const auto& [vlo, vhi, type] : valid) {
+      if (type == v.scalar_type() && vlo <= lo && hi <= vhi) return true;
+    }
+    return false;
+  };
   for (int64_t j = 0; j < sets; ++j) {  // the moments used: apart from the members, finite, >= 0
     if (idle(j)) continue;
     for (int64_t i = span[j].first; i < span[j].second; ++i) {
@@ -580,10 +592,16 @@ void coupled_metric_prox_cpu(at::TensorList members, at::TensorList moments,
                           moment_name(i), " shares memory with ", member_name(k),
                           ", which the step writes");
       }
-      TORCH_CHECK_VALUE(valid_moment(moments[i]), op, ": ", moment_name(i),
-                        " has negative, NaN or infinite entries (a metric is finite and >= 0); "
-                        "from an optimizer's state, the state is damaged: check the loss and "
-                        "gradients for NaN/inf, or reload a checkpoint");
+      if (!known_valid(moments[i])) {
+        TORCH_CHECK_VALUE(valid_moment(moments[i]), op, ": ", moment_name(i),
+                          " has negative, NaN or infinite entries (a metric is finite and >= 0); "
+                          "from an optimizer's state, the state is damaged: check the loss and "
+                          "gradients for NaN/inf, or reload a checkpoint");
+        if (moments[i].is_non_overlapping_and_dense()) {
+          const auto [lo, hi] = address_range(moments[i]);
+          valid.emplace_back(lo, hi, moments[i].scalar_type());
+        }
+      }
       if (direct) wide[j] = wide[j] || at::max(moments[i]).item<double>() > kWideD;
     }
   }
