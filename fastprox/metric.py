@@ -311,41 +311,12 @@ ADAMS = (torch.optim.Adam, torch.optim.AdamW)
 
 class AdamState:
     """What an ``Adam`` / ``AdamW`` optimizer's state says of its parameters' metric, read once
-    per step (the parameter groups indexed once, not searched per parameter)."""
+    per step (the parameter groups indexed once, not searched per parameter). Coupled sets
+    read theirs through the Regularizer's plan (fastprox/metric_plan.py)."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        self._by_storage = None  # built when a coupled set asks (its members: plain tensors)
-        self._floats = None  # per parameter (lr, eps, beta2, step), read when a set asks
-        self._rows: dict = {}  # per parameter its metric row, for every member of it
-
-    def floats(self, param, fn: str) -> tuple:
-        """(lr, eps, beta2, step) of a stepped parameter as Python numbers: every parameter's
-        step count and every parameter group's lr, eps and beta2 read in one transfer per device
-        the first time (a capturable or fused Adam keeps its step counts on the GPU: one host
-        synchronisation per step, not one per member)."""
-        if self._floats is None:
-            state = self.optimizer.state
-            stepped = [p for g in self.optimizer.param_groups for p in g["params"]
-                       if "step" in state.get(p, {})]
-            groups = self.optimizer.param_groups
-            values = _numbers([state[p]["step"] for p in stepped] +
-                              [v for g in groups for v in (g["lr"], g["eps"], g["betas"][1])],
-                              "lr, eps, beta2 and step", fn)
-            hyper = {id(g): tuple(values[len(stepped) + 3 * j:len(stepped) + 3 * j + 3])
-                     for j, g in enumerate(groups)}
-            self._floats = {id(p): (*hyper[id(self.group_of[id(p)])], step)
-                            for p, step in zip(stepped, values)}
-        return self._floats[id(param)]
-
-    @property
-    def by_storage(self) -> dict:
-        if self._by_storage is None:
-            self._by_storage = {p.untyped_storage().data_ptr(): p
-                                for g in self.optimizer.param_groups for p in g["params"]
-                                if not _checks.is_dtensor(p)}
-        return self._by_storage
 
     def metric(self, param) -> tuple | None:
         """(second moment, lr, eps, beta2, step) of the parameter's last step, as the step used
@@ -356,36 +327,3 @@ class AdamState:
         group = self.group_of[id(param)]
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         return v, group["lr"], group["eps"], group["betas"][1], state["step"]
-
-    def coupled(self, groups, fn: str) -> tuple[list, list] | None:
-        """Per member of a coupled set, the view of its parameter's second moment that lies
-        where the member lies, and (scale, eps, lr) of its metric d = (sqrt(v scale) + eps) /
-        lr; None when some member has not been stepped yet, or when every member's lr is 0
-        (the step is then the identity). Nothing is copied."""
-        views, rows = [], []
-        for k, m in enumerate(groups.slices):
-            p = self.by_storage.get(m.tensor.untyped_storage().data_ptr())
-            if p is None:
-                raise ValueError(f"{fn}: member {k} ({m.name}) of {groups.name} is not (a view "
-                                 "of) a parameter of the optimizer")
-            found = self.metric(p)
-            if found is None:
-                return None
-            v = found[0]
-            if id(p) not in self._rows:  # checked, as the op does (once per parameter)
-                self._rows[id(p)] = metric_row(*self.floats(p, fn), k, fn)
-            rows.append(self._rows[id(p)])
-            if v.stride() != p.stride():
-                raise ValueError(f"{fn}: the second moment of {m.name} is laid out unlike the "
-                                 "parameter; its view cannot be found")
-            views.append(v.as_strided(m.tensor.shape, m.tensor.stride(), v.storage_offset()
-                                      + m.tensor.storage_offset() - p.storage_offset()))
-        rates = [lr for _, _, lr in rows]
-        if all(lr == 0 for lr in rates):
-            return None
-        if any(lr == 0 for lr in rates):
-            raise ValueError(f"{fn}: the members of {groups.name} have learning rates "
-                             f"{sorted(set(rates))}: some 0, some not; a coupled set's "
-                             "parameters need one learning rate (one parameter group)")
-        # (a damaged v: the op refuses it, naming the member, before anything is written)
-        return views, rows

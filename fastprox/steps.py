@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _rules, coupled as _coupled, metric as _metric, ops
+from . import _rules, coupled as _coupled, metric as _metric, metric_plan as _metric_plan, ops
 from ._checks import is_dtensor
 
 PROX_MODES = ("auto", "metric", "euclidean")
@@ -101,8 +101,9 @@ def euclidean_step(reg, optimizer, lr) -> None:
 def metric_step(reg, optimizer) -> None:
     """Every target in the Adam / AdamW step's metric: plain targets in one
     ``foreach_metric_prox_`` call per device (sharded ones in one of their own), coupled sets
-    one after another in one fused call (``metric.coupled_metric_step``); a parameter the
-    optimizer has not stepped yet is left as it is."""
+    one after another in one fused call per device, from the Regularizer's plan
+    (fastprox/metric_plan.py); a parameter the optimizer has not stepped yet is left as it
+    is."""
     lr_of(reg, optimizer)
     fn = "Regularizer.prox_step"
     state = _metric.AdamState(optimizer)
@@ -113,12 +114,13 @@ def metric_step(reg, optimizer) -> None:
             continue
         by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
                              []).append((t, found))
-    # every check before anything is written: coupled sets' metrics and thresholds
-    coupled = []
-    for t in reg.coupled.values():
-        found = state.coupled(t.groups, fn)
-        if found is not None and (t.lam_l1 > 0 or t.lam_group > 0 or t.lam_exclusive > 0):
-            coupled.append((t, found))
+    # every check before anything is written: the coupled sets' metrics and thresholds (the
+    # plan, built once: fastprox/metric_plan.py), then the plain targets' call
+    coupled = list(reg.coupled.values())
+    plan = _metric_plan.coupled_metric_plan(reg, [t.groups for t in coupled], optimizer, fn) \
+        if coupled else None
+    lams = [(t.lam_l1, t.lam_group, t.lam_exclusive) for t in coupled]
+    checked = plan.check(lams, optimizer, fn) if plan is not None else None
     for pairs in by_device.values():
         targets, found = zip(*pairs)
         v, lr, eps, beta2, step = zip(*found)
@@ -129,11 +131,5 @@ def metric_step(reg, optimizer) -> None:
             lam_exclusive=[t.lam_exclusive for t in targets], dim=[t.dim for t in targets],
             size_weighted=[t.size_weighted for t in targets],
             exact=[t.exact for t in targets])
-    if coupled:  # every set in one fused call, one after another
-        sets = [t.groups for t, _ in coupled]
-        _metric.coupled_metric_step(
-            sets, [views for _, (views, _) in coupled], [rows for _, (_, rows) in coupled],
-            [(t.lam_l1, t.lam_group, t.lam_exclusive) for t, _ in coupled],
-            [t.size_weighted for t, _ in coupled], [t.exact for t, _ in coupled],
-            names=[[f"member {k} ({m.name}) of {g.name}: the second moment (exp_avg_sq)"
-                    for k, m in enumerate(g.slices)] for g in sets])
+    if plan is not None:  # every set in one fused call per device, one after another
+        plan.run(checked, lams, [t.size_weighted for t in coupled], [t.exact for t in coupled])

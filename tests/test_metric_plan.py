@@ -1,0 +1,168 @@
+"""The Regularizer's plan of its coupled sets in an AdamW step's metric
+(fastprox/metric_plan.py): built at the first step and kept, rebuilt when something it depends
+on changes (a state loaded, a parameter's data replaced, a parameter stepped for the first
+time, another optimizer), always giving what a Regularizer planning afresh gives, and checking
+every number before anything is written."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastprox
+
+from helpers import TinyMLP
+
+
+def _trained(seed=0, lr=1e-2, steps=1, **adam):
+    """Two coupled MLP blocks, their neurons regularized, after ``steps`` AdamW steps."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(TinyMLP(), TinyMLP())
+    reg = fastprox.Regularizer(model, "neurons", lam=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, **adam)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(16, 6)).square().mean().backward()
+        opt.step()
+    return model, reg, opt
+
+
+def _afresh(model, opt):
+    """The step a new Regularizer (no plan yet) takes from the same weights and state."""
+    model2 = copy.deepcopy(model)
+    reg2 = fastprox.Regularizer(model2, "neurons", lam=0.05)
+    opt2 = _like(opt, model, model2)
+    reg2.prox_step(opt2)
+    return model2
+
+
+def _like(opt, model, model2):
+    """An AdamW over ``model2`` with ``opt``'s parameter groups and state."""
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    params2 = list(model2.parameters())
+    opt2 = torch.optim.AdamW([{"params": [params2[index[id(p)]] for p in g["params"]]}
+                              for g in opt.param_groups])
+    opt2.load_state_dict(opt.state_dict())
+    return opt2
+
+
+def _same(a, b):
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_plan_is_built_once_and_kept():
+    model, reg, opt = _trained()
+    reg.prox_step(opt)
+    plan = reg._metric_plan
+    assert plan is not None
+    want = _afresh(model, opt)
+    reg.prox_step(opt)
+    assert reg._metric_plan is plan
+    _same(model, want)
+
+
+def test_a_loaded_state_is_read_not_the_one_planned():
+    """The optimizer's state replaced (load_state_dict: new second moments, new step counts):
+    the step reads the new moments."""
+    model, reg, opt = _trained()
+    reg.prox_step(opt)
+    plan = reg._metric_plan
+    _, _, other = _trained(seed=1, steps=3)
+    opt.load_state_dict(other.state_dict())
+    want = _afresh(model, opt)
+    reg.prox_step(opt)
+    assert reg._metric_plan is not plan
+    _same(model, want)
+
+
+def test_a_parameter_whose_data_is_replaced_is_read_where_it_now_lies():
+    model, reg, opt = _trained()
+    reg.prox_step(opt)
+    plan = reg._metric_plan
+    with torch.no_grad():
+        model[0].up.weight.data = model[0].up.weight.data.clone() * 1.5
+    want = _afresh(model, opt)
+    reg.prox_step(opt)
+    assert reg._metric_plan is not plan
+    _same(model, want)
+
+
+def test_strengths_and_learning_rates_are_read_every_step():
+    model, reg, opt = _trained()
+    reg.prox_step(opt)
+    plan = reg._metric_plan
+    for t in reg.coupled.values():
+        t.lam_group = 0.2
+    for group in opt.param_groups:
+        group["lr"] = 3e-2
+    model2 = copy.deepcopy(model)
+    reg2 = fastprox.Regularizer(model2, "neurons", lam=0.2)
+    reg2.prox_step(_like(opt, model, model2))
+    reg.prox_step(opt)
+    assert reg._metric_plan is plan
+    _same(model, model2)
+
+
+def test_a_set_whose_parameters_are_stepped_later_joins_the_step():
+    """The second block outside the optimizer at first (its set is left as it is), then added
+    as a parameter group and stepped: the plan is rebuilt and its set is stepped too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(TinyMLP(), TinyMLP())
+    reg = fastprox.Regularizer(model, "neurons", lam=0.05)
+    opt = torch.optim.AdamW(model[0].parameters(), lr=1e-2)
+    opt.add_param_group({"params": list(model[1].parameters()), "lr": 1e-2})
+    opt.param_groups[1]["params"][0].requires_grad_(False)  # not stepped: no state
+    model(torch.randn(16, 6)).square().mean().backward()
+    opt.step()
+    late = model[1].up.weight.detach().clone()
+    reg.prox_step(opt)
+    assert torch.equal(model[1].up.weight, late)  # a member not stepped: its set left out
+    plan = reg._metric_plan
+    model[1].up.weight.requires_grad_(True)
+    opt.zero_grad()
+    model(torch.randn(16, 6)).square().mean().backward()
+    opt.step()
+    want = _afresh(model, opt)
+    reg.prox_step(opt)
+    assert reg._metric_plan is not plan
+    _same(model, want)
+    assert not torch.equal(model[1].up.weight, late)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("negative lr", r"Regularizer.prox_step: lr\[0\] must be a finite number >= 0"),
+    ("eps nan", r"Regularizer.prox_step: eps\[2\] must be a finite number >= 0, got nan"),
+    ("beta2 one", r"Regularizer.prox_step: beta2\[0\] must be in \[0, 1\)"),
+    ("lr 0 and not", "have learning rates .*some 0, some not"),
+])
+def test_a_refused_number_names_the_member_and_writes_nothing(case, match):
+    model, reg, opt = _trained()
+    reg.prox_step(opt)  # planned
+    if case == "negative lr":
+        opt.param_groups[0]["lr"] = -1e-3
+    elif case == "lr 0 and not":
+        opt.add_param_group({"params": [], "lr": 0.0})
+        w = model[1].down.weight
+        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if p is not w]
+        opt.param_groups[1]["params"] = [w]
+    elif case == "eps nan":  # member 2 (down.weight) of the second set in a group of its own
+        w = model[1].down.weight
+        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if p is not w]
+        opt.add_param_group({"params": [w], "eps": float("nan")})
+    else:
+        opt.param_groups[0]["betas"] = (0.9, 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        reg.prox_step(opt)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_a_member_outside_the_optimizer_is_named():
+    model, reg, opt = _trained()
+    opt2 = torch.optim.AdamW(model[0].parameters())
+    with pytest.raises(ValueError, match="are not parameters of the optimizer"):
+        reg.prox_step(opt2)
