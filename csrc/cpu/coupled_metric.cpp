@@ -26,11 +26,16 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "cpu/group_engine.h"
 #include "cpu/group_layout.h"
@@ -151,6 +156,74 @@ inline bool unit_span(const Slot* slots, int64_t first, int64_t last, int64_t in
   return true;
 }
 
+// An L x L tile of A (rows L apart) transposed: dst[c * L + r] = src[r * L + c]. In registers for
+// float under AVX512 (16 x 16) and AVX2 (8 x 8); element by element otherwise.
+template <typename A, int64_t L>
+inline void transpose_tile(const A* src, A* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float> && L == 16) {
+    auto lo64 = [](__m512 a, __m512 b) {
+      return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    auto hi64 = [](__m512 a, __m512 b) {
+      return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    __m512 u[4][4];  // u[g][c]: lane l holds column 4 l + c of rows 4 g .. 4 g + 3
+    for (int g = 0; g < 4; ++g) {
+      const float* row = src + 4 * g * L;
+      const __m512 r0 = _mm512_loadu_ps(row), r1 = _mm512_loadu_ps(row + L);
+      const __m512 r2 = _mm512_loadu_ps(row + 2 * L), r3 = _mm512_loadu_ps(row + 3 * L);
+      const __m512 lo01 = _mm512_unpacklo_ps(r0, r1), hi01 = _mm512_unpackhi_ps(r0, r1);
+      const __m512 lo23 = _mm512_unpacklo_ps(r2, r3), hi23 = _mm512_unpackhi_ps(r2, r3);
+      u[g][0] = lo64(lo01, lo23);
+      u[g][1] = hi64(lo01, lo23);
+      u[g][2] = lo64(hi01, hi23);
+      u[g][3] = hi64(hi01, hi23);
+    }
+    for (int c = 0; c < 4; ++c) {  // the 128-bit lanes of u[0..3][c], transposed
+      const __m512 p = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0x88);
+      const __m512 q = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0xdd);
+      const __m512 p2 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0x88);
+      const __m512 q2 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0xdd);
+      _mm512_storeu_ps(dst + c * L, _mm512_shuffle_f32x4(p, p2, 0x88));
+      _mm512_storeu_ps(dst + (4 + c) * L, _mm512_shuffle_f32x4(q, q2, 0x88));
+      _mm512_storeu_ps(dst + (8 + c) * L, _mm512_shuffle_f32x4(p, p2, 0xdd));
+      _mm512_storeu_ps(dst + (12 + c) * L, _mm512_shuffle_f32x4(q, q2, 0xdd));
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float> && L == 8) {
+    auto lo64 = [](__m256 a, __m256 b) {
+      return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+    };
+    auto hi64 = [](__m256 a, __m256 b) {
+      return _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+    };
+    __m256 u[2][4];  // u[g][c]: lane l holds column 4 l + c of rows 4 g .. 4 g + 3
+    for (int g = 0; g < 2; ++g) {
+      const float* row = src + 4 * g * L;
+      const __m256 r0 = _mm256_loadu_ps(row), r1 = _mm256_loadu_ps(row + L);
+      const __m256 r2 = _mm256_loadu_ps(row + 2 * L), r3 = _mm256_loadu_ps(row + 3 * L);
+      const __m256 lo01 = _mm256_unpacklo_ps(r0, r1), hi01 = _mm256_unpackhi_ps(r0, r1);
+      const __m256 lo23 = _mm256_unpacklo_ps(r2, r3), hi23 = _mm256_unpackhi_ps(r2, r3);
+      u[g][0] = lo64(lo01, lo23);
+      u[g][1] = hi64(lo01, lo23);
+      u[g][2] = lo64(hi01, hi23);
+      u[g][3] = hi64(hi01, hi23);
+    }
+    for (int c = 0; c < 4; ++c) {
+      _mm256_storeu_ps(dst + c * L, _mm256_permute2f128_ps(u[0][c], u[1][c], 0x20));
+      _mm256_storeu_ps(dst + (4 + c) * L, _mm256_permute2f128_ps(u[0][c], u[1][c], 0x31));
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < L; ++r) {
+    for (int64_t c = 0; c < L; ++c) dst[c * L + r] = src[r * L + c];
+  }
+}
+
 // Tiles of one thread for the transposes (zeroed once: lanes past a partial tile are moved but
 // never stored).
 template <typename A>
@@ -183,8 +256,8 @@ void gather_columns(const T* w, const V* v, int64_t row, int64_t outer, const Sl
         load_as<A>(w + at, cols).store(t.in_x + r * L);
         dv.store(t.in_d + r * L);
       }
-      at::vec::transpose_mxn<A, L, L>(t.in_x, L, t.out_x, L);
-      at::vec::transpose_mxn<A, L, L>(t.in_d, L, t.out_d, L);
+      transpose_tile<A, L>(t.in_x, t.out_x);
+      transpose_tile<A, L>(t.in_d, t.out_d);
       for (int64_t c = 0; c < cols; ++c) {
         const int64_t to = slots[j0 + c].dest + o0;
         store_as(x + to, Va::loadu(t.out_x + c * L), rows);
@@ -208,7 +281,7 @@ void scatter_columns(T* w, int64_t row, int64_t outer, const Slot* slots, int64_
       for (int64_t c = 0; c < cols; ++c) {
         Va::loadu(x + slots[j0 + c].dest + o0, rows).store(t.in_x + c * L);
       }
-      at::vec::transpose_mxn<A, L, L>(t.in_x, L, t.out_x, L);
+      transpose_tile<A, L>(t.in_x, t.out_x);
       for (int64_t r = 0; r < rows; ++r) {
         store_as(w + (o0 + r) * row + j0, Va::loadu(t.out_x + r * L), cols);
       }
