@@ -61,7 +61,7 @@ def _numbers(values, name: str, fn: str) -> list:
     return out
 
 
-def metric_row(lr, eps, beta2, step, i: int, fn: str) -> tuple[float, float, float]:
+def metric_row(lr, eps, beta2, step, i: int | str, fn: str) -> tuple[float, float, float]:
     """(scale, eps, lr) of the op's metric table, d = (sqrt(v * scale) + eps) / lr, checked:
     lr >= 0, eps >= 0, 0 <= beta2 < 1, step >= 1 (None: no bias correction, scale 1). At
     lr = 0 (a warmup's first step) the metric is infinite and the step the identity: the
@@ -155,14 +155,17 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
     return weights
 
 
-def _op(weights, moments, lams, rows, dims, size_weighted, exact, positions=None) -> None:
-    """The fused op; ``positions``: each tensor's index in the caller's lists, which the op's
-    errors name (``exp_avg_sqs[i]``)."""
+def _op(weights, moments, lams, rows, dims, size_weighted, exact, positions=None,
+        names=None) -> None:
+    """The fused op; the names its errors give the moments: ``names``, else ``exp_avg_sqs[i]``
+    with ``positions`` each tensor's index in the caller's lists."""
+    if names is None and positions is not None:
+        names = [f"exp_avg_sqs[{i}]" for i in positions]
     ops.foreach_metric_prox_(
         list(weights), list(moments), torch.tensor(lams, dtype=torch.float64).reshape(-1, 3),
         torch.tensor(rows, dtype=torch.float64).reshape(-1, 3),
         [d for ds in dims for d in ds], [len(ds) for ds in dims], list(size_weighted),
-        list(exact), None if positions is None else [f"exp_avg_sqs[{i}]" for i in positions])
+        list(exact), names)
 
 
 def _reshard(whole: torch.Tensor, like) -> torch.Tensor:
@@ -311,8 +314,9 @@ ADAMS = (torch.optim.Adam, torch.optim.AdamW)
 
 class AdamState:
     """What an ``Adam`` / ``AdamW`` optimizer's state says of its parameters' metric, read once
-    per step (the parameter groups indexed once, not searched per parameter). Coupled sets
-    read theirs through the Regularizer's plan (fastprox/metric_plan.py)."""
+    per step (the parameter groups indexed once, not searched per parameter): the Regularizer's
+    sharded targets. Its plain targets and coupled sets read theirs through its plan
+    (fastprox/metric_plan.py)."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer

@@ -1,32 +1,42 @@
-"""The plan of a Regularizer's coupled sets in an Adam / AdamW step's metric, built at the first
-step, kept on the Regularizer, and checked at every step (``metric_step`` in fastprox/steps.py).
+"""The plan of a Regularizer's metric step after an Adam / AdamW step (``metric_step`` in
+fastprox/steps.py): its plain targets and its coupled sets, built at the first step, kept on
+the Regularizer, and checked at every step.
 
-What a plan holds, fixed between steps: per set, its members and, per member, the optimizer's
-parameter it lies in and the view of that parameter's second moment (``exp_avg_sq``, or
-``max_exp_avg_sq`` under amsgrad) that lies where the member lies; the op's slice tables, each
-set's ``c_g`` and the names the op's errors give its moments.
+What a plan holds, fixed between steps: every parameter a target or a member lies in, once,
+with its parameter group; per plain target, its second moment (``exp_avg_sq``, or
+``max_exp_avg_sq`` under amsgrad), its reduced dimensions and the name the op's errors give it,
+all checked once (a dense float tensor, its moment alike, nothing shared); per coupled set, its
+members, each member's parameter and the view of that parameter's second moment that lies where
+the member lies, the op's slice tables, each set's ``c_g`` and the names the op's errors give
+its moments.
 
-What it depends on, compared at every step (ids and a few ints per member and parameter: about
-0.2 ms for ResNet-50's 37 sets): the sets, every member's layout
-(``coupled_plan.layout_key``), the optimizer, its parameter groups and their parameters (and
-amsgrad), and, per parameter, whether it has been stepped and its second moment's storage and
-layout (a state loaded, a parameter stepped for the first time). Any of them changed: the plan
-is rebuilt, never patched.
+What it depends on, compared at every step (ids and a few ints per tensor: about 0.2 ms for
+ResNet-50's 37 sets): the plain targets, their parameters' layouts and dimensions, the sets,
+every member's layout (``coupled_plan.layout_key``), the optimizer, its parameter groups and
+their parameters (and amsgrad), and, per parameter, whether it has been stepped and its second
+moment's storage and layout (a state loaded, a parameter stepped for the first time). Any of
+them changed: the plan is rebuilt, never patched.
 
 What changes every step and is read every step: the parameters' step counts and the groups'
 lr, eps and beta2 (one transfer per device: a capturable or fused AdamW keeps its step counts
-on the GPU), the sets' strengths (a SparsityTarget moves them). Each step is then one
-``coupled_metric_prox_`` call per device, on lists the plan already holds.
+on the GPU), the strengths (a SparsityTarget moves them), ``size_weighted`` and ``exact``.
+Each step is then one ``foreach_metric_prox_`` call per device for the plain targets and one
+``coupled_metric_prox_`` call per device for the sets, on lists the plan already holds.
+Sharded targets (DTensors) are not planned: ``metric_step`` passes them to
+``fastprox.metric.foreach_metric_prox_``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import _checks
 from ._registry import ops
 from .coupled_plan import layout_key
-from .metric import _numbers, _slice_table, metric_row
+from .metric import _checks_disjoint, _number, _numbers, _op, _slice_table, metric_row
+from .operators import COLUMNS
 
 
 def moment_of(optimizer, param, group):
@@ -45,19 +55,29 @@ def _optimizer_key(optimizer) -> tuple:
         for g in optimizer.param_groups)
 
 
+def _tensor_key(t) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype, t.device)
+
+
 def _moment_key(v) -> tuple | None:
-    if v is None:
-        return None
-    return (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(),
-            v.dtype, v.device)
+    return None if v is None else _tensor_key(v)
 
 
-class CoupledMetricPlan:
-    """The metric step of ``sets`` after ``optimizer``'s steps (see the module's docstring).
-    Raises ValueError, naming the member, where a member is not (a view of) a parameter of the
-    optimizer or its parameter's second moment is laid out unlike the parameter."""
+def _targets_key(targets) -> tuple:
+    return tuple((id(t), id(t.param), _tensor_key(t.param), t.dim) for t in targets)
 
-    def __init__(self, sets, optimizer, fn: str):
+
+class MetricPlan:
+    """The metric step of plain ``targets`` (presets.Target, no DTensor) and coupled ``sets``
+    after ``optimizer``'s steps (see the module's docstring). Raises, naming the target or the
+    member, where a target's parameter or its second moment is not a tensor the step can take,
+    a member is not (a view of) a parameter of the optimizer, or its parameter's second moment
+    is laid out unlike the parameter."""
+
+    def __init__(self, targets, sets, optimizer, fn: str):
+        self.targets = list(targets)
+        self.targets_key = _targets_key(self.targets)
         self.sets = list(sets)
         self.set_ids = tuple(map(id, self.sets))
         self.layout = layout_key(self.sets)
@@ -66,9 +86,39 @@ class CoupledMetricPlan:
         by_storage = {p.untyped_storage().data_ptr(): p for g in groups for p in g["params"]
                       if not _checks.is_dtensor(p)}
         group_of = {id(p): j for j, g in enumerate(groups) for p in g["params"]}
-        self.params: list = []          # every parameter a member lies in, once
+        self.params: list = []          # every parameter a target or member lies in, once
         self.param_group: list[int] = []  # its parameter group's index
         where: dict[int, int] = {}
+
+        def index(p) -> int:
+            if id(p) not in where:
+                where[id(p)] = len(self.params)
+                self.params.append(p)
+                self.param_group.append(group_of[id(p)])
+            return where[id(p)]
+
+        self.target_param, self.target_moment, self.target_dims, self.target_names = \
+            [], [], [], []
+        for t in self.targets:
+            p = t.param
+            _checks.check_weight(p, fn, t.name)
+            _checks.check_writable(p, fn, t.name)
+            i = index(p)
+            v = moment_of(optimizer, p, groups[self.param_group[i]])
+            name = f"{t.name}: the second moment (exp_avg_sq)"
+            if v is not None:
+                _checks.check_weight(v, fn, name)
+                if v.shape != p.shape or v.device != p.device:
+                    raise ValueError(f"{fn}: {name} has shape {tuple(v.shape)} on {v.device}, "
+                                     f"expected {tuple(p.shape)} on {p.device}")
+            self.target_param.append(i)
+            self.target_moment.append(v)
+            self.target_dims.append(_checks.normalize_dim(t.dim, p, f"{fn}: {t.name}"))
+            self.target_names.append(name)
+        stepped = [k for k, v in enumerate(self.target_moment) if v is not None]
+        _checks_disjoint([(k, self.targets[k].param) for k in stepped],
+                         [(k, self.target_moment[k]) for k in stepped], fn)
+
         self.members, self.views, self.axes, self.param_of = [], [], [], []
         self.ready: list[bool] = []     # every member's parameter stepped
         self.names, self.tables, self.c = [], [], []
@@ -80,11 +130,8 @@ class CoupledMetricPlan:
                 if p is None:
                     raise ValueError(f"{fn}: member {k} ({m.name}) of {g.name} is not (a view "
                                      "of) a parameter of the optimizer")
-                if id(p) not in where:
-                    where[id(p)] = len(self.params)
-                    self.params.append(p)
-                    self.param_group.append(group_of[id(p)])
-                v = moment_of(optimizer, p, groups[group_of[id(p)]])
+                i = index(p)
+                v = moment_of(optimizer, p, groups[self.param_group[i]])
                 if v is None:
                     ready = False
                 elif v.stride() != p.stride():
@@ -96,7 +143,7 @@ class CoupledMetricPlan:
                                               - p.storage_offset()))
                 members.append(m.tensor)
                 axes.append(m.axis)
-                param_of.append(where[id(p)])
+                param_of.append(i)
             self.members.append(members)
             self.views.append(views if ready else None)
             self.axes.append(axes)
@@ -114,9 +161,11 @@ class CoupledMetricPlan:
         return tuple(_moment_key(moment_of(optimizer, p, groups[j]))
                      for p, j in zip(self.params, self.param_group))
 
-    def fits(self, sets, optimizer) -> bool:
-        """Whether this plan is the plan of ``sets`` after ``optimizer``'s steps now."""
-        return (tuple(map(id, sets)) == self.set_ids and layout_key(sets) == self.layout
+    def fits(self, targets, sets, optimizer) -> bool:
+        """Whether this plan is the plan of ``targets`` and ``sets`` after ``optimizer``'s steps
+        now."""
+        return (tuple(map(id, sets)) == self.set_ids and _targets_key(targets) == self.targets_key
+                and layout_key(sets) == self.layout
                 and _optimizer_key(optimizer) == self.optimizer_key
                 and self._moments(optimizer) == self.moments)
 
@@ -148,27 +197,48 @@ class CoupledMetricPlan:
         return rows
 
     def _refuse(self, optimizer, fn: str) -> None:
-        """Raises the error of the first refused number as reading the sets member by member
-        finds it (naming the member: ``lr[k]`` is member k's), if a member reads it."""
+        """Raises the error of the first refused number as reading the sets member by member,
+        then the plain targets, finds it (naming the member: ``lr[k]`` is member k's; the
+        target: ``lr['name']``), if one reads it."""
         state = optimizer.state
+
+        def read(i, label):
+            group = optimizer.param_groups[self.param_group[i]]
+            metric_row(group["lr"], group["eps"], group["betas"][1],
+                       state[self.params[i]]["step"], label, fn)
+
         for j in range(len(self.sets)):
             for k, i in enumerate(self.param_of[j]):
-                p = self.params[i]
-                if "step" not in state.get(p, {}):
+                if "step" not in state.get(self.params[i], {}):
                     break  # a member not stepped yet: the set is left out
-                group = optimizer.param_groups[self.param_group[i]]
-                metric_row(group["lr"], group["eps"], group["betas"][1], state[p]["step"], k,
-                           fn)
+                read(i, k)
+        for t, i in zip(self.targets, self.target_param):
+            if "step" in state.get(self.params[i], {}):
+                read(i, repr(t.name))
 
-    def check(self, lams, optimizer, fn: str) -> tuple[list, list[int]]:
-        """Before anything is written: per parameter its metric row (``_rows``), and the sets
-        the step takes: those whose members have all been stepped, whose strengths
-        ``lams[j]`` = (l1, lg, le) are not all 0 and whose learning rate is not 0 (a set with
-        members of lr 0 and others not: ValueError)."""
+    def check(self, lams, optimizer, fn: str) -> tuple[list, list[tuple], list[int]]:
+        """Before anything is written: per parameter its metric row (``_rows``); the plain
+        targets the step takes, with their strengths (stepped, with elements, strengths
+        finite, >= 0 and not all 0, lr not 0); the sets it takes: those whose members have all
+        been stepped, whose strengths ``lams[j]`` = (l1, lg, le) are not all 0 and whose
+        learning rate is not 0 (a set with members of lr 0 and others not: ValueError)."""
         rows = self._rows(optimizer, fn)
-        if rows is None:  # a number refused: the error names the member that reads it
+        if rows is None:  # a number refused: the error names the member or target that reads it
             self._refuse(optimizer, fn)
-            rows = self._rows(optimizer, fn, tolerant=True)  # (read by no member)
+            rows = self._rows(optimizer, fn, tolerant=True)  # (read by no member or target)
+        plain = []
+        for k, t in enumerate(self.targets):
+            row = rows[self.target_param[k]]
+            if row is None or self.target_moment[k] is None:
+                continue  # not stepped yet: left as it is
+            strengths = tuple(_number(v, f"{t.name}: {name}", fn) for name, v in
+                              zip(COLUMNS, (t.lam_l1, t.lam_group, t.lam_exclusive)))
+            for name, v in zip(COLUMNS, strengths):
+                if not (math.isfinite(v) and v >= 0):
+                    raise ValueError(f"{fn}: {t.name}: {name} must be a finite number >= 0, "
+                                     f"got {v}")
+            if any(v > 0 for v in strengths) and t.param.numel() > 0 and row[2] != 0:
+                plain.append((k, strengths))
         active = []
         for j, g in enumerate(self.sets):
             if not self.ready[j]:
@@ -181,12 +251,29 @@ class CoupledMetricPlan:
                                  f"{sorted(set(rates))}: some 0, some not; a coupled set's "
                                  "parameters need one learning rate (one parameter group)")
             active.append(j)
-        return rows, [j for j in active if any(v > 0 for v in lams[j])]
+        return rows, plain, [j for j in active if any(v > 0 for v in lams[j])]
 
-    def run(self, checked: tuple[list, list[int]], lams, size_weighted, exact) -> None:
+    def run_plain(self, checked) -> None:
+        """The step of the plain targets ``check`` took, in one fused call per device (the op
+        checks each moment before it writes anything)."""
+        rows, plain, _ = checked
+        by_device: dict = {}
+        for k, strengths in plain:
+            by_device.setdefault(self.targets[k].param.device, []).append((k, strengths))
+        with torch.no_grad():
+            for pairs in by_device.values():
+                idx = [k for k, _ in pairs]
+                ts = [self.targets[k] for k in idx]
+                _op([t.param for t in ts], [self.target_moment[k] for k in idx],
+                    [strengths for _, strengths in pairs],
+                    [rows[self.target_param[k]] for k in idx],
+                    [self.target_dims[k] for k in idx], [bool(t.size_weighted) for t in ts],
+                    [bool(t.exact) for t in ts], names=[self.target_names[k] for k in idx])
+
+    def run(self, checked, lams, size_weighted, exact) -> None:
         """The step of the sets ``check`` took, one after another in the order of the plan, in
         one fused call per device (the op checks each moment before it writes anything)."""
-        rows, active = checked
+        rows, _, active = checked
         by_device: dict = {}
         for j in active:  # (sets on different devices share no memory)
             by_device.setdefault(self.sets[j].device, []).append(j)
@@ -218,11 +305,11 @@ class CoupledMetricPlan:
             [bool(exact[j]) for j in idx], False, names)
 
 
-def coupled_metric_plan(reg, sets, optimizer, fn: str) -> CoupledMetricPlan:
-    """The Regularizer's plan of ``sets`` after ``optimizer``'s steps: the one it holds when it
-    still fits, else a new one (kept on the Regularizer)."""
+def metric_plan(reg, targets, sets, optimizer, fn: str) -> MetricPlan:
+    """The Regularizer's plan of ``targets`` and ``sets`` after ``optimizer``'s steps: the one
+    it holds when it still fits, else a new one (kept on the Regularizer)."""
     plan = getattr(reg, "_metric_plan", None)
-    if plan is None or not plan.fits(sets, optimizer):
-        plan = CoupledMetricPlan(sets, optimizer, fn)
+    if plan is None or not plan.fits(targets, sets, optimizer):
+        plan = MetricPlan(targets, sets, optimizer, fn)
         reg._metric_plan = plan
     return plan

@@ -105,7 +105,7 @@ class Regularizer:
         self.steps = 0
         self.prox = "auto"  # which proximal step prox_step takes (see attach)
         self.controller: _target.Controller | None = None
-        self._metric_plan = None  # the coupled sets' metric step, planned (fastprox/metric_plan.py)
+        self._metric_plan = None  # the metric step, planned (fastprox/metric_plan.py)
         if target is not None and not isinstance(target, _target.SparsityTarget):
             raise TypeError(f"Regularizer: target must be a fastprox.SparsityTarget, got "
                             f"{type(target).__name__}")

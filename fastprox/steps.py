@@ -5,8 +5,10 @@
   own), coupled sets through the phases (fastprox/coupled.py, sets that share no tensor
   together);
 * ``metric_step``: the step in an Adam / AdamW step's metric, read from the optimizer's state
-  (fastprox/metric.py): plain targets in one ``foreach_metric_prox_`` call per device, coupled
-  sets one after another in one ``coupled_metric_prox_`` call.
+  through the Regularizer's plan (fastprox/metric_plan.py): plain targets in one
+  ``foreach_metric_prox_`` call per device, coupled sets one after another in one
+  ``coupled_metric_prox_`` call per device; sharded targets through
+  ``fastprox.metric.foreach_metric_prox_``.
 
 Each checks everything (learning rates, thresholds, metrics) before anything is written.
 """
@@ -99,37 +101,41 @@ def euclidean_step(reg, optimizer, lr) -> None:
 
 
 def metric_step(reg, optimizer) -> None:
-    """Every target in the Adam / AdamW step's metric: plain targets in one
-    ``foreach_metric_prox_`` call per device (sharded ones in one of their own), coupled sets
-    one after another in one fused call per device, from the Regularizer's plan
-    (fastprox/metric_plan.py); a parameter the optimizer has not stepped yet is left as it
-    is."""
+    """Every target in the Adam / AdamW step's metric, from the Regularizer's plan
+    (fastprox/metric_plan.py): plain targets in one ``foreach_metric_prox_`` call per device,
+    coupled sets one after another in one fused call per device; sharded targets (DTensors) in
+    a ``foreach_metric_prox_`` call of their own. A parameter the optimizer has not stepped yet
+    is left as it is."""
     lr_of(reg, optimizer)
     fn = "Regularizer.prox_step"
-    state = _metric.AdamState(optimizer)
-    by_device: dict = {}
+    plain, sharded = [], []
     for t in reg.targets.values():
-        found = state.metric(t.param)
-        if found is None or (t.lam_l1 == 0 and t.lam_group == 0 and t.lam_exclusive == 0):
-            continue
-        by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
-                             []).append((t, found))
-    # every check before anything is written: the coupled sets' metrics and thresholds (the
-    # plan, built once: fastprox/metric_plan.py), then the plain targets' call
+        (sharded if is_dtensor(t.param) else plain).append(t)
     coupled = list(reg.coupled.values())
-    plan = _metric_plan.coupled_metric_plan(reg, [t.groups for t in coupled], optimizer, fn) \
-        if coupled else None
+    # every check before anything is written: the plan's (its tensors checked when it is built;
+    # every step, the metrics and strengths), then the sharded targets' call's
+    plan = _metric_plan.metric_plan(reg, plain, [t.groups for t in coupled], optimizer, fn)
     lams = [(t.lam_l1, t.lam_group, t.lam_exclusive) for t in coupled]
-    checked = plan.check(lams, optimizer, fn) if plan is not None else None
-    for pairs in by_device.values():
-        targets, found = zip(*pairs)
-        v, lr, eps, beta2, step = zip(*found)
-        _metric.foreach_metric_prox_(
-            [t.param for t in targets], list(v), lr=list(lr), eps=list(eps),
-            beta2=list(beta2), step=list(step),
-            lam_l1=[t.lam_l1 for t in targets], lam_group=[t.lam_group for t in targets],
-            lam_exclusive=[t.lam_exclusive for t in targets], dim=[t.dim for t in targets],
-            size_weighted=[t.size_weighted for t in targets],
-            exact=[t.exact for t in targets])
-    if plan is not None:  # every set in one fused call per device, one after another
-        plan.run(checked, lams, [t.size_weighted for t in coupled], [t.exact for t in coupled])
+    checked = plan.check(lams, optimizer, fn)
+    if sharded:
+        _sharded_metric_step(sharded, optimizer)
+    plan.run_plain(checked)
+    plan.run(checked, lams, [t.size_weighted for t in coupled], [t.exact for t in coupled])
+
+
+def _sharded_metric_step(targets, optimizer) -> None:
+    """The metric step of sharded targets (DTensors): fastprox.metric.foreach_metric_prox_ on
+    the targets the optimizer has stepped, strengths not all 0."""
+    state = _metric.AdamState(optimizer)
+    pairs = [(t, found) for t in targets if (found := state.metric(t.param)) is not None
+             and (t.lam_l1 != 0 or t.lam_group != 0 or t.lam_exclusive != 0)]
+    if not pairs:
+        return
+    targets, found = zip(*pairs)
+    v, lr, eps, beta2, step = zip(*found)
+    _metric.foreach_metric_prox_(
+        [t.param for t in targets], list(v), lr=list(lr), eps=list(eps), beta2=list(beta2),
+        step=list(step), lam_l1=[t.lam_l1 for t in targets],
+        lam_group=[t.lam_group for t in targets],
+        lam_exclusive=[t.lam_exclusive for t in targets], dim=[t.dim for t in targets],
+        size_weighted=[t.size_weighted for t in targets], exact=[t.exact for t in targets])

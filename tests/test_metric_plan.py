@@ -1,4 +1,4 @@
-"""The Regularizer's plan of its coupled sets in an AdamW step's metric
+"""The Regularizer's plan of its coupled sets and plain targets in an AdamW step's metric
 (fastprox/metric_plan.py): built at the first step and kept, rebuilt when something it depends
 on changes (a state loaded, a parameter's data replaced, a parameter stepped for the first
 time, another optimizer), always giving what a Regularizer planning afresh gives, and checking
@@ -160,3 +160,126 @@ def test_a_member_outside_the_optimizer_is_named():
     opt2 = torch.optim.AdamW(model[0].parameters())
     with pytest.raises(ValueError, match="are not parameters of the optimizer"):
         reg.prox_step(opt2)
+
+
+# -- plain targets: planned with the sets, the same step as the public op ------------------------
+
+def _plain(seed=0, lam=0.05, steps=1):
+    """A Sequential of two TinyMLPs under the group_lasso preset (plain targets) after
+    ``steps`` AdamW steps."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(TinyMLP(), TinyMLP())
+    reg = fastprox.Regularizer(model, "group_lasso", lam=lam)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(16, 6)).square().mean().backward()
+        opt.step()
+    return model, reg, opt
+
+
+def _public(reg, opt):
+    """Copies of the targets' weights after fastprox.foreach_metric_prox_, fed from the
+    optimizer's state and groups by hand: what the plan's step must give."""
+    ts = [t for t in reg.targets.values() if t.param in opt.state]
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    weights = [t.param.detach().clone() for t in ts]
+    fastprox.foreach_metric_prox_(
+        weights, [opt.state[t.param]["exp_avg_sq"] for t in ts],
+        lr=[group[id(t.param)]["lr"] for t in ts], eps=[group[id(t.param)]["eps"] for t in ts],
+        beta2=[group[id(t.param)]["betas"][1] for t in ts],
+        step=[opt.state[t.param]["step"] for t in ts],
+        lam_l1=[t.lam_l1 for t in ts], lam_group=[t.lam_group for t in ts],
+        lam_exclusive=[t.lam_exclusive for t in ts], dim=[t.dim for t in ts],
+        size_weighted=[t.size_weighted for t in ts], exact=[t.exact for t in ts])
+    return dict(zip([t.name for t in ts], weights))
+
+
+def _same_as(reg, want):
+    for name, w in want.items():
+        assert torch.equal(reg.targets[name].param, w), name
+
+
+def test_plain_targets_are_planned_once_and_step_as_the_public_op():
+    model, reg, opt = _plain()
+    assert len(reg.targets) >= 4
+    want = _public(reg, opt)
+    reg.prox_step(opt)
+    plan = reg._metric_plan
+    _same_as(reg, want)
+    for t in reg.targets.values():  # strengths and learning rates: read at every step
+        t.lam_group = 0.1
+    opt.param_groups[0]["lr"] = 3e-2
+    want = _public(reg, opt)
+    reg.prox_step(opt)
+    assert reg._metric_plan is plan
+    _same_as(reg, want)
+
+
+@pytest.mark.parametrize("change", ["state loaded", "data replaced", "dim changed"])
+def test_what_a_plain_target_depends_on_is_read_again(change):
+    model, reg, opt = _plain()
+    reg.prox_step(opt)
+    plan = reg._metric_plan
+    target = reg.targets["0.up.weight"]
+    if change == "state loaded":
+        _, _, other = _plain(seed=1, steps=3)
+        opt.load_state_dict(other.state_dict())
+    elif change == "data replaced":
+        with torch.no_grad():
+            model[0].up.weight.data = model[0].up.weight.data.clone() * 1.5
+    else:
+        target.dim = 1  # its rows (output units) now, where it was its columns
+    want = _public(reg, opt)
+    reg.prox_step(opt)
+    assert reg._metric_plan is not plan
+    _same_as(reg, want)
+
+
+def test_a_plain_target_stepped_later_joins_the_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(TinyMLP(), TinyMLP())
+    reg = fastprox.Regularizer(model, "group_lasso", lam=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model[1].up.weight.requires_grad_(False)  # not stepped: no state, left as it is
+    model(torch.randn(16, 6)).square().mean().backward()
+    opt.step()
+    late = model[1].up.weight.detach().clone()
+    reg.prox_step(opt)
+    assert torch.equal(model[1].up.weight, late)
+    plan = reg._metric_plan
+    model[1].up.weight.requires_grad_(True)
+    opt.zero_grad()
+    model(torch.randn(16, 6)).square().mean().backward()
+    opt.step()
+    want = _public(reg, opt)
+    assert "1.up.weight" in want
+    reg.prox_step(opt)
+    assert reg._metric_plan is not plan
+    _same_as(reg, want)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("negative lr", r"Regularizer.prox_step: lr\['0.up.weight'\] must be a finite number >= 0"),
+    ("nan strength", r"Regularizer.prox_step: 1.down.weight: lam_group must be a finite number"),
+    ("damaged moment", r"1.up.weight: the second moment \(exp_avg_sq\) has negative, NaN or "
+                       "infinite entries"),
+])
+def test_a_refused_plain_target_is_named_and_nothing_is_written(case, match):
+    """Plain targets, planned: a refused learning rate or strength, or a damaged second
+    moment, names the target, and no weight changes."""
+    model, reg, opt = _plain()
+    reg.prox_step(opt)  # planned
+    if case == "negative lr":
+        w = model[0].up.weight
+        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if p is not w]
+        opt.add_param_group({"params": [w], "lr": -1e-3})
+    elif case == "nan strength":
+        reg.targets["1.down.weight"].lam_group = float("nan")
+    else:
+        opt.state[model[1].up.weight]["exp_avg_sq"][0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        reg.prox_step(opt)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
