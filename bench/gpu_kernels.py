@@ -254,14 +254,33 @@ def bench_metric(args, device, bench, records: list, save=lambda: None) -> list[
     return records
 
 
+def _syncs(fn) -> int:
+    """The host synchronizations one call of ``fn`` makes on CUDA: the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (a copy to the host, ``.item()``, a stream
+    synchronize)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def bench_training(args, device, bench, records: list, save=lambda: None) -> list[dict]:
     """The regularizer's proximal step beside the AdamW step and the training step (forward,
     backward, AdamW) on the models of bench/test_bench_cpu.py's test_training_step (harness.
     step_model: GPT-2 and Llama with coupled heads and neurons, ResNet-50 with channels),
     float32: ``reg.prox_step(opt)`` in the AdamW metric and Euclidean, on the state of one
     AdamW step. The strength is the CPU benchmark's times ``GPU_SCALE``, so that the repeated
-    calls of a timing loop leave the groups alive (every group takes the Newton steps). A model
-    whose packages are missing is recorded as skipped, with the reason."""
+    calls of a timing loop leave the groups alive (every group takes the Newton steps). On CUDA,
+    the host synchronizations of one step too (``metric_syncs``, ``euclidean_syncs``, and
+    ``metric_syncs_capturable`` after a capturable AdamW's step, whose step counts are on the
+    GPU). A model whose packages are missing is recorded as skipped, with the reason."""
     for model in (["gpt2-tiny"] if args.tiny else harness.STEP_MODELS):
         try:
             net, reg, loss_fn = harness.step_model(model, torch.Generator().manual_seed(0),
@@ -274,11 +293,14 @@ def bench_training(args, device, bench, records: list, save=lambda: None) -> lis
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
 
-        def train():
+        def train_with(optimizer):
             with torch.enable_grad():
-                opt.zero_grad(set_to_none=False)
+                optimizer.zero_grad(set_to_none=False)
                 loss_fn().backward()
-                opt.step()
+                optimizer.step()
+
+        def train():
+            train_with(opt)
 
         train()  # the state the proximal step reads: one step taken
         row = dict(step_model=model, params=sum(p.numel() for p in params),
@@ -287,6 +309,13 @@ def bench_training(args, device, bench, records: list, save=lambda: None) -> lis
         row["adamw_s"] = bench(opt.step)
         row["metric_s"] = bench(lambda: reg.prox_step(opt, prox="metric"))
         row["euclidean_s"] = bench(lambda: reg.prox_step(opt, prox="euclidean"))
+        if device == "cuda":  # the host synchronizations of one step
+            row["metric_syncs"] = _syncs(lambda: reg.prox_step(opt, prox="metric"))
+            row["euclidean_syncs"] = _syncs(lambda: reg.prox_step(opt, prox="euclidean"))
+            captured = torch.optim.AdamW(params, lr=1e-3, capturable=True)  # steps on the GPU
+            train_with(captured)
+            row["metric_syncs_capturable"] = _syncs(lambda: reg.prox_step(captured,
+                                                                          prox="metric"))
         records.append(row)
         save()
         print(harness.report("", "", [], steps=[row]).splitlines()[-1], flush=True)

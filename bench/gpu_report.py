@@ -90,6 +90,16 @@ def report(result: dict) -> str:
         met, missed = met + ok, missed + (not ok)
         lines.append(f"| {r['step_model']} | {adam:.2f} | {train:.3f} | <= 1.0x AdamW, "
                      f"<= 0.1x train: {'met' if ok else '**missed**'} |")
+    synced = [r for r in steps if "metric_syncs" in r]
+    if synced:
+        lines += ["", "| model | host syncs: metric step | capturable AdamW | euclidean step | "
+                  "target |", "|---|---|---|---|---|"]
+    for r in synced:
+        counts = (r["metric_syncs"], r.get("metric_syncs_capturable", 0), r["euclidean_syncs"])
+        ok = max(counts) <= 1
+        met, missed = met + ok, missed + (not ok)
+        lines.append(f"| {r['step_model']} | {counts[0]} | {r.get('metric_syncs_capturable', '-')}"
+                     f" | {counts[2]} | <= 1 a step: {'met' if ok else '**missed**'} |")
     lines += ["", f"Targets met: {met}, missed: {missed}."]
     return "\n".join(lines) + "\n"
 
