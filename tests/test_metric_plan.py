@@ -16,11 +16,12 @@ import fastprox
 from helpers import TinyMLP
 
 
-def _trained(seed=0, lr=1e-2, steps=1, **adam):
-    """Two coupled MLP blocks, their neurons regularized, after ``steps`` AdamW steps."""
+def _trained(seed=0, lr=1e-2, steps=1, preset="neurons", lam=0.05, **adam):
+    """Two MLP blocks, their neurons regularized (coupled sets; ``preset="group_lasso"``: plain
+    targets), after ``steps`` AdamW steps."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(TinyMLP(), TinyMLP())
-    reg = fastprox.Regularizer(model, "neurons", lam=0.05)
+    reg = fastprox.Regularizer(model, preset, lam=lam)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, **adam)
     for _ in range(steps):
         opt.zero_grad()
@@ -164,18 +165,8 @@ def test_a_member_outside_the_optimizer_is_named():
 
 # -- plain targets: planned with the sets, the same step as the public op ------------------------
 
-def _plain(seed=0, lam=0.05, steps=1):
-    """A Sequential of two TinyMLPs under the group_lasso preset (plain targets) after
-    ``steps`` AdamW steps."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(TinyMLP(), TinyMLP())
-    reg = fastprox.Regularizer(model, "group_lasso", lam=lam)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        model(torch.randn(16, 6)).square().mean().backward()
-        opt.step()
-    return model, reg, opt
+def _plain(seed=0, steps=1):
+    return _trained(seed=seed, steps=steps, preset="group_lasso")
 
 
 def _public(reg, opt):
