@@ -34,7 +34,7 @@ import torch
 
 from . import _checks
 from ._registry import ops
-from .coupled_plan import layout_key
+from .coupled_plan import layout_key, tensor_key
 from .metric import _checks_disjoint, _number, _numbers, _op, _slice_table, metric_row
 from .operators import COLUMNS
 
@@ -55,17 +55,12 @@ def _optimizer_key(optimizer) -> tuple:
         for g in optimizer.param_groups)
 
 
-def _tensor_key(t) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
-            t.dtype, t.device)
-
-
 def _moment_key(v) -> tuple | None:
-    return None if v is None else _tensor_key(v)
+    return None if v is None else tensor_key(v)
 
 
 def _targets_key(targets) -> tuple:
-    return tuple((id(t), id(t.param), _tensor_key(t.param), t.dim) for t in targets)
+    return tuple((id(t), id(t.param), tensor_key(t.param), t.dim) for t in targets)
 
 
 class MetricPlan:

@@ -101,25 +101,33 @@ def test_strengths_and_learning_rates_are_read_every_step():
     _same(model, model2)
 
 
-def test_a_set_whose_parameters_are_stepped_later_joins_the_step():
-    """The second block outside the optimizer at first (its set is left as it is), then added
-    as a parameter group and stepped: the plan is rebuilt and its set is stepped too."""
+def _stepped_later(preset):
+    """The second block's ``up.weight`` left out of the first AdamW step (no state: the prox
+    step leaves it, and the set it is a member of, as they are), then stepped:
+    (model, reg, opt, the plan of the first prox step, that weight after it)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(TinyMLP(), TinyMLP())
-    reg = fastprox.Regularizer(model, "neurons", lam=0.05)
+    reg = fastprox.Regularizer(model, preset, lam=0.05)
     opt = torch.optim.AdamW(model[0].parameters(), lr=1e-2)
     opt.add_param_group({"params": list(model[1].parameters()), "lr": 1e-2})
-    opt.param_groups[1]["params"][0].requires_grad_(False)  # not stepped: no state
+    model[1].up.weight.requires_grad_(False)  # not stepped: no state
     model(torch.randn(16, 6)).square().mean().backward()
     opt.step()
     late = model[1].up.weight.detach().clone()
     reg.prox_step(opt)
-    assert torch.equal(model[1].up.weight, late)  # a member not stepped: its set left out
+    assert torch.equal(model[1].up.weight, late)  # not stepped: left out
     plan = reg._metric_plan
     model[1].up.weight.requires_grad_(True)
     opt.zero_grad()
     model(torch.randn(16, 6)).square().mean().backward()
     opt.step()
+    return model, reg, opt, plan, late
+
+
+def test_a_set_whose_parameters_are_stepped_later_joins_the_step():
+    """The second block outside the optimizer's step at first (its set is left as it is), then
+    stepped: the plan is rebuilt and its set is stepped too."""
+    model, reg, opt, plan, late = _stepped_later("neurons")
     want = _afresh(model, opt)
     reg.prox_step(opt)
     assert reg._metric_plan is not plan
@@ -228,21 +236,7 @@ def test_what_a_plain_target_depends_on_is_read_again(change):
 
 
 def test_a_plain_target_stepped_later_joins_the_step():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(TinyMLP(), TinyMLP())
-    reg = fastprox.Regularizer(model, "group_lasso", lam=0.05)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model[1].up.weight.requires_grad_(False)  # not stepped: no state, left as it is
-    model(torch.randn(16, 6)).square().mean().backward()
-    opt.step()
-    late = model[1].up.weight.detach().clone()
-    reg.prox_step(opt)
-    assert torch.equal(model[1].up.weight, late)
-    plan = reg._metric_plan
-    model[1].up.weight.requires_grad_(True)
-    opt.zero_grad()
-    model(torch.randn(16, 6)).square().mean().backward()
-    opt.step()
+    model, reg, opt, plan, _ = _stepped_later("group_lasso")
     want = _public(reg, opt)
     assert "1.up.weight" in want
     reg.prox_step(opt)
