@@ -27,20 +27,9 @@ from collections import OrderedDict
 import torch
 
 from . import _checks
+from .plan_keys import layout_key
 
 _PLANS_KEPT = 16  # plans cached (a model's step needs one per wave and kind of statistics)
-
-
-def tensor_key(t) -> tuple:
-    """Where and how a tensor lies: its storage, offset, shape, strides, dtype and device."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
-            t.dtype, t.device)
-
-
-def layout_key(sets) -> tuple:
-    """What a plan of ``sets`` depends on beyond the sets themselves: each member tensor's
-    ``tensor_key``."""
-    return tuple(tensor_key(m.tensor) for g in sets for m in g.slices)
 
 
 class _Cache:

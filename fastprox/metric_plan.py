@@ -12,7 +12,7 @@ its moments.
 
 What it depends on, compared at every step (ids and a few ints per tensor: about 0.2 ms for
 ResNet-50's 37 sets): the plain targets, their parameters' layouts and dimensions, the sets,
-every member's layout (``coupled_plan.layout_key``), the optimizer, its parameter groups and
+every member's layout (``plan_keys.layout_key``), the optimizer, its parameter groups and
 their parameters (and amsgrad), and, per parameter, whether it has been stepped and its second
 moment's storage and layout (a state loaded, a parameter stepped for the first time). Any of
 them changed: the plan is rebuilt, never patched.
@@ -34,7 +34,7 @@ import torch
 
 from . import _checks
 from ._registry import ops
-from .coupled_plan import layout_key, tensor_key
+from .plan_keys import layout_key, optimizer_key, targets_key, tensor_key
 from .metric import _checks_disjoint, _number, _numbers, _op, _slice_table, metric_row
 from .operators import COLUMNS
 
@@ -49,18 +49,8 @@ def moment_of(optimizer, param, group):
     return state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
 
 
-def _optimizer_key(optimizer) -> tuple:
-    return (id(optimizer),) + tuple(
-        (id(g), bool(g.get("amsgrad")), tuple(map(id, g["params"])))
-        for g in optimizer.param_groups)
-
-
 def _moment_key(v) -> tuple | None:
     return None if v is None else tensor_key(v)
-
-
-def _targets_key(targets) -> tuple:
-    return tuple((id(t), id(t.param), tensor_key(t.param), t.dim) for t in targets)
 
 
 class MetricPlan:
@@ -72,11 +62,11 @@ class MetricPlan:
 
     def __init__(self, targets, sets, optimizer, fn: str):
         self.targets = list(targets)
-        self.targets_key = _targets_key(self.targets)
+        self.targets_key = targets_key(self.targets)
         self.sets = list(sets)
         self.set_ids = tuple(map(id, self.sets))
         self.layout = layout_key(self.sets)
-        self.optimizer_key = _optimizer_key(optimizer)
+        self.optimizer_key = optimizer_key(optimizer)
         groups = optimizer.param_groups
         by_storage = {p.untyped_storage().data_ptr(): p for g in groups for p in g["params"]
                       if not _checks.is_dtensor(p)}
@@ -159,9 +149,9 @@ class MetricPlan:
     def fits(self, targets, sets, optimizer) -> bool:
         """Whether this plan is the plan of ``targets`` and ``sets`` after ``optimizer``'s steps
         now."""
-        return (tuple(map(id, sets)) == self.set_ids and _targets_key(targets) == self.targets_key
+        return (tuple(map(id, sets)) == self.set_ids and targets_key(targets) == self.targets_key
                 and layout_key(sets) == self.layout
-                and _optimizer_key(optimizer) == self.optimizer_key
+                and optimizer_key(optimizer) == self.optimizer_key
                 and self._moments(optimizer) == self.moments)
 
     def _rows(self, optimizer, fn: str, tolerant: bool = False) -> list | None:

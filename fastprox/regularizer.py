@@ -106,6 +106,7 @@ class Regularizer:
         self.prox = "auto"  # which proximal step prox_step takes (see attach)
         self.controller: _target.Controller | None = None
         self._metric_plan = None  # the metric step, planned (fastprox/metric_plan.py)
+        self._euclidean_plan = None  # the Euclidean step's (fastprox/euclidean_plan.py)
         if target is not None and not isinstance(target, _target.SparsityTarget):
             raise TypeError(f"Regularizer: target must be a fastprox.SparsityTarget, got "
                             f"{type(target).__name__}")

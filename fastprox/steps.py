@@ -1,9 +1,9 @@
 """The proximal step of a Regularizer after an optimizer step (``Regularizer.prox_step``).
 
 * ``euclidean_step``: thresholds ``lr * lam`` (``lr`` of each parameter's group, or the one
-  given): plain targets in one ``foreach_prox_`` call per device (sharded ones in one of their
-  own), coupled sets through the phases (fastprox/coupled.py, sets that share no tensor
-  together);
+  given), through the Regularizer's plan (fastprox/euclidean_plan.py): plain targets in one
+  ``foreach_prox_`` call per device (sharded ones in one of their own), coupled sets through
+  the phases (fastprox/coupled.py, sets that share no tensor together);
 * ``metric_step``: the step in an Adam / AdamW step's metric, read from the optimizer's state
   through the Regularizer's plan (fastprox/metric_plan.py): plain targets in one
   ``foreach_metric_prox_`` call per device, coupled sets one after another in one
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _rules, coupled as _coupled, metric as _metric, metric_plan as _metric_plan, ops
+from . import euclidean_plan as _euclidean_plan, metric as _metric, metric_plan as _metric_plan
+from . import ops
 from ._checks import is_dtensor
 
 PROX_MODES = ("auto", "metric", "euclidean")
@@ -61,43 +62,30 @@ def lr_of(reg, optimizer) -> dict[int, object]:
 
 def euclidean_step(reg, optimizer, lr) -> None:
     """Every target's Euclidean step, thresholds ``lr * lam`` (``lr`` from ``optimizer``'s
-    parameter groups, or the ``lr`` given when ``optimizer`` is None)."""
-    lrs = lr_of(reg, optimizer) if optimizer is not None else None
-    by_device: dict = {}
-    for t in reg.targets.values():  # sharded targets apart: plain ones keep the fast path
-        by_device.setdefault("sharded" if is_dtensor(t.param) else t.param.device,
-                             []).append(t)
-    # every check before anything is written: one learning rate per coupled set, and the
-    # thresholds it gives (finite, >= 0)
-    coupled, coupled_lams = list(reg.coupled.values()), []
-    for t in coupled:
-        rate = lr
-        if lrs is not None:
-            rates = {id(p): lrs[id(p)] for p in t.params}
-            values = list(rates.values())
-            if any(v is not values[0] and v != values[0] for v in values[1:]):
-                raise ValueError(f"Regularizer.prox_step: the parameters of {t.name} are in "
-                                 "parameter groups with different learning rates; a coupled "
-                                 "group needs one")
-            rate = values[0]
-        coupled_lams.append(tuple(
-            _coupled._threshold(rate * lam, f"lr * {name} of {t.name}",
-                                "Regularizer.prox_step")
-            for name, lam in (("lam_l1", t.lam_l1), ("lam_group", t.lam_group),
-                              ("lam_exclusive", t.lam_exclusive))))
-    for targets in by_device.values():
-        rates = [lrs[id(t.param)] if lrs is not None else lr for t in targets]
-        ops.foreach_prox_([t.param for t in targets],
-                          lam_l1=[r * t.lam_l1 for r, t in zip(rates, targets)],
-                          lam_group=[r * t.lam_group for r, t in zip(rates, targets)],
-                          lam_exclusive=[r * t.lam_exclusive for r, t in zip(rates, targets)],
-                          dim=[t.dim for t in targets],
-                          size_weighted=[t.size_weighted for t in targets],
-                          exact=[t.exact for t in targets])
-    # every coupled set in one go: sets that share no tensor run together (coupled.waves)
-    _coupled.step_sets([t.groups for t in coupled], coupled_lams,
-                       [t.size_weighted for t in coupled], [t.exact for t in coupled],
-                       max_newton_steps=_rules.MAX_NEWTON_STEPS)
+    parameter groups, or the ``lr`` given when ``optimizer`` is None), from the Regularizer's
+    plan (fastprox/euclidean_plan.py): plain targets in one ``foreach_prox_`` call per device,
+    coupled sets through the phases (fastprox/coupled.py); sharded targets (DTensors) in a
+    ``foreach_prox_`` call of their own."""
+    fn = "Regularizer.prox_step"
+    plain, sharded = [], []
+    for t in reg.targets.values():
+        (sharded if is_dtensor(t.param) else plain).append(t)
+    if sharded and optimizer is not None:
+        lrs = lr_of(reg, optimizer)
+    # every check before anything is written: the plan's (its tensors checked when it is built;
+    # every step, the thresholds), then the sharded targets' call's
+    plan = _euclidean_plan.euclidean_plan(reg, plain, list(reg.coupled.values()), optimizer, fn)
+    checked = plan.check(optimizer, lr, fn)
+    if sharded:
+        rates = [lrs[id(t.param)] if optimizer is not None else lr for t in sharded]
+        ops.foreach_prox_([t.param for t in sharded],
+                          lam_l1=[r * t.lam_l1 for r, t in zip(rates, sharded)],
+                          lam_group=[r * t.lam_group for r, t in zip(rates, sharded)],
+                          lam_exclusive=[r * t.lam_exclusive for r, t in zip(rates, sharded)],
+                          dim=[t.dim for t in sharded],
+                          size_weighted=[t.size_weighted for t in sharded],
+                          exact=[t.exact for t in sharded])
+    plan.run(checked)
 
 
 def metric_step(reg, optimizer) -> None:
