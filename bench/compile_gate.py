@@ -523,6 +523,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--cases", nargs="*", help="only catalog entries whose name contains one")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--kernels", nargs="*",
+                        help="only the specializations of these kernels (e.g. metric_kernel)")
     parser.add_argument("--test-paths", action="store_true",
                         help="also the small tiles the kernel tests force (tests_kernels)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -536,6 +538,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     found = enumerate_specs(args.quick, {t: TARGETS[t] for t in args.targets},
                             {d: DTYPES[d] for d in args.dtypes}, args.test_paths, args.cases)
+    if args.kernels:
+        found = {spec: by for spec, by in found.items() if spec.kernel in args.kernels}
     specs = list(found)
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(specs)} "
           f"specializations ({', '.join(args.targets)}), {args.jobs} jobs", flush=True)

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .metric_kernels import (MAX_NEWTON, _excl_apply, _excl_step, _excl_terms, _flags,
-                             _group_apply, _metric_soft, _theta_start, _theta_step, _theta_terms)
+                             _group_apply, _group_state, _metric_soft, _theta_start, _theta_step,
+                             _theta_terms)
 from .tile_ops import _load, _sqrt, _threshold_as, _valid
 
 # Columns of the int64 segment table (kernels/coupled_metric.py fills it).
@@ -177,14 +178,7 @@ def coupled_metric_kernel(base, moments, offsets, metric, segs, groups, params, 
         le = _threshold_as(le_raw, WIDE)
         # a group with no threshold is left as it is (bit-identical: never rewritten)
         if _valid(t_raw) & _valid(l1_raw) & _valid(le_raw) & (t_raw + l1_raw + le_raw > 0):
-            zero = tl.zeros((1,), ACC)
-            nan_g = zero != zero
-            bad = nan_g
-            theta = zero
-            keep = nan_g
-            skip = ~nan_g
-            S = zero
-            skip_e = ~nan_g
+            nan_g, bad, theta, keep, skip, S, skip_e = _group_state(1, ACC)
             if DO_GROUP or DO_EXCL:
                 c_nan, c_inf, dz2, dmax = _sweep(
                     base, moments, offsets, metric, segs, first, end, l1, thr, le, theta, keep,

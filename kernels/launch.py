@@ -6,7 +6,8 @@ by name), tiles and tuning in kernels/tiles.py, tables in kernels/tables.py.
 
 Every in-place operator, one weight or a list, goes through ``prox_``: weights are bucketed by
 dtype, tile shape and alignment, and each bucket is one launch of ``prox_kernel`` (two for the
-split path), whatever the number of weights in it. Nothing here synchronises with the GPU
+split path), whatever the number of weights in it; a step over the same weights as a step
+before launches that step's plan without planning again (kernels/kept_plans.py). Nothing here synchronises with the GPU
 except the check of thresholds given as CUDA tensors outside CUDA graph capture. The phases of
 coupled steps (kernels/group_phases.py) and the metric step (kernels/metric_prox.py) plan their
 launches from the same buckets and tables and run them here (``run_bucket``).
@@ -19,10 +20,10 @@ import dataclasses
 import torch
 import triton
 
-from . import coupled_kernels, metric_kernels, phase_kernels, prox_kernels, tiles
+from . import coupled_kernels, kept_plans, metric_kernels, phase_kernels, prox_kernels, tiles
 from .layout import GroupLayout, analyze, finish, is_dense, to_kept_shape
 from .tables import Item, Tables, block_tables, by_offset, lam_table, persistent
-from .tiles import (acc_type, address, choose_tile, elems_per_thread, fits, is_off64,
+from .tiles import (acc_type, address, capturing, choose_tile, elems_per_thread, fits, is_off64,
                     loop_tile, p2, sm_count, split_rows, takes_split, tile_cap, vector_width,
                     warp_configs)
 
@@ -166,9 +167,9 @@ def scratch(items: list[Item]) -> list[Item]:
     return out
 
 
-def run_bucket(items, launches: list[Launch], tune_key, replan) -> None:
-    """Runs a bucket's launches with the configuration tuned for its key; replan(items) gives
-    the launches of the same bucket for other tensors (the scratch copies of a trial)."""
+def run_bucket(items, launches: list[Launch], tune_key, replan) -> dict:
+    """Runs a bucket's launches with the configuration tuned for its key (returned); replan(items)
+    gives the launches of the same bucket for other tensors (the scratch copies of a trial)."""
     configs = launches[0].configs
     if len(configs) == 1:
         config = configs[0]
@@ -179,6 +180,19 @@ def run_bucket(items, launches: list[Launch], tune_key, replan) -> None:
         config = tiles.choose_config(tune_key, configs, trial)
     for launch in launches:
         launch.run(config)
+    return config
+
+
+def keep_or_finish(key, plans, runs) -> None:
+    """After a planned step: the working copies written back into their weights; the plan kept
+    under ``key`` (kernels/kept_plans.py) when there were none (and ``key`` is not None)."""
+    copies = False
+    for items, _, _, _ in plans:
+        for it in items:
+            copies |= it.layout.is_copy
+            finish(it.weight, it.layout)
+    if key is not None and not copies:
+        kept_plans.plans.keep(key, runs)
 
 
 def prox_(entries, names, table: torch.Tensor | None = None,
@@ -200,14 +214,25 @@ def prox_(entries, names, table: torch.Tensor | None = None,
             _soft_threshold(entries[0][0], table)
         return
     sms = sm_count(device)
+    key = None if capturing() else ("prox", device, sms, kept_plans.limits()) + tuple(
+        kept_plans.tensor_key(w) + (tuple(d), sw, ex, m)
+        for (w, d, _, sw, ex), m in zip(entries, maybe))
+    kept = kept_plans.plans.get(key) if key is not None else None
+    if kept is not None:  # planned before: only the launches
+        def fill(name):
+            return table if name == "lams" else entries[name][0]
+        for run in kept:
+            kept_plans.launch(run, fill)
+        return
     tables = Tables(device, upload=True)
     plans = plan_prox(entries, table, maybe, sms, tables)
+    runs = []
     for items, flags, launches, tune_key in plans:
-        run_bucket(items, launches, tune_key,
-                    lambda its, f=flags: plan_bucket(its, table, f, sms, tables)[0])
-    for items, _, _, _ in plans:
-        for it in items:
-            finish(it.weight, it.layout)
+        config = run_bucket(items, launches, tune_key,
+                            lambda its, f=flags: plan_bucket(its, table, f, sms, tables)[0])
+        runs.append(kept_plans.kept_run(
+            launches, {id(items[0].layout.work): items[0].row, id(table): "lams"}, config))
+    keep_or_finish(key, plans, runs)
 
 def group_norms(weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
     kept_shape = [s for d, s in enumerate(weight.shape) if d not in dims]

@@ -203,6 +203,17 @@ def _metric_fused(p, q, outer, groups, inner, gg, l1, thr, le, exact, s, eps, in
 
 
 @triton.jit
+def _group_state(N: tl.constexpr, ACC: tl.constexpr):
+    """The per-group state of N groups before their statistics, shared by the looped and the
+    coupled metric kernels: (nan_g, bad, theta, keep, skip, S, skip_e) = no group NaN or
+    non-finite, theta 0, none kept, every one skipped by the group step and by the exclusive
+    step (S = 0): what a step with neither sub-step leaves, each group as it is."""
+    zero = tl.zeros((N,), ACC)
+    no = zero != zero
+    return no, no, zero, no, ~no, zero, ~no
+
+
+@triton.jit
 def _metric_value(p, q, off, mask, l1, thr, s, eps, inv_lr, theta, keep, skip,
                   DO_L1: tl.constexpr, DO_GROUP: tl.constexpr, WIDE: tl.constexpr,
                   ACC: tl.constexpr):
@@ -225,14 +236,7 @@ def _metric_looped(p, q, outer, groups, inner, gg, l1, thr, le, exact, s, eps, i
     lo = tl.arange(0, LOOP_O)[:, None, None]
     li = tl.arange(0, LOOP_I)[None, None, :]
     g = gg[None, :, None]
-    zero = tl.zeros((BLOCK_G,), ACC)
-    nan_g = zero != zero
-    bad = nan_g
-    theta = zero
-    keep = nan_g
-    skip = ~nan_g
-    S = zero
-    skip_e = ~nan_g
+    nan_g, bad, theta, keep, skip, S, skip_e = _group_state(BLOCK_G, ACC)
     if DO_GROUP or DO_EXCL:
         c_nan = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
         c_inf = tl.zeros((LOOP_O, BLOCK_G, LOOP_I), ACC)
