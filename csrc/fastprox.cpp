@@ -46,24 +46,26 @@ TORCH_LIBRARY(fastprox, m) {
   // The fused step in an optimizer's diagonal metric d = (sqrt(v * s) + eps) / lr, per weight
   // with its second moment v (lams: (T, 3) thresholds as in foreach_prox_; metric: (T, 3)
   // float64 (s, eps, lr)). Every v must be finite and >= 0 and share no memory with a weight
-  // (checked before any write); `names` names the moments in errors (default "moments[i]").
-  // csrc/cpu/metric_prox.cpp.
+  // (checked before any write; moments_checked: the caller found the values of every moment
+  // used finite and >= 0, and the op checks only where they lie); `names` names the moments in
+  // errors (default "moments[i]"). csrc/cpu/metric_prox.cpp.
   m.def(
       "foreach_metric_prox_(Tensor(a!)[] weights, Tensor[] moments, Tensor lams, Tensor metric, "
       "int[] dims, int[] dim_counts, bool[] size_weighted, bool[] exact, "
-      "str[]? names=None) -> ()");
+      "str[]? names=None, bool moments_checked=False) -> ()");
   // The step of coupled groups (fastprox/coupled.py) in that metric, for a list of sets run one
   // after another: set j has the next set_sizes[j] members (each with its moment, the axis its
   // slices are taken along and its metric row), its groups' slices (slices[j]: int64 rows
   // (member in the set, position), group by group; starts[j]: int64, groups + 1 offsets into
   // them), per-group group thresholds t_g (thresholds[j]: float64), lam_l1[j], lam_exclusive[j]
   // and exact[j]. direct: the moments are the metric d itself (metric rows unused). Every check
-  // before any write; `names` names the moments in errors. csrc/cpu/coupled_metric.cpp.
+  // before any write (moments_checked: as for foreach_metric_prox_); `names` names the moments
+  // in errors. csrc/cpu/coupled_metric.cpp.
   m.def(
       "coupled_metric_prox_(Tensor(a!)[] members, Tensor[] moments, int[] axes, Tensor metric, "
       "int[] set_sizes, Tensor[] slices, Tensor[] starts, Tensor[] thresholds, "
       "float[] lam_l1, float[] lam_exclusive, bool[] exact, bool direct=False, "
-      "str[]? names=None) -> ()");
+      "str[]? names=None, bool moments_checked=False) -> ()");
 }
 
 // In-place ops bump the version counter of what they mutate, so that autograd notices a weight

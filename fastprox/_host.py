@@ -55,13 +55,13 @@ def _check_apart(op, moments, written, kind, names) -> None:
 
 
 def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_weighted,
-                         exact, names=None):
+                         exact, names=None, moments_checked=False):
     op = "foreach_metric_prox_"
     _checks.check_op_weights(op, weights, dims, dim_counts, writes=True)
     _check_apart(op, moments, weights, "weights", names)
     copies = _per_weight(weights)
     ops.foreach_metric_prox_(copies, _per_weight(moments), _host(lams), _host(metric),
-                             dims, dim_counts, size_weighted, exact, names)
+                             dims, dim_counts, size_weighted, exact, names, moments_checked)
     _write_back(weights, copies)
 
 
@@ -92,7 +92,8 @@ def foreach_group_rewrite_(weights, dims, dim_counts, lam_l1, scales, taus):
 
 
 def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, starts,
-                         thresholds, lam_l1, lam_exclusive, exact, direct=False, names=None):
+                         thresholds, lam_l1, lam_exclusive, exact, direct=False, names=None,
+                         moments_checked=False):
     """Every set checked on host copies first (nothing written), then set by set: its members
     copied, stepped and written back before the next set reads them (two sets may hold one
     tensor)."""
@@ -103,7 +104,7 @@ def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, star
     tables = [_per_weight(slices), _per_weight(starts), _per_weight(thresholds)]
     ops.coupled_metric_prox_(_per_weight(members), host_moments, axes, _host(metric),
                              set_sizes, *tables, lam_l1, lam_exclusive, exact, direct,
-                             names)  # the checks: raises before anything is written back
+                             names, moments_checked)  # the checks: raises before any write-back
     first = 0
     for j, size in enumerate(set_sizes):
         span = slice(first, first + size)
@@ -112,7 +113,7 @@ def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, star
         ops.coupled_metric_prox_(copies, host_moments[span], axes[span], _host(metric[span]),
                                  [size], [tables[0][j]], [tables[1][j]], [tables[2][j]],
                                  [lam_l1[j]], [lam_exclusive[j]], [exact[j]], direct,
-                                 None if names is None else names[span])
+                                 None if names is None else names[span], True)
         _write_back(members[span], copies)
 
 

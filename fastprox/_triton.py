@@ -34,10 +34,10 @@ def foreach_prox_(weights, lams, dims, dim_counts, size_weighted, exact,
 
 
 def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_weighted,
-                         exact, names=None):
+                         exact, names=None, moments_checked=False):
     _checks.check_op_weights("foreach_metric_prox_", weights, dims, dim_counts, writes=True)
     return kernels.foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts,
-                                        size_weighted, exact, names)
+                                        size_weighted, exact, names, moments_checked)
 
 
 def foreach_group_sums(weights, dims, dim_counts, lam_l1, what):
@@ -57,11 +57,12 @@ def foreach_group_rewrite_(weights, dims, dim_counts, lam_l1, scales, taus):
 
 
 def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, starts,
-                         thresholds, lam_l1, lam_exclusive, exact, direct=False, names=None):
+                         thresholds, lam_l1, lam_exclusive, exact, direct=False, names=None,
+                         moments_checked=False):
     _checks.check_coupled_members("coupled_metric_prox_", members, set_sizes)
     return kernels.coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices,
                                         starts, thresholds, lam_l1, lam_exclusive, exact,
-                                        direct, names)
+                                        direct, names, moments_checked)
 
 
 # op name -> its checked Triton kernel (every op of csrc/fastprox.cpp)

@@ -48,17 +48,33 @@ def _number(value, name: str, fn: str) -> float:
 def _numbers(values, name: str, fn: str) -> list:
     """Per-tensor values (numbers or 0-d tensors) as Python floats, the tensors read in one
     transfer per device (one host synchronisation, not one per tensor)."""
+    return _read(values, (), name, fn)[0]
+
+
+def _read(values, extra, name: str, fn: str) -> tuple[list, list]:
+    """``_numbers`` of ``values``, and the float64 1-D tensors ``extra`` as lists of floats,
+    read in the same transfer per device."""
     out = list(values)
     by_device: dict = {}
     for i, v in enumerate(out):
         if isinstance(v, torch.Tensor):
             if v.dim() != 0 or v.is_complex() or v.dtype == torch.bool:
                 _number(v, f"{name}[{i}]", fn)  # raises, naming it
-            by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        for i, x in zip(idx, torch.stack([out[i].double() for i in idx]).tolist()):
-            out[i] = x
-    return out
+            by_device.setdefault(v.device, ([], []))[0].append(i)
+    for e, t in enumerate(extra):
+        by_device.setdefault(t.device, ([], []))[1].append(e)
+    got: list = [None] * len(extra)
+    for idx, eidx in by_device.values():
+        parts = [out[i].double().reshape(1) for i in idx] + [extra[e] for e in eidx]
+        flat = torch.cat(parts).tolist()
+        for k, i in enumerate(idx):
+            out[i] = flat[k]
+        at = len(idx)
+        for e in eidx:
+            n = extra[e].numel()
+            got[e] = flat[at:at + n]
+            at += n
+    return out, got
 
 
 def metric_row(lr, eps, beta2, step, i: int | str, fn: str) -> tuple[float, float, float]:
@@ -156,7 +172,7 @@ def foreach_metric_prox_(weights, exp_avg_sqs, *, lr, lam_l1=0.0, lam_group=0.0,
 
 
 def _op(weights, moments, lams, rows, dims, size_weighted, exact, positions=None,
-        names=None) -> None:
+        names=None, moments_checked=False) -> None:
     """The fused op; the names its errors give the moments: ``names``, else ``exp_avg_sqs[i]``
     with ``positions`` each tensor's index in the caller's lists."""
     if names is None and positions is not None:
@@ -165,7 +181,7 @@ def _op(weights, moments, lams, rows, dims, size_weighted, exact, positions=None
         list(weights), list(moments), torch.tensor(lams, dtype=torch.float64).reshape(-1, 3),
         torch.tensor(rows, dtype=torch.float64).reshape(-1, 3),
         [d for ds in dims for d in ds], [len(ds) for ds in dims], list(size_weighted),
-        list(exact), names)
+        list(exact), names, moments_checked)
 
 
 def _reshard(whole: torch.Tensor, like) -> torch.Tensor:

@@ -19,7 +19,10 @@ them changed: the plan is rebuilt, never patched.
 
 What changes every step and is read every step: the parameters' step counts and the groups'
 lr, eps and beta2 (one transfer per device: a capturable or fused AdamW keeps its step counts
-on the GPU), the strengths (a SparsityTarget moves them), ``size_weighted`` and ``exact``.
+on the GPU) with, in the same transfer, the bounds of every second moment the step reads
+(finite and >= 0 is checked here, so that the ops check only where the moments lie: one host
+synchronisation a step on a GPU), the strengths (a SparsityTarget moves them),
+``size_weighted`` and ``exact``.
 Each step is then one ``foreach_metric_prox_`` call per device for the plain targets and one
 ``coupled_metric_prox_`` call per device for the sets, on lists the plan already holds.
 Sharded targets (DTensors) are not planned: ``metric_step`` passes them to
@@ -35,7 +38,7 @@ import torch
 from . import _checks
 from ._registry import ops
 from .plan_keys import layout_key, optimizer_key, targets_key, tensor_key
-from .metric import _checks_disjoint, _number, _numbers, _op, _slice_table, metric_row
+from .metric import _checks_disjoint, _number, _op, _read, _slice_table, metric_row
 from .operators import COLUMNS
 
 
@@ -138,6 +141,27 @@ class MetricPlan:
                                "(exp_avg_sq)" for k, m in enumerate(g.slices)])
             self.tables.append(_slice_table(g))
             self.c.append(g.sizes.to(torch.float64).sqrt())
+        # the moments a step checks (finite, >= 0), each view once: per target and per member
+        # of a set, its index in that list (None: nothing to check)
+        self.checks: list = []
+        self.check_names: list[str] = []
+        seen: dict = {}
+
+        def check_index(v, name):
+            if v is None or v.numel() == 0:
+                return None
+            key = tensor_key(v)
+            if key not in seen:
+                seen[key] = len(self.checks)
+                self.checks.append(v)
+                self.check_names.append(name)
+            return seen[key]
+
+        self.target_check = [check_index(v, name) for v, name in
+                             zip(self.target_moment, self.target_names)]
+        self.set_check = [None if views is None else
+                          [check_index(v, name) for v, name in zip(views, names)]
+                          for views, names in zip(self.views, self.names)]
         self.moments = self._moments(optimizer)
         self._thresholds: dict[int, tuple] = {}  # per set: (lam_group, size_weighted, t)
 
@@ -154,17 +178,18 @@ class MetricPlan:
                 and optimizer_key(optimizer) == self.optimizer_key
                 and self._moments(optimizer) == self.moments)
 
-    def _rows(self, optimizer, fn: str, tolerant: bool = False) -> list | None:
+    def _rows(self, optimizer, fn: str, tolerant: bool = False, extra=()) -> tuple:
         """Per parameter, (scale, eps, lr) of its metric d = (sqrt(v scale) + eps) / lr (None
         for a parameter not stepped yet): its step count and its group's lr, eps and beta2,
-        read in one transfer per device, checked once per distinct value. A value refused:
-        None (``tolerant``: None for that parameter alone)."""
+        read in one transfer per device (with the float64 1-D tensors ``extra``, returned as
+        lists), checked once per distinct value. A value refused: None (``tolerant``: None for
+        that parameter alone)."""
         groups = optimizer.param_groups
         state = optimizer.state
         stepped = [i for i, p in enumerate(self.params) if "step" in state.get(p, {})]
-        values = _numbers([state[self.params[i]]["step"] for i in stepped] +
-                          [v for g in groups for v in (g["lr"], g["eps"], g["betas"][1])],
-                          "lr, eps, beta2 and step", fn)
+        values, read = _read([state[self.params[i]]["step"] for i in stepped] +
+                             [v for g in groups for v in (g["lr"], g["eps"], g["betas"][1])],
+                             extra, "lr, eps, beta2 and step", fn)
         base = len(stepped)
         rows: list = [None] * len(self.params)
         seen: dict = {}
@@ -176,10 +201,10 @@ class MetricPlan:
                     seen[key] = metric_row(*values[base + 3 * j:base + 3 * j + 3], step, i, fn)
                 except (TypeError, ValueError):
                     if not tolerant:
-                        return None
+                        return None, read
                     seen[key] = None
             rows[i] = seen[key]
-        return rows
+        return rows, read
 
     def _refuse(self, optimizer, fn: str) -> None:
         """Raises the error of the first refused number as reading the sets member by member,
@@ -201,16 +226,33 @@ class MetricPlan:
             if "step" in state.get(self.params[i], {}):
                 read(i, repr(t.name))
 
+    def _maybe(self, lams) -> list[int]:
+        """The moments (indices into ``checks``) the step may read: those of the stepped
+        targets and sets whose strengths are not all 0."""
+        def some(values):
+            return any(not (isinstance(v, (int, float)) and v == 0) for v in values)
+
+        out = {c for t, c in zip(self.targets, self.target_check) if c is not None
+               and some((t.lam_l1, t.lam_group, t.lam_exclusive))}
+        for j, cs in enumerate(self.set_check):
+            if cs is not None and some(lams[j]):
+                out.update(c for c in cs if c is not None)
+        return sorted(out)
+
     def check(self, lams, optimizer, fn: str) -> tuple[list, list[tuple], list[int]]:
         """Before anything is written: per parameter its metric row (``_rows``); the plain
         targets the step takes, with their strengths (stepped, with elements, strengths
         finite, >= 0 and not all 0, lr not 0); the sets it takes: those whose members have all
         been stepped, whose strengths ``lams[j]`` = (l1, lg, le) are not all 0 and whose
-        learning rate is not 0 (a set with members of lr 0 and others not: ValueError)."""
-        rows = self._rows(optimizer, fn)
+        learning rate is not 0 (a set with members of lr 0 and others not: ValueError); every
+        second moment they read finite and >= 0 (its bounds read with the numbers, in one
+        transfer per device: the step's one host synchronisation on a GPU)."""
+        maybe = self._maybe(lams)
+        rows, bounds = self._rows(optimizer, fn, extra=[
+            torch.stack(torch.aminmax(self.checks[c])).double() for c in maybe])
         if rows is None:  # a number refused: the error names the member or target that reads it
             self._refuse(optimizer, fn)
-            rows = self._rows(optimizer, fn, tolerant=True)  # (read by no member or target)
+            rows, _ = self._rows(optimizer, fn, tolerant=True)  # (read by no member or target)
         plain = []
         for k, t in enumerate(self.targets):
             row = rows[self.target_param[k]]
@@ -236,11 +278,21 @@ class MetricPlan:
                                  f"{sorted(set(rates))}: some 0, some not; a coupled set's "
                                  "parameters need one learning rate (one parameter group)")
             active.append(j)
-        return rows, plain, [j for j in active if any(v > 0 for v in lams[j])]
+        active = [j for j in active if any(v > 0 for v in lams[j])]
+        bound_of = dict(zip(maybe, bounds))
+        for c in [self.target_check[k] for k, _ in plain] + \
+                [c for j in active for c in self.set_check[j] if c is not None]:
+            lo, hi = bound_of[c]
+            if not (lo >= 0 and hi < math.inf):
+                raise ValueError(f"{fn}: {self.check_names[c]} has negative, NaN or infinite "
+                                 "entries (a second moment is finite and >= 0); the "
+                                 "optimizer's state is damaged: check the loss and gradients "
+                                 "for NaN/inf, or reload a checkpoint")
+        return rows, plain, active
 
     def run_plain(self, checked) -> None:
-        """The step of the plain targets ``check`` took, in one fused call per device (the op
-        checks each moment before it writes anything)."""
+        """The step of the plain targets ``check`` took, in one fused call per device (their
+        moments' values checked by ``check``; the op checks where they lie)."""
         rows, plain, _ = checked
         by_device: dict = {}
         for k, strengths in plain:
@@ -253,11 +305,13 @@ class MetricPlan:
                     [strengths for _, strengths in pairs],
                     [rows[self.target_param[k]] for k in idx],
                     [self.target_dims[k] for k in idx], [bool(t.size_weighted) for t in ts],
-                    [bool(t.exact) for t in ts], names=[self.target_names[k] for k in idx])
+                    [bool(t.exact) for t in ts], names=[self.target_names[k] for k in idx],
+                    moments_checked=True)
 
     def run(self, checked, lams, size_weighted, exact) -> None:
         """The step of the sets ``check`` took, one after another in the order of the plan, in
-        one fused call per device (the op checks each moment before it writes anything)."""
+        one fused call per device (their moments' values checked by ``check``; the op checks
+        where they lie)."""
         rows, _, active = checked
         by_device: dict = {}
         for j in active:  # (sets on different devices share no memory)
@@ -287,7 +341,7 @@ class MetricPlan:
             [self.tables[j][1] for j in idx],
             [self._threshold(j, lams[j][1], size_weighted[j]) for j in idx],
             [float(lams[j][0]) for j in idx], [float(lams[j][2]) for j in idx],
-            [bool(exact[j]) for j in idx], False, names)
+            [bool(exact[j]) for j in idx], False, names, True)
 
 
 def metric_plan(reg, targets, sets, optimizer, fn: str) -> MetricPlan:

@@ -432,10 +432,10 @@ def metric_prox_(weight: torch.Tensor, d: torch.Tensor, *, lam_l1=0.0, lam_group
 
 
 def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, size_weighted,
-                           exact, names=None) -> None:
+                           exact, names=None, moments_checked=False) -> None:
     """``torch.ops.fastprox.foreach_metric_prox_`` by the reference: per weight, d from its
     second moment and (scale, eps, lr) = metric[i], then metric_prox_ (every argument checked
-    before any weight is written)."""
+    before any weight is written; the moments' values not with ``moments_checked``)."""
     op = "foreach_metric_prox_"
     n = len(weights)
     lams = lams.reshape(n, 3).tolist()
@@ -453,7 +453,7 @@ def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, siz
                              f"{tuple(w.shape)}")
         v = v.to(torch.float64)
         if any(lam) and w.numel():
-            if not bool((torch.isfinite(v) & (v >= 0)).all()):
+            if not moments_checked and not bool((torch.isfinite(v) & (v >= 0)).all()):
                 raise ValueError(f"{op}: {label} has negative, NaN or infinite entries (a "
                                  "second moment is finite and >= 0)")
             for j, other in enumerate(weights):
@@ -469,12 +469,13 @@ def foreach_metric_prox_op(weights, moments, lams, metric, dims, dim_counts, siz
 
 def coupled_metric_prox_op(members, moments, axes, metric, set_sizes, slices, starts,
                            thresholds, lam_l1, lam_exclusive, exact, direct=False,
-                           names=None) -> None:
+                           names=None, moments_checked=False) -> None:
     """``torch.ops.fastprox.coupled_metric_prox_`` by the reference: per set in turn, per group,
     its slices (member, position) joined into one row of z and d in float64 (d from the
     member's moment and (scale, eps, lr) = metric[k], or the moment itself when ``direct``),
     the metric soft threshold, group step by the group's own t_g and exclusive step, each slice
-    written back once (the arguments checked before any member is written)."""
+    written back once (the arguments checked before any member is written; the moments'
+    values not with ``moments_checked``)."""
     op = "coupled_metric_prox_"
     n = len(members)
     rows = metric.reshape(n, 3).tolist()
@@ -488,7 +489,7 @@ def coupled_metric_prox_op(members, moments, axes, metric, set_sizes, slices, st
             raise ValueError(f"{op}: the metric of {label(i)} has shape {tuple(v.shape)}, "
                              f"expected {tuple(w.shape)}")
         v = v.to(torch.float64)
-        if not bool((torch.isfinite(v) & (v >= 0)).all()):
+        if not moments_checked and not bool((torch.isfinite(v) & (v >= 0)).all()):
             raise ValueError(f"{op}: the metric of {label(i)} has negative, NaN or infinite "
                              "entries")
         ds.append(v if direct else ((v * scale).sqrt() + eps) / lr)

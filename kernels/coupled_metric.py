@@ -288,10 +288,11 @@ def plan_wave(wave: Wave, direct: bool) -> launch.Launch | None:
 # The op: every check, then the waves.
 
 def _check(members, moments, axes, rows, set_sizes, slices, starts, thresholds, lam_l1,
-           lam_exclusive, direct, names):
-    """Every check of the call, before anything runs; per set its layout (None: the set has
-    nothing to do) and per moment its largest value (direct metrics only: float64 sums
-    beyond 1e18)."""
+           lam_exclusive, direct, names, moments_checked):
+    """Every check of the call, before anything runs (the moments' values not when the caller
+    checked them, unless they are direct metrics, whose largest values are read); per set its
+    layout (None: the set has nothing to do) and per moment its largest value (direct metrics
+    only: float64 sums beyond 1e18)."""
     n = len(members)
     label = (lambda i: names[i]) if names is not None else (lambda i: f"moments[{i}]")
     if len(moments) != n or len(axes) != n or len(rows) != n:
@@ -338,18 +339,19 @@ def _check(members, moments, axes, rows, set_sizes, slices, starts, thresholds, 
     top = check_moments(_OP, moments, used, members, label, lambda j: f"members[{j}]",
                         "(a metric is finite and >= 0); from an optimizer's state, the state "
                         "is damaged: check the loss and gradients for NaN/inf, or reload a "
-                        "checkpoint")
+                        "checkpoint", values=direct or not moments_checked)
     return layouts, top
 
 
 def coupled_metric_prox_(members, moments, axes, metric, set_sizes, slices, starts, thresholds,
-                         lam_l1, lam_exclusive, exact, direct=False, names=None):
+                         lam_l1, lam_exclusive, exact, direct=False, names=None,
+                         moments_checked=False):
     rows = metric.reshape(-1, 3).tolist()
     slices = [s.cpu().contiguous() for s in slices]
     starts = [s.cpu().contiguous() for s in starts]
     thresholds = [t.cpu() for t in thresholds]
     layouts, top = _check(members, moments, axes, rows, set_sizes, slices, starts, thresholds,
-                          lam_l1, lam_exclusive, direct, names)
+                          lam_l1, lam_exclusive, direct, names, moments_checked)
     waves: list[Wave] = []
     first = 0
     for j, size in enumerate(set_sizes):

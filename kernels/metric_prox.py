@@ -188,7 +188,7 @@ def _rows(table, n: int, name: str) -> list[list[float]]:
 
 
 def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_weighted,
-                         exact, names=None):
+                         exact, names=None, moments_checked=False):
     op = _OP
     n = len(weights)
     if len(moments) != n or len(dim_counts) != n or len(size_weighted) != n or len(exact) != n:
@@ -213,7 +213,8 @@ def foreach_metric_prox_(weights, moments, lams, metric, dims, dim_counts, size_
     used = [i for i in range(n) if weights[i].numel() and any(lam_rows[i])]
     check_moments(op, moments, used, weights, label, lambda j: f"weights[{j}]",
                   "(a second moment is finite and >= 0); the optimizer's state is damaged: "
-                  "check the loss and gradients for NaN/inf, or reload a checkpoint")
+                  "check the loss and gradients for NaN/inf, or reload a checkpoint",
+                  values=not moments_checked)
     metric_([(w, v, d, sw, ex) for w, v, d, sw, ex in
                     zip(weights, moments, tensor_dims, size_weighted, exact)],
                    lam_rows, metric_rows)

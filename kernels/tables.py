@@ -40,11 +40,13 @@ def address_range(t: torch.Tensor) -> tuple[int, int]:
     return begin, begin + (span + 1) * t.element_size()
 
 
-def check_moments(op: str, moments, used, writes, label, write_label, damaged: str) -> dict:
+def check_moments(op: str, moments, used, writes, label, write_label, damaged: str,
+                  values: bool = True) -> dict:
     """The moments ``used`` (their indices) of a metric step, checked before anything runs:
-    apart from every tensor the step writes (``writes``, named by ``write_label``), finite and
-    >= 0 (one reduction each, all the bounds read on the host in one transfer); ``damaged``
-    ends the error of one that is not. Returns the largest value of each."""
+    apart from every tensor the step writes (``writes``, named by ``write_label``) and, with
+    ``values``, finite and >= 0 (one reduction each, all the bounds read on the host in one
+    transfer); ``damaged`` ends the error of one that is not. Returns the largest value of each
+    (none without ``values``)."""
     ranges = [address_range(w) for w in writes]
     for i in used:
         lo, hi = address_range(moments[i])
@@ -53,7 +55,7 @@ def check_moments(op: str, moments, used, writes, label, write_label, damaged: s
                 raise ValueError(f"{op}: {label(i)} shares memory with {write_label(j)}, which "
                                  "the step writes")
     top = {}
-    if used:
+    if used and values:
         bounds = torch.stack([torch.stack(torch.aminmax(moments[i])).double()
                               for i in used]).tolist()
         for i, (lo, hi) in zip(used, bounds):

@@ -268,3 +268,50 @@ def test_a_refused_plain_target_is_named_and_nothing_is_written(case, match):
         reg.prox_step(opt)
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("preset", ["neurons", "group_lasso"])
+def test_one_transfer_a_step_checks_every_moment_once(preset, monkeypatch):
+    """The step reads the optimizer's numbers and the bounds of every second moment it reads in
+    one transfer (one host synchronisation on a GPU), each moment's view reduced once, and the
+    ops are told the values are checked (they check only where the moments lie)."""
+    from fastprox import metric_plan
+
+    model, reg, opt = _trained(preset=preset)
+    reg.prox_step(opt)  # planned
+    plan = reg._metric_plan
+    reads, reduced, told = [], [], []
+    read, aminmax = metric_plan._read, torch.aminmax
+
+    def counting_read(*args, **kwargs):
+        reads.append(len(args[1]))
+        return read(*args, **kwargs)
+
+    def counting_aminmax(t, *args, **kwargs):
+        reduced.append(t)
+        return aminmax(t, *args, **kwargs)
+
+    class Ops:  # the op namespace, recording the flag each call passes
+        def __getattr__(self, name):
+            def call(*args):
+                told.append(args[-1])
+                return getattr(torch.ops.fastprox, name)(*args)
+            return call
+
+    want = _public(reg, opt) if preset == "group_lasso" else None
+    twin = None if want is not None else _afresh(model, opt)
+    op = metric_plan._op
+    monkeypatch.setattr(metric_plan, "_read", counting_read)
+    monkeypatch.setattr(torch, "aminmax", counting_aminmax)
+    monkeypatch.setattr(metric_plan, "ops", Ops())
+    monkeypatch.setattr(metric_plan, "_op", lambda *a, **k: (told.append(k["moments_checked"]),
+                                                             op(*a, **k))[1])
+    reg.prox_step(opt)
+    assert reg._metric_plan is plan
+    assert reads == [len(plan.checks)] and len(reduced) == len(plan.checks) > 1
+    assert len({id(t) for t in reduced}) == len(reduced)
+    assert told == [True]
+    if want is not None:
+        _same_as(reg, want)
+    else:
+        _same(model, twin)

@@ -445,3 +445,25 @@ def test_coupled_sets_of_every_layout(backend, dtype, special):
     coupled_metric_prox_(groups, ds, **lams)
     for got, w in zip(members, want):
         torch.testing.assert_close(got.double().cpu(), w, equal_nan=True, **tolerance(dtype))
+
+
+def test_moments_checked_by_the_caller(backend):
+    """``moments_checked=True`` (the Regularizer's plan checked the values): the same results,
+    bit for bit, as the op checking them; where the moments lie is still checked (a moment in a
+    weight's memory refused, the weight untouched)."""
+    weights = [(torch.randn(6, 10) * 0.05).to(DEVICE), (torch.randn(4, 3, 3) * 0.05).to(DEVICE)]
+    moments = [random_moment(w.shape).to(DEVICE) for w in weights]
+    lams = torch.tensor([[1e-3, 0.1, 0.0]] * 2, dtype=torch.float64)
+    metric = torch.tensor([METRIC] * 2, dtype=torch.float64)
+    args = ([0, 1, 2], [1, 2], [True, True], [True, True])
+    checked, unchecked = [w.clone() for w in weights], [w.clone() for w in weights]
+    OP(checked, moments, lams, metric, *args, None, True)
+    OP(unchecked, moments, lams, metric, *args)
+    for a, b in zip(checked, unchecked):
+        assert torch.equal(a, b)
+    assert not torch.equal(checked[0], weights[0])
+    w = weights[0]
+    before = w.clone()
+    with pytest.raises(ValueError, match=r"moments\[0\] shares memory with weights\[0\]"):
+        OP([w], [w], lams[:1], metric[:1], [1], [1], [True], [True], None, True)
+    assert torch.equal(w, before)

@@ -530,7 +530,8 @@ void coupled_metric_prox_cpu(at::TensorList members, at::TensorList moments,
                              at::TensorList starts, at::TensorList thresholds,
                              at::ArrayRef<double> lam_l1, at::ArrayRef<double> lam_exclusive,
                              const c10::List<bool>& exact, bool direct,
-                             const std::optional<std::vector<std::string>>& names) {
+                             const std::optional<std::vector<std::string>>& names,
+                             bool moments_checked) {
   static constexpr const char* op = "coupled_metric_prox_";
   const int64_t n = static_cast<int64_t>(members.size());
   const int64_t sets = static_cast<int64_t>(set_sizes.size());
@@ -665,7 +666,7 @@ void coupled_metric_prox_cpu(at::TensorList members, at::TensorList moments,
                           moment_name(i), " shares memory with ", member_name(k),
                           ", which the step writes");
       }
-      if (!known_valid(moments[i])) {
+      if (!moments_checked && !known_valid(moments[i])) {
         TORCH_CHECK_VALUE(valid_moment(moments[i]), op, ": ", moment_name(i),
                           " has negative, NaN or infinite entries (a metric is finite and >= 0); "
                           "from an optimizer's state, the state is damaged: check the loss and "

@@ -265,7 +265,8 @@ void foreach_metric_prox_cpu(at::TensorList weights, at::TensorList moments,
                              const at::Tensor& lams, const at::Tensor& metric,
                              at::IntArrayRef dims, at::IntArrayRef dim_counts,
                              const c10::List<bool>& size_weighted, const c10::List<bool>& exact,
-                             const std::optional<std::vector<std::string>>& names) {
+                             const std::optional<std::vector<std::string>>& names,
+                             bool moments_checked) {
   static constexpr const char* op = "foreach_metric_prox_";
   const int64_t n = static_cast<int64_t>(weights.size());
   TORCH_CHECK_VALUE(!names || int64_t(names->size()) == n, op,
@@ -323,7 +324,7 @@ void foreach_metric_prox_cpu(at::TensorList weights, at::TensorList moments,
                         moment_name(i), " shares memory with weights[", j,
                         "], which the step writes");
     }
-    TORCH_CHECK_VALUE(valid_moment(moments[i]), op, ": ", moment_name(i),
+    TORCH_CHECK_VALUE(moments_checked || valid_moment(moments[i]), op, ": ", moment_name(i),
                       " has negative, NaN or infinite entries (a second moment is finite and "
                       ">= 0); the optimizer's state is damaged: check the loss and gradients "
                       "for NaN/inf, or reload a checkpoint");
