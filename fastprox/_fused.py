@@ -58,16 +58,6 @@ def host_number(value, name: str, weight, fn: str):
     return value
 
 
-def host_lr(value):
-    """A learning rate as a Python float where reading it is cheap and safe: a 0-d floating
-    CPU tensor outside torch.compile (as ``host_number``). Anything else is returned as
-    given."""
-    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() == 0 \
-            and value.is_floating_point() and not torch.compiler.is_compiling():
-        return float(value)
-    return value
-
-
 def preset_table(weight, cells, fn: str, names) -> tuple[torch.Tensor, bool]:
     """The table of a preset call (cells[k]: the threshold of column k; 0.0 for a column the
     preset never sets, whose names[k] is ''), and whether the kernel must check (and name) its

@@ -95,14 +95,17 @@ class EuclideanPlan:
         set. Returns the fused calls of the plain targets and the sets' thresholds."""
         groups = None if optimizer is None else optimizer.param_groups
 
-        def rate(j):
-            return _fused.host_lr(lr if j is None else groups[j]["lr"])
+        def rate(j, name, weight):  # (a 0-d CPU tensor read on the host: _fused.host_number)
+            return _fused.host_number(lr if j is None else groups[j]["lr"], f"the lr of {name}",
+                                      weight, fn)
 
         coupled_lams = []
         for t, js in zip(self.sets, self.set_groups):
-            r = _fused.host_lr(lr)
-            if js is not None:
-                values = [_fused.host_lr(groups[j]["lr"]) for j in js]
+            weight = t.params[0] if t.params else None  # (read for a tensor lr's device)
+            if js is None:
+                r = rate(None, t.name, weight)
+            else:
+                values = [rate(j, t.name, weight) for j in js]
                 if any(v is not values[0] and v != values[0] for v in values[1:]):
                     raise ValueError(f"{fn}: the parameters of {t.name} are in parameter groups "
                                      "with different learning rates; a coupled group needs one")
@@ -114,7 +117,8 @@ class EuclideanPlan:
         calls = []
         for idx, params, dims, counts in self.buckets:
             ts = [self.targets[k] for k in idx]
-            rates = [rate(self.target_group[k]) for k in idx]
+            rates = [rate(self.target_group[k], t.name, t.param)
+                     for k, t in zip(idx, ts)]
             for r, t in zip(rates, ts):
                 _check_lr(r, t.name, fn)
             cells = [r * lam for r, t in zip(rates, ts)

@@ -79,6 +79,24 @@ def launch(run: KeptRun, fill) -> None:
         dataclasses.replace(la, args=args).run(run.config)
 
 
+def step_key(kind: str, device, sms: int, rows) -> tuple | None:
+    """The key of a step's plan: its kind, device, SM count, the tiling limits and ``rows`` (a
+    tuple per weight); None (no plan kept or found) during CUDA graph capture."""
+    if tiles.capturing():
+        return None
+    return (kind, device, sms, limits()) + tuple(rows)
+
+
+def launch_kept(key, fill) -> bool:
+    """Launches the plan kept under ``key`` (None: none) with ``fill``; whether there was one."""
+    runs = plans.get(key) if key is not None else None
+    if runs is None:
+        return False
+    for run in runs:
+        launch(run, fill)
+    return True
+
+
 class KeptPlans:
     """Kept plans by key, the least recently used dropped past ``capacity``."""
 

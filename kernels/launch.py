@@ -7,8 +7,9 @@ by name), tiles and tuning in kernels/tiles.py, tables in kernels/tables.py.
 Every in-place operator, one weight or a list, goes through ``prox_``: weights are bucketed by
 dtype, tile shape and alignment, and each bucket is one launch of ``prox_kernel`` (two for the
 split path), whatever the number of weights in it; a step over the same weights as a step
-before launches that step's plan without planning again (kernels/kept_plans.py). Nothing here synchronises with the GPU
-except the check of thresholds given as CUDA tensors outside CUDA graph capture. The phases of
+before launches that step's plan without planning again (kernels/kept_plans.py). Nothing here
+synchronises with the GPU except the check of thresholds given as CUDA tensors outside CUDA
+graph capture. The phases of
 coupled steps (kernels/group_phases.py) and the metric step (kernels/metric_prox.py) plan their
 launches from the same buckets and tables and run them here (``run_bucket``).
 """
@@ -23,7 +24,7 @@ import triton
 from . import coupled_kernels, kept_plans, metric_kernels, phase_kernels, prox_kernels, tiles
 from .layout import GroupLayout, analyze, finish, is_dense, to_kept_shape
 from .tables import Item, Tables, block_tables, by_offset, lam_table, persistent
-from .tiles import (acc_type, address, capturing, choose_tile, elems_per_thread, fits, is_off64,
+from .tiles import (acc_type, address, choose_tile, elems_per_thread, fits, is_off64,
                     loop_tile, p2, sm_count, split_rows, takes_split, tile_cap, vector_width,
                     warp_configs)
 
@@ -214,16 +215,11 @@ def prox_(entries, names, table: torch.Tensor | None = None,
             _soft_threshold(entries[0][0], table)
         return
     sms = sm_count(device)
-    key = None if capturing() else ("prox", device, sms, kept_plans.limits()) + tuple(
+    key = kept_plans.step_key("prox", device, sms, (
         kept_plans.tensor_key(w) + (tuple(d), sw, ex, m)
-        for (w, d, _, sw, ex), m in zip(entries, maybe))
-    kept = kept_plans.plans.get(key) if key is not None else None
-    if kept is not None:  # planned before: only the launches
-        def fill(name):
-            return table if name == "lams" else entries[name][0]
-        for run in kept:
-            kept_plans.launch(run, fill)
-        return
+        for (w, d, _, sw, ex), m in zip(entries, maybe)))
+    if kept_plans.launch_kept(key, lambda name: table if name == "lams" else entries[name][0]):
+        return  # planned before: only the launches
     tables = Tables(device, upload=True)
     plans = plan_prox(entries, table, maybe, sms, tables)
     runs = []

@@ -10,8 +10,8 @@ Weights are bucketed as for foreach_prox_ (kernels/launch.py), each bucket one l
 ``metric_kernel`` (kernels/metric_kernels.py), planned here: a group that fits the tile is read
 once from the weight and the moment into registers, solved there by Newton's method, written
 once. A step over the same weights and moments as a step before launches that step's plan
-(kernels/kept_plans.py). The tables are read on the host (every check before any launch): the step is not
-captured in CUDA graphs. Contract: docs/SPEC.md; reference: fastprox/reference.py
+(kernels/kept_plans.py). The tables are read on the host (every check before any launch): the
+step is not captured in CUDA graphs. Contract: docs/SPEC.md; reference: fastprox/reference.py
 (foreach_metric_prox_op); CPU: csrc/cpu/metric_prox.cpp.
 """
 
@@ -25,7 +25,7 @@ import triton
 from . import kept_plans, launch, tiles
 from .layout import GroupLayout, analyze
 from .tables import Item, Tables, by_offset, check_moments, persistent, split_dims
-from .tiles import (acc_type, address, capturing, choose_tile, elems_per_thread, fits, is_off64,
+from .tiles import (acc_type, address, choose_tile, elems_per_thread, fits, is_off64,
                     loop_tile, p2, sm_count, tile_cap, vector_width, warp_configs)
 
 _OP = "foreach_metric_prox_"
@@ -150,18 +150,13 @@ def metric_(entries, lam_rows, metric_rows) -> None:
                           dtype=torch.float64).reshape(-1, 3).to(device)
     maybe = [tuple(v != 0 for v in row) for row in lam_rows]
     sms = sm_count(device)
-    key = None if capturing() else ("metric", device, sms, kept_plans.limits()) + tuple(
+    key = kept_plans.step_key("metric", device, sms, (
         kept_plans.tensor_key(w) + kept_plans.tensor_key(v) + (tuple(d), sw, ex, m)
-        for (w, v, d, sw, ex), m in zip(entries, maybe))
-    kept = kept_plans.plans.get(key) if key is not None else None
-    if kept is not None:  # planned before: only the launches
-        tensors = {"lams": table, "metric": metric}
-
-        def fill(name):
-            return tensors[name] if name in tensors else entries[name[1]][name[0]]
-        for run in kept:
-            kept_plans.launch(run, fill)
-        return
+        for (w, v, d, sw, ex), m in zip(entries, maybe)))
+    tensors = {"lams": table, "metric": metric}
+    if kept_plans.launch_kept(key, lambda name: tensors[name] if name in tensors
+                              else entries[name[1]][name[0]]):
+        return  # planned before: only the launches
     tables = Tables(device, upload=True)
     plans = plan_metric_step(entries, maybe, table, metric, sms, tables)
     runs = []
