@@ -56,9 +56,10 @@ class L0Gate(nn.Module):
         """P(z_j != 0) per gate."""
         return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA))
 
-    def test_gates(self) -> torch.Tensor:
-        """The deterministic gates used at test time."""
-        return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    def test_gates(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """The deterministic gates used at test time (of ``log_alpha``: a copy of it)."""
+        log_alpha = self.log_alpha if log_alpha is None else log_alpha
+        return torch.clamp(torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def sample_gates(self, batch: int) -> torch.Tensor:
         """(batch, features) training gates, one sample per example."""
@@ -152,6 +153,7 @@ class L0Regularizer:
         self.controller = None
         if target is not None:
             self.controller = self._controller(model, target)
+            self.controller.before_step()
 
     def _controller(self, model, target):
         from . import target as _target
@@ -197,6 +199,8 @@ class L0Regularizer:
         self.clamp_()
         if self.controller is not None:
             self.controller.after_step()
+            # the gates' state after this step: what the budget of the next one goes back to
+            self.controller.before_step()
 
     def units_alive(self) -> list[int]:
         """Per gate module, the number of gates open at test time."""
@@ -204,17 +208,16 @@ class L0Regularizer:
 
 
 def _gate_layer(reg: L0Regularizer, i: int, name: str):
-    """A gate module as a layer of a sparsity target's controller: a unit is alive while its
-    test-time gate is open; removing it closes the gate for good (log_alpha at its minimum)."""
-    from .target import _Unit
+    """A gate module as a layer of a sparsity target's controller (kind ``gates``): a unit is
+    alive while its test-time gate is open, its strength is its log_alpha; removing it closes
+    the gate (log_alpha at its minimum); a copy is of log_alpha."""
+    from .target import Layer
 
     gate = reg.gates[i]
 
-    def alive():
-        return (gate.test_gates() > 0).detach().cpu()
-
-    def scores():
-        return gate.log_alpha.detach().cpu()
+    def measured(log_alpha):
+        alive = (gate.test_gates(log_alpha) > 0).detach().cpu().reshape(-1)
+        return alive, log_alpha.detach().to("cpu", torch.float64).reshape(-1)
 
     def remove(mask):
         with torch.no_grad():
@@ -223,6 +226,10 @@ def _gate_layer(reg: L0Regularizer, i: int, name: str):
     def scale(s):
         reg.scales[i] = s
 
-    return _Unit(name, alive, scores, remove, scale, lambda: gate.log_alpha.detach().clone(),
-                 lambda state: gate.log_alpha.data.copy_(state))
+    def restore(state, mask):
+        with torch.no_grad():
+            back = mask.to(gate.log_alpha.device)
+            gate.log_alpha[back] = state[back]
 
+    return Layer(name, "gates", gate.log_alpha.numel(), lambda: measured(gate.log_alpha),
+                 remove, scale, lambda: gate.log_alpha.detach().clone(), restore, measured)

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from . import _checks, ops, presets as _presets, steps as _steps, target as _target
+from . import target_layers as _layers
+from ._modules import WEIGHTED as _WEIGHTED
 from ._checks import is_dtensor
 from .presets import COUPLED_PRESETS, PRESETS, CGESSchedule, CoupledTarget, Target
 from .steps import PROX_MODES
@@ -142,19 +144,48 @@ class Regularizer:
         if unknown:
             raise ValueError(f"Regularizer: target.layers names no regularized tensor or coupled "
                              f"set: {unknown} (they are: {sorted(every)})")
+        plain = [n for n in names if isinstance(every[n], Target)]
+        count = costs = None
+        if target.measure != "units" and plain:
+            if self.coupled or not isinstance(model, nn.Sequential):
+                raise ValueError(f"SparsityTarget: measure {target.measure!r} on plain targets "
+                                 "is counted on the compacted model by fastprox.sparsity_stats, "
+                                 "which serves nn.Sequential models; use measure='units' or a "
+                                 "coupled preset")
+            if target.per_layer or target.uniform:
+                raise ValueError(f"SparsityTarget: measure {target.measure!r} on plain targets "
+                                 f"is one pool: the {target.measure} of the compacted model, "
+                                 "which is not a sum over layers; per_layer and uniform count "
+                                 "units")
+            from .stats import sparsity_stats
+
+            count = _layers.sequential_count(model, target.example_input, sparsity_stats)
+            costs = _layers.sequential_costs(model, target.example_input, sparsity_stats,
+                                             target.measure)
+        coupled = [every[n] for n in names if n not in plain]
+        coupled_costs = {}
+        if target.measure != "units" and coupled:
+            inputs = target.example_input
+            found = self.found
+            if inputs is None and found is not None:
+                inputs = found.example_inputs
+            values = _layers.coupled_costs(coupled, model, target.measure, inputs,
+                                           found.forward_fn if found is not None else None)
+            coupled_costs = {t.name: c for t, c in zip(coupled, values)}
+        first = next((f"{n}.weight" for n, m in model.named_modules()
+                      if isinstance(m, _WEIGHTED)), None) if isinstance(model, nn.Sequential) \
+            else None
         layers = []
         for name in names:
             t = every[name]
             if isinstance(t, CoupledTarget):
-                layers.append(_target.coupled_layer(t))
+                layers.append(_layers.coupled_layer(t, coupled_costs.get(name)))
             else:
                 dims = _checks.normalize_dim(t.dim, t.param, "Regularizer")
-                layers.append(_target.plain_layer(t, dims))
-        count = None
-        if target.measure != "units" and not self.coupled and isinstance(model, nn.Sequential):
-            from .stats import sparsity_stats
-
-            count = _target.sequential_count(model, target.example_input, sparsity_stats)
+                kind = "features" if name == first else "units"
+                size = math.prod(s for d, s in enumerate(t.param.shape) if d not in dims)
+                layers.append(_layers.plain_layer(t, dims, kind, None if costs is None
+                                                  else costs(name, size)))
         return _target.Controller(target, layers, count)
 
     # -- building ------------------------------------------------------------------------------
@@ -230,6 +261,8 @@ class Regularizer:
         ``foreach_prox_`` hands to ``fastprox.distributed``: every rank must take the step."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
+        if self.controller is not None:
+            self.controller.before_step()
         if optimizer is not None and _steps.prox_of(optimizer, prox or self.prox,
                                                     "Regularizer.prox_step") == "metric":
             _steps.metric_step(self, optimizer)

@@ -80,8 +80,14 @@ def test_units_are_counted_per_layer(quick_run):
     _, results = quick_run
     totals = {"digits": [64, 40, 20], "diabetes": [10, 20, 15], "cnn": [1, 16, 32, 64],
               "resnet": [48], "transformer": [8, 128]}
+    by_name = {r.method.name: r for r in results}
     for r in results:
-        assert [t for _, t in r.units] == totals[r.method.task]
+        if r.method.scratch_of:  # the widths its reference run kept, trained from scratch
+            reference = by_name[r.method.scratch_of]
+            assert [t for _, t in r.units] == [k for k, _ in reference.units]
+            assert r.params[0] == reference.params[0]
+        else:
+            assert [t for _, t in r.units] == totals[r.method.task]
         assert all(0 <= k <= t for k, t in r.units)
         assert r.history.steps[0] == 0 and r.history.steps[-1] == r.epochs
 

@@ -1,11 +1,10 @@
 """The metric step in training: the public ``foreach_metric_prox_`` against the float64 reference,
-coupled groups in the metric, ``Regularizer.attach`` choosing the step for each optimizer, and
-sparsity targets (``SparsityTarget``) for the proximal presets and L0 gates."""
+coupled groups in the metric, and ``Regularizer.attach`` choosing the step for each optimizer
+(sparsity targets: tests/test_target.py)."""
 
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
@@ -295,120 +294,6 @@ def test_coupled_preset_takes_the_metric_step():
             zero += int(dead.sum())
     assert zero > 0
     assert twin_state  # the step ran on the optimizer's state, not on a fresh one
-
-
-def _wide():
-    """Units fine enough for a 2 % tolerance: 12 inputs (a unit is 8 %) are left to the others."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(),
-                         nn.Linear(64, 3))
-
-
-def _digits_like(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(200, 12, generator=g)
-    y = (x @ torch.randn(12, 3, generator=g)).argmax(dim=1)  # every input matters
-    return x, y
-
-
-@pytest.mark.parametrize("kwargs", [dict(kept=0.5), dict(kept=0.4, per_layer=True, layers=("2.weight", "4.weight")),
-                                    dict(kept=0.5, measure="flops"),
-                                    dict(kept=0.5, measure="params"),
-                                    dict(kept=0.5, layers=("2.weight", "4.weight"))])
-def test_target_is_reached_and_held(kwargs):
-    x, y = _digits_like()
-    model = _wide()
-    target = fastprox.SparsityTarget(by_step=150, **kwargs)
-    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-4, target=target)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    reg.attach(opt)
-    for step in range(200):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if step + 1 == 150:
-            held = {n: p.detach() == 0 for n, p in model.named_parameters()}
-    reached = reg.controller.reached
-    for value in (reached if isinstance(reached, list) else [reached]):
-        assert abs(value - target.kept) <= 0.02
-    # the mask is held after by_step, with strengths 0
-    for n, p in model.named_parameters():
-        if n in reg.targets:
-            assert bool((p.detach()[held[n]] == 0).all()), n
-    controlled = kwargs.get("layers") or list(reg.targets)
-    assert all(reg.targets[n].lam_group == 0 for n in controlled)
-    assert all(t.lam_group == 1e-4 for n, t in reg.targets.items() if n not in controlled)
-    assert reg.controller.fractions() == (reached if isinstance(reached, list) else [reached])
-    # state round trip
-    twin = fastprox.Regularizer(_wide(), "group_lasso", lam=1e-4, target=target)
-    buffer = io.BytesIO()
-    torch.save(reg.state_dict(), buffer)
-    buffer.seek(0)
-    twin.load_state_dict(torch.load(buffer, weights_only=False))
-    assert twin.controller.steps == 200 and twin.controller.reached == reached
-
-
-def test_target_on_l0_gates():
-    x, y = _digits_like()
-    torch.manual_seed(0)
-    model = fastprox.l0.add_l0_gates(_mlp())
-    target = fastprox.SparsityTarget(kept=0.5, by_step=150)
-    gates = fastprox.l0.L0Regularizer(model, 1e-3, train_size=200, target=target)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gates.attach(opt)
-    for _ in range(200):
-        opt.zero_grad()
-        (nn.functional.cross_entropy(model(x), y) + gates.penalty()).backward()
-        opt.step()
-    alive = sum(gates.units_alive())
-    total = sum(g.features for g in gates.gates)
-    assert abs(gates.controller.reached - 0.5) <= 0.02
-    assert alive / total == pytest.approx(gates.controller.reached)
-    with pytest.raises(ValueError, match="counts units"):
-        fastprox.l0.L0Regularizer(model, 1e-3, 200, target=fastprox.SparsityTarget(
-            kept=0.5, by_step=10, measure="flops"))
-
-
-def test_target_bad_input():
-    for kwargs, words in ((dict(kept=0.0, by_step=10), "kept must be"),
-                          (dict(kept=0.5, by_step=10, measure="bytes"), "measure must be"),
-                          (dict(kept=0.5, by_step=0), "needs every >= 1 and by_step > start"),
-                          (dict(kept=0.5, by_step=10, per_layer=True, measure="flops"),
-                           "per_layer counts units")):
-        with pytest.raises(ValueError, match="SparsityTarget: " + words):
-            fastprox.SparsityTarget(**kwargs)
-    with pytest.raises(ValueError, match="target.layers names no regularized"):
-        fastprox.Regularizer(_mlp(), "group_lasso", 1e-3,
-                             target=fastprox.SparsityTarget(kept=0.5, by_step=5, layers=("9",)))
-
-
-def test_target_on_coupled_groups():
-    """A units target on a conv net's channel groups (coupled sets over several tensors):
-    reached within one group, and the removed channels stay zero in every member."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-                          nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(16, 3))
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(32, 1, 6, 6, generator=g)
-    y = torch.randint(0, 3, (32,), generator=g)
-    target = fastprox.SparsityTarget(kept=0.5, by_step=40)
-    reg = fastprox.Regularizer(model, "channels", lam=1e-5, example_inputs=x[:1], target=target)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    reg.attach(opt)
-    for _ in range(50):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    total = sum(t.groups.num_groups for t in reg.coupled.values())
-    assert abs(reg.controller.reached - 0.5) <= 1 / total
-    alive = sum(int(t.groups.alive().sum()) for t in reg.coupled.values())
-    assert alive / total == pytest.approx(reg.controller.reached)
-    for t in reg.coupled.values():
-        dead = ~t.groups.alive()
-        for m in t.groups.slices:
-            assert bool((m.tensor.detach().movedim(m.axis, 0)[dead[m.index]] == 0).all())
-        assert t.lam_group == 0
 
 
 @pytest.mark.parametrize("preset", ["group_lasso", ("heads", "neurons")])

@@ -71,8 +71,9 @@ def _bad_states(state, other_width_state):
             0, [True] * 12)),
         "another width": other_width_state,
         "log_scale of the wrong length": edit(lambda s: s["controller"].update(
-            log_scale=[0.0, 0.0])),
-        "NaN log_scale": edit(lambda s: s["controller"].update(log_scale=[float("nan")])),
+            log_scale=[0.0, 0.0, 0.0])),
+        "NaN log_scale": edit(lambda s: s["controller"].update(log_scale=[float("nan"), 0.0])),
+        "reached of another pool": edit(lambda s: s["controller"].update(reached={"all": 0.5})),
         "negative controller steps": edit(lambda s: s["controller"].update(steps=-1)),
         "history of the wrong shape": edit(lambda s: s["controller"].update(history=[(1,)])),
         "another measure": edit(lambda s: s["controller"]["target"].update(measure="flops")),
@@ -143,7 +144,7 @@ def test_mid_ramp_state_of_a_per_layer_target_is_refused_by_a_pooled_one():
     with pytest.raises(ValueError, match="the saved target has per_layer=True"):
         reg.load_state_dict(state)
     state["controller"]["target"]["per_layer"] = False
-    with pytest.raises(ValueError, match="log_scale must be a list of 1 finite numbers"):
+    with pytest.raises(ValueError, match="log_scale must be a list of 2 finite numbers"):
         reg.load_state_dict(state)
     _unchanged(model, reg, snapshot)
 

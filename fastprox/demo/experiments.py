@@ -70,6 +70,9 @@ class Method:
     # the training by which it is reached (its by_step), the mask held after
     target: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     options: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    # the name of a run whose compacted widths (and input features) this one trains from
+    # scratch, with its own recipe: pruning while training against the same small model
+    scratch_of: str | None = None
 
 
 # Scardapane et al.: every penalty at 10^-3.5 in the loss, Adam. The proximal runs use SGD with
@@ -82,6 +85,7 @@ _SGD = dict(optimizer="sgd", lr=0.05)
 # AdamW (weight decay 0.01) at lr 1e-2: the proximal step in its metric (Regularizer.attach's
 # default for Adam and AdamW). Its thresholds are the penalty's own lam, not lr * lam.
 _ADAMW = dict(optimizer="adamw", lr=1e-2)
+_ADAMW_DEFAULT = dict(optimizer="adamw", lr=1e-3)
 # The CNN's CGES: CGES's own groups (one input position across all filters; a channel goes when
 # all its positions do), exact exclusive prox, and scales 1 on every layer: the published scales
 # (1/144 and 144 on the last layer) were set for the paper's 4-layer net and zero this one's
@@ -118,6 +122,20 @@ METHODS = [
            target=dict(kept=0.5, layers=("2.weight", "4.weight"), at=0.6)),
     Method("gl-metric-flops", "digits", "group lasso (metric prox), target 50 % of FLOPs",
            "prox", "group_lasso", 1e-3, **_ADAMW, target=dict(kept=0.5, measure="flops", at=0.6)),
+    # the targets with AdamW at torch's default lr: 25 % of the hidden units (one pool of both
+    # hidden layers) and 25 % of the FLOPs, reached gradually by 60 % of the training, each
+    # beside the same small model trained from scratch with the same recipe
+    Method("none-adamw-default", "digits", "none (AdamW)", "none", **_ADAMW_DEFAULT),
+    Method("gl-target-hidden", "digits", "group lasso (metric prox), target 25 % of hidden "
+           "units", "prox", "group_lasso", 1e-3, **_ADAMW_DEFAULT,
+           target=dict(kept=0.25, layers=("2.weight", "4.weight"), at=0.6)),
+    Method("gl-target-hidden-scratch", "digits", "its widths trained from scratch", "none",
+           **_ADAMW_DEFAULT, scratch_of="gl-target-hidden"),
+    Method("gl-target-flops", "digits", "group lasso (metric prox), target 25 % of FLOPs",
+           "prox", "group_lasso", 1e-3, **_ADAMW_DEFAULT,
+           target=dict(kept=0.25, measure="flops", at=0.6)),
+    Method("gl-target-flops-scratch", "digits", "its widths trained from scratch", "none",
+           **_ADAMW_DEFAULT, scratch_of="gl-target-flops"),
     Method("sgl", "digits", "sparse group lasso (penalty)", "penalty", "sparse_group_lasso",
            SCARDAPANE_LAM),
     Method("sgl-prox", "digits", "sparse group lasso (prox)", "prox", "sparse_group_lasso",
@@ -187,6 +205,14 @@ def _glorot(model: nn.Module) -> nn.Module:
 def digits_mlp() -> nn.Sequential:
     return _glorot(nn.Sequential(nn.Linear(64, 40), nn.LeakyReLU(), nn.Linear(40, 20),
                                  nn.LeakyReLU(), nn.Linear(20, 10)))
+
+
+def narrow_mlp(widths: list[int], classes: int = 10) -> nn.Sequential:
+    """An MLP of the given widths (inputs, hidden...), Glorot-normal, leaky ReLU."""
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.LeakyReLU()]
+    return _glorot(nn.Sequential(*layers, nn.Linear(widths[-1], classes)))
 
 
 def diabetes_mlp() -> nn.Sequential:
@@ -323,14 +349,23 @@ class Progress:
 # -- one run ---------------------------------------------------------------------------------
 
 def run(method: Method, split: data.Split, epochs: int, *, record_every: int = 10,
-        seed: int = 0, device="cpu", progress: bool = True) -> Result:
-    """Trains one model with ``method`` and measures it (see ``Result``)."""
+        seed: int = 0, device="cpu", progress: bool = True, scratch: Result | None = None
+        ) -> Result:
+    """Trains one model with ``method`` and measures it (see ``Result``); with ``scratch``
+    (the result of ``method.scratch_of``), a model of that result's compacted widths on its
+    input features."""
     if method.task in COUPLED_TASKS:
         return _run_coupled(method, split, epochs, record_every=record_every, seed=seed,
                             device=device, progress=progress)
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = MODELS[method.task]()
+    if scratch is not None:
+        kept = scratch.kept_inputs.to(split.x_train.device)
+        split = data.Split(split.x_train[:, kept], split.y_train, split.x_test[:, kept],
+                           split.y_test, split.y_scale)
+        model = narrow_mlp([k for k, _ in scratch.units])
+    else:
+        model = MODELS[method.task]()
     task = method.task
     gates = None
     if method.update == "l0":
@@ -507,12 +542,16 @@ def run_all(methods: list[str], schedule: Schedule, *, seed: int = 0, device="cp
     """Runs the named methods, in the order of ``METHODS``."""
     results = []
     splits = {}
+    # a from-scratch run needs the run whose widths it takes
+    methods = set(methods) | {m.scratch_of for m in METHODS if m.name in methods and m.scratch_of}
     for method in (m for m in METHODS if m.name in methods):
         if method.task not in splits:
             splits[method.task] = load(method.task, seed, validation).to(device)
+        scratch = next(r for r in results if r.method.name == method.scratch_of) \
+            if method.scratch_of else None
         result = run(method, splits[method.task], schedule.epochs(method.task),
                      record_every=schedule.record_every, seed=seed, device=device,
-                     progress=progress)
+                     progress=progress, scratch=scratch)
         log(f"{method.task:8} {method.label:30} {result.metric_name} {result.metric:.4f}  "
             f"units {'-'.join(str(k) for k, _ in result.units)}  ({result.seconds:.1f} s)")
         results.append(result)

@@ -48,10 +48,12 @@ def _baseline(rows: list[Result], r: Result) -> Result | None:
 
 def _label(r: Result) -> str:
     reached = r.target_reached
+    if r.method.scratch_of is not None:
+        return f"{r.method.label} ({'-'.join(str(k) for k, _ in r.units)})"
     if reached is None:
         return r.method.label
-    values = reached if isinstance(reached, list) else [reached]
-    return r.method.label + ": reached " + ", ".join(f"{100 * v:.1f} %" for v in values)
+    return r.method.label + ": reached " + ", ".join(f"{pool} {100 * v:.1f} %"
+                                                      for pool, v in reached.items())
 
 
 COUPLED_TITLES = {

@@ -1,0 +1,253 @@
+"""The layers a sparsity target controls (fastprox/target.py), and what their groups cost.
+
+* ``plain_layer``: a plain target of a Regularizer, its groups along ``dims``;
+* ``coupled_layer``: a coupled set, its groups over every member;
+* ``coupled_costs``: per group of a coupled set, the parameters (``n_g``, every element of
+  every member) or the FLOPs per example its removal saves: each weight element of a Linear /
+  conv / GPT-2 ``Conv1D`` member carries its module's FLOPs (``torch.utils.flop_counter`` on an
+  example input) divided by the module's weight elements; an attention module's own FLOPs (the
+  score and value products, not in a child layer) are shared by its head groups equally. Each
+  cost is counted once per set, so a weight element in two sets (a conv between two channel
+  sets) counts in both: the sum over-counts what removing both saves;
+* ``sequential_count`` / ``sequential_costs``: the plain presets on an ``nn.Sequential``: params
+  and FLOPs left as ``fastprox.sparsity_stats`` counts them on the compacted model, and per
+  group, what removing one more group of a layer saves now (a column of its own weight, and its
+  share of the unit the layer before makes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+from ._modules import WEIGHTED
+from .target import Layer
+
+
+def _broadcast(mask: torch.Tensor, weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    for d in dims:
+        mask = mask.unsqueeze(d)
+    return mask.to(weight.device)
+
+
+def plain_layer(target, dims: list[int], kind: str, costs=None) -> Layer:
+    """A plain target of a Regularizer: its groups along ``dims``."""
+    base = (target.lam_l1, target.lam_group, target.lam_exclusive)
+    w = target.param
+    n = math.sqrt(math.prod(w.shape[d] for d in dims)) if target.size_weighted else 1.0
+    size = math.prod(s for d, s in enumerate(w.shape) if d not in dims)
+    buffer = []
+
+    def measured(x):
+        norms = ops.group_norms(x, tuple(dims)) if dims else x.abs()
+        norms = norms.detach().reshape(-1).to("cpu", torch.float64)
+        return norms != 0, norms / n
+
+    def remove(mask):
+        w.data.mul_(~_broadcast(mask.reshape(_kept_shape(w, dims)), w, dims))
+
+    def scale(s):
+        target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
+
+    def save():
+        if not buffer or buffer[0].shape != w.shape or buffer[0].dtype != w.dtype \
+                or buffer[0].device != w.device:
+            buffer[:] = [torch.empty_like(w, memory_format=torch.contiguous_format)]
+        return buffer[0].copy_(w.detach())
+
+    def restore(state, mask):
+        keep = _broadcast(mask.reshape(_kept_shape(w, dims)), w, dims)
+        w.data.copy_(torch.where(keep, state, w.data))
+
+    return Layer(target.name, kind, size, lambda: measured(w.detach()), remove, scale, save,
+                 restore, measured, costs)
+
+
+def _kept_shape(w: torch.Tensor, dims: list[int]) -> tuple:
+    return tuple(s for d, s in enumerate(w.shape) if d not in dims)
+
+
+def coupled_layer(target, costs=None) -> Layer:
+    """A coupled set of a Regularizer: its groups over every member."""
+    base = (target.lam_l1, target.lam_group, target.lam_exclusive)
+    g = target.groups
+    sizes = g.sizes.to(torch.float64).clamp(min=1)
+    root = sizes.sqrt() if target.size_weighted else torch.ones_like(sizes)
+    buffers = []
+
+    def measured(tensors):
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        parts = []
+        for t, dims in zip(tensors, g._dims):
+            v = t.detach().to(acc).square()
+            parts.append(v.sum(dim=dims) if dims else v)
+        norms = g._totals(parts).to("cpu", torch.float64).sqrt()
+        return norms != 0, norms / root
+
+    def remove(mask):
+        for m in g.slices:
+            dead = mask[m.index].to(m.tensor.device)
+            view = m.tensor.data.movedim(m.axis, 0)
+            view[dead] = 0
+
+    def scale(s):
+        target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
+
+    def save():
+        if len(buffers) != len(g.slices) or any(
+                b.shape != m.tensor.shape or b.dtype != m.tensor.dtype
+                or b.device != m.tensor.device for b, m in zip(buffers, g.slices)):
+            buffers[:] = [torch.empty_like(m.tensor, memory_format=torch.contiguous_format)
+                          for m in g.slices]
+        return [b.copy_(m.tensor.detach()) for b, m in zip(buffers, g.slices)]
+
+    def restore(state, mask):
+        for m, saved in zip(g.slices, state):
+            back = mask[m.index].to(m.tensor.device)
+            view = m.tensor.data.movedim(m.axis, 0)
+            view[back] = saved.movedim(m.axis, 0)[back]
+
+    return Layer(target.name, _kind(target), g.num_groups,
+                 lambda: measured([m.tensor for m in g.slices]), remove, scale, save, restore,
+                 measured, costs)
+
+
+def _kind(target) -> str:
+    unit = target.groups.unit
+    return unit.kind if unit is not None else "groups"
+
+
+# -- what groups cost ----------------------------------------------------------------------------
+
+def coupled_costs(targets, model, measure: str, example_inputs=None, forward_fn=None) -> list:
+    """Per coupled target, its groups' costs (float64) for ``measure`` (module docstring)."""
+    if measure == "params":
+        return [t.groups.sizes.to(torch.float64) for t in targets]
+    if example_inputs is None:
+        raise ValueError("SparsityTarget: measure='flops' on coupled groups counts the model's "
+                         "FLOPs on an example input: give SparsityTarget(example_input=...) "
+                         "(or the Regularizer's example_inputs)")
+    flops = module_flops(model, example_inputs, forward_fn)
+    owners = {}  # by storage: a member is a view of its parameter
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners[p.untyped_storage().data_ptr()] = (name, module, pname)
+    out = []
+    for t in targets:
+        g = t.groups
+        cost = torch.zeros(g.num_groups, dtype=torch.float64)
+        for m in g.slices:
+            owner = owners.get(m.tensor.untyped_storage().data_ptr())
+            if owner is None or owner[2] != "weight" or not _dense(owner[1]):
+                continue  # biases and norm weights: no multiply-adds of their own
+            module_name, module, _ = owner
+            per_element = flops.get(module_name, 0) / module.weight.numel()
+            per_position = m.tensor.numel() / max(m.tensor.shape[m.axis], 1)
+            counts = torch.bincount(torch.as_tensor(m.index).cpu(), minlength=g.num_groups)
+            cost += counts.to(torch.float64) * per_position * per_element
+        unit = g.unit
+        if unit is not None and unit.kind == "heads" and g.num_groups:
+            module = model.get_submodule(unit.module)
+            inner = flops.get(unit.module, 0) - sum(
+                flops.get(f"{unit.module}.{n}", 0) for n, c in module.named_children())
+            cost += max(inner, 0) / g.num_groups
+        out.append(cost)
+    return out
+
+
+def _dense(module) -> bool:
+    from .groups import _dense_types
+
+    return isinstance(module, _dense_types())
+
+
+def module_flops(model, example_inputs, forward_fn=None) -> dict[str, int]:
+    """FLOPs of one forward pass per module name ("" the model), by ``FlopCounterMode``
+    (the model in eval mode, PyTorch's fused attention fast path off, as ``count_flops``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .stats import _call
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    counter = FlopCounterMode(display=False)
+    training = model.training
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), counter:
+            _call(model, example_inputs, forward_fn)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(training)
+    root = type(model).__name__
+    out = {}
+    for key, per_op in counter.get_flop_counts().items():
+        if key == root:
+            out[""] = sum(per_op.values())
+        elif key.startswith(root + "."):
+            out[key[len(root) + 1:]] = sum(per_op.values())
+    return out
+
+
+def sequential_count(model, example_input, sparsity_stats):
+    """(left, dense) params or FLOPs of the compacted model, from ``sparsity_stats``
+    (fastprox.stats, passed in: it imports compaction, which imports the L0 gates)."""
+
+    def count(measure: str) -> tuple[float, float]:
+        stats = sparsity_stats(model, None, example_input=example_input)
+        if measure == "flops":
+            if stats.flops_dense is None:
+                raise ValueError("SparsityTarget: FLOPs of conv layers need example_input")
+            return float(stats.flops_remaining), float(stats.flops_dense)
+        left = dense = 0
+        for layer in stats.layers:
+            per_pair = layer.numel // max(layer.inputs_total * layer.outputs_total, 1)
+            left += layer.outputs_kept * layer.inputs_kept * per_pair + layer.outputs_kept
+            dense += layer.numel + layer.outputs_total
+        return float(left), float(dense)
+
+    return count
+
+
+def sequential_costs(model, example_input, sparsity_stats, measure: str) -> dict:
+    """Per weighted layer of an ``nn.Sequential`` (by its weight's name), a callable giving the
+    cost of removing one more of its input groups, now (module docstring)."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
+    cache = {}
+
+    def per_layer() -> dict[str, float]:
+        stats = sparsity_stats(model, None, example_input=example_input)
+        if measure == "flops" and stats.flops_dense is None:
+            raise ValueError("SparsityTarget: FLOPs of conv layers need example_input")
+        out = {}
+        for k, layer in enumerate(stats.layers):
+            pair = layer.numel / max(layer.inputs_total * layer.outputs_total, 1)
+            positions = 1.0
+            if measure == "flops":
+                positions = stats.layers[k].flops_dense / (2 * max(layer.numel, 1))
+            cost = layer.outputs_kept * pair * (2 * positions if measure == "flops" else 1)
+            if k:
+                prev = stats.layers[k - 1]
+                per_unit = layer.inputs_total / max(prev.outputs_total, 1)
+                prev_pair = prev.numel / max(prev.inputs_total * prev.outputs_total, 1)
+                if measure == "flops":
+                    prev_positions = prev.flops_dense / (2 * max(prev.numel, 1))
+                    cost += 2 * prev.inputs_kept * prev_pair * prev_positions / per_unit
+                else:
+                    cost += (prev.inputs_kept * prev_pair + 1) / per_unit
+            out[names[k]] = cost
+        return out
+
+    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
+
+    def costs_of(name: str, size: int):
+        def costs():  # counted again once a weight has changed (its version moved)
+            key = tuple(w._version for w in weights)
+            if cache.get("key") != key:
+                cache["values"], cache["key"] = per_layer(), key
+            return torch.full((size,), cache["values"][name], dtype=torch.float64)
+        return costs
+
+    return costs_of

@@ -1,0 +1,420 @@
+"""Sparsity targets (``SparsityTarget``, fastprox/target.py): the budget holds every pool on its
+schedule at every step (counted here from the weights, not from the controller), from any
+strength, with AdamW and SGD; the pools (by kind, per layer, uniform, one pool, min_kept);
+params and FLOPs against the compacted model; the value a protected group gets back; resume
+mid-ramp and after the hold, bitwise; warnings when a pool cannot follow its schedule; L0 gates."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastprox
+import models as M
+
+
+def _wide(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                         nn.Linear(32, 3))
+
+
+def _data(seed=0, n=200):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g)
+    y = (x @ torch.randn(12, 3, generator=g)).argmax(dim=1)
+    return x, y
+
+
+def _optimizer(name, model):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _schedule(total, kept, by_step, step):
+    """What the schedule allows removed at ``step`` (units): counted here, apart from the
+    controller's code."""
+    remove = total - math.floor(kept * total + 0.5)
+    return math.floor(remove * min(step / by_step, 1.0) + 0.5)
+
+
+def _plain_dead(model, names):
+    params = dict(model.named_parameters())
+    return {n: int((fastprox.group_norms(params[n].detach(), 0) == 0).sum()) for n in names}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("lam", [1e-5, 1e-2])
+def test_plain_pools_follow_the_schedule_at_every_step(optimizer, lam):
+    """From a strength that removes nothing and from one that would remove nearly everything at
+    once, each pool (the input features; the hidden units) is on its schedule after every step,
+    and at the target from by_step on."""
+    x, y = _data()
+    model = _wide()
+    kept, by_step = 0.3, 30
+    target = fastprox.SparsityTarget(kept=kept, by_step=by_step)
+    reg = fastprox.Regularizer(model, "group_lasso", lam=lam, target=target)
+    opt = _optimizer(optimizer, model)
+    reg.attach(opt)
+    pools = {"features": ["0.weight"], "units": ["2.weight", "4.weight"]}
+    totals = {"features": 12, "units": 48 + 32}
+    assert [p.name for p in reg.controller.pools] == list(pools)
+    for step in range(1, 41):
+        _step(model, opt, x, y)
+        dead = _plain_dead(model, ["0.weight", "2.weight", "4.weight"])
+        for pool, names in pools.items():
+            removed = sum(dead[n] for n in names)
+            assert removed == _schedule(totals[pool], kept, by_step, step), (pool, step)
+    assert reg.controller.reached == {"features": 4 / 12, "units": 24 / 80}
+    assert all(t.lam_group == 0 for t in reg.targets.values() if t.param.dim() > 1)
+
+
+def _coupled_dead(reg):
+    return {n: int((~t.groups.alive()).sum()) for n, t in reg.coupled.items()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("lam", [1e-5, 1e-2])
+def test_heads_and_neurons_reach_the_target_each_on_its_own(arch, lam):
+    """Coupled heads and neurons of a Hugging Face GPT-2 / Llama (GQA: KV heads with their query
+    heads) under AdamW: each kind is its own pool, on its schedule at every step."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = M.gpt2(layers=2, d=32, heads=4) if arch == "gpt2" else \
+        M.llama(layers=2, d=32, heads=4, kv_heads=2, ff=48)
+    x = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    kept, by_step = 0.5, 12
+    target = fastprox.SparsityTarget(kept=kept, by_step=by_step)
+    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=lam, target=target)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg.attach(opt)
+    kinds = {"heads": [n for n in reg.coupled if n.startswith("heads")],
+             "neurons": [n for n in reg.coupled if n.startswith("neurons")]}
+    totals = {k: sum(reg.coupled[n].groups.num_groups for n in names)
+              for k, names in kinds.items()}
+    for step in range(1, 16):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+        dead = _coupled_dead(reg)
+        for kind, names in kinds.items():
+            assert sum(dead[n] for n in names) == _schedule(totals[kind], kept, by_step, step), \
+                (kind, step)
+    assert reg.controller.reached == {"heads": 0.5, "neurons": 0.5}
+    for t in reg.coupled.values():  # every member of a removed group is zero
+        dead = ~t.groups.alive()
+        for m in t.groups.slices:
+            assert bool((m.tensor.detach().movedim(m.axis, 0)[dead[m.index]] == 0).all())
+
+
+def test_groups_over_the_budget_get_their_value_from_before_the_step():
+    """A strength that zeroes every group in one step: the schedule's few go (the weakest
+    before the step), every other group is left exactly as the optimizer left it."""
+    torch.manual_seed(0)
+    model = _wide()
+    target = fastprox.SparsityTarget(kept=0.5, by_step=10, layers=("2.weight",))
+    reg = fastprox.Regularizer(model, "group_lasso", lam=10.0, target=target)
+    w = model[2].weight
+    with torch.no_grad():  # distinct column norms, so "weakest" is one set
+        w.mul_(torch.linspace(0.5, 2.0, 48))
+    before = w.detach().clone()
+    reg.prox_step(lr=1.0)
+    norms = before.norm(dim=0)
+    allowed = _schedule(48, 0.5, 10, 1)
+    weakest = norms.argsort()[:allowed]
+    dead = fastprox.group_norms(w.detach(), 0) == 0
+    assert int(dead.sum()) == allowed == 2
+    assert bool(dead[weakest].all())
+    assert torch.equal(w.detach()[:, ~dead], before[:, ~dead])
+    # the dual ascent saw a step that wanted all 48 gone: the strength went down
+    assert reg.controller.log_scale[0] < 0
+    assert reg.targets["2.weight"].lam_group < 10.0
+
+
+@pytest.mark.parametrize("options, pools", [
+    (dict(), ["features", "units"]),
+    (dict(by_kind=False), ["all"]),
+    (dict(per_layer=True), ["0.weight", "2.weight", "4.weight"]),
+])
+def test_pools(options, pools):
+    x, y = _data()
+    model = _wide()
+    target = fastprox.SparsityTarget(kept=0.25, by_step=20, **options)
+    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-3, target=target)
+    opt = _optimizer("adamw", model)
+    reg.attach(opt)
+    for _ in range(22):
+        _step(model, opt, x, y)
+    assert list(reg.controller.reached) == pools
+    dead = _plain_dead(model, ["0.weight", "2.weight", "4.weight"])
+    sizes = {"0.weight": 12, "2.weight": 48, "4.weight": 32}
+    members = {"features": ["0.weight"], "units": ["2.weight", "4.weight"],
+               "all": list(sizes)} | {n: [n] for n in sizes}
+    for pool in pools:
+        total = sum(sizes[n] for n in members[pool])
+        left = total - sum(dead[n] for n in members[pool])
+        assert left == math.floor(0.25 * total + 0.5), pool
+        assert reg.controller.reached[pool] == left / total
+
+
+def test_uniform_keeps_one_width_per_kind():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = M.llama(layers=3, d=32, heads=4, kv_heads=2, ff=48)
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    target = fastprox.SparsityTarget(kept=0.5, by_step=8, uniform=True)
+    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=1e-2, target=target)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg.attach(opt)
+    for _ in range(10):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+    alive = {n: int(t.groups.alive().sum()) for n, t in reg.coupled.items()}
+    assert {v for n, v in alive.items() if n.startswith("heads")} == {1}  # of 2 KV heads
+    assert {v for n, v in alive.items() if n.startswith("neurons")} == {24}
+    # a kind whose layers differ in width cannot be uniform
+    odd = nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                        nn.Linear(32, 3))
+    with pytest.raises(ValueError, match="uniform=True keeps the same width in every layer of a "
+                                         "kind, but the units layers have different widths: "
+                                         "\\{'2.weight': 48, '4.weight': 32\\}"):
+        fastprox.Regularizer(odd, "group_lasso", 1e-3,
+                             target=fastprox.SparsityTarget(kept=0.5, by_step=5, uniform=True))
+
+
+def test_min_kept_is_a_floor_per_layer_and_a_floor_in_the_way_warns():
+    x, y = _data()
+    model = _wide()
+    # one pool of the hidden units, asked for 4 of 80: the default floor keeps one per layer
+    target = fastprox.SparsityTarget(kept=0.05, by_step=20, layers=("2.weight", "4.weight"))
+    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-1, target=target)
+    opt = _optimizer("adamw", model)
+    reg.attach(opt)
+    for _ in range(20):
+        _step(model, opt, x, y)
+    dead = _plain_dead(model, ["2.weight", "4.weight"])
+    assert dead["2.weight"] + dead["4.weight"] == 76
+    assert dead["2.weight"] <= 47 and dead["4.weight"] <= 31
+    # a floor above the target: said at once, and the pool stops at the floor
+    model = _wide()
+    with pytest.warns(UserWarning, match="pool 'units': min_kept=0.25 keeps at least 20 of 80 "
+                                         "groups, more than the 4 asked"):
+        reg = fastprox.Regularizer(model, "group_lasso", lam=1e-1, target=fastprox.SparsityTarget(
+            kept=0.05, by_step=20, layers=("2.weight", "4.weight"), min_kept=0.25))
+    opt = _optimizer("adamw", model)
+    reg.attach(opt)
+    with pytest.warns(UserWarning, match="pool 'units': reached 0.2500 at step 20, not 0.05"):
+        for _ in range(20):
+            _step(model, opt, x, y)
+    dead = _plain_dead(model, ["2.weight", "4.weight"])
+    assert dead == {"2.weight": 36, "4.weight": 24}
+
+
+def test_groups_zero_before_the_step_warn_that_the_pool_is_ahead():
+    """Groups that were zero before the step have no value to go back to: the pool is ahead
+    of its schedule, and a warning says so at that step."""
+    model = _wide()
+    with torch.no_grad():
+        model[2].weight[:, :30] = 0
+    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-3, target=fastprox.SparsityTarget(
+        kept=0.5, by_step=20, layers=("2.weight",)))
+    with pytest.warns(UserWarning, match="pool 'units': 30 groups were zero before the proximal "
+                                         "step of step 1"):
+        reg.prox_step(lr=0.1)
+    assert _plain_dead(model, ["2.weight"])["2.weight"] == 30
+
+
+def test_hold_false_keeps_the_target_and_the_strength_after_by_step():
+    x, y = _data()
+    model = _wide()
+    target = fastprox.SparsityTarget(kept=0.5, by_step=10, hold=False)
+    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-2, target=target)
+    opt = _optimizer("adamw", model)
+    reg.attach(opt)
+    for _ in range(25):
+        _step(model, opt, x, y)
+        dead = _plain_dead(model, ["0.weight", "2.weight", "4.weight"])
+        assert dead["0.weight"] <= 6 and dead["2.weight"] + dead["4.weight"] <= 40
+    assert dead["0.weight"] == 6 and dead["2.weight"] + dead["4.weight"] == 40
+    assert reg.controller.held is None and reg.controller.reached is None
+    assert reg.targets["2.weight"].lam_group > 0
+
+
+@pytest.mark.parametrize("measure", ["params", "flops"])
+def test_params_and_flops_of_a_sequential_match_the_compacted_model(measure):
+    x, y = _data()
+    model = _wide()
+    target = fastprox.SparsityTarget(kept=0.4, by_step=30, measure=measure)
+    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-3, target=target)
+    opt = _optimizer("adamw", model)
+    reg.attach(opt)
+    for _ in range(32):
+        _step(model, opt, x, y)
+    (pool,) = reg.controller.pools
+    reached = reg.controller.reached["all"]
+    small = fastprox.compact(model).model
+    dense = pool.total
+    if measure == "params":
+        left = sum(m.weight.numel() + m.bias.numel() for m in small if isinstance(m, nn.Linear))
+    else:
+        left = 2 * sum(m.weight.numel() for m in small if isinstance(m, nn.Linear))
+    assert left / dense == pytest.approx(reached)
+    # within one group of the target: the costliest group removal is at most this
+    unit = 2 * (48 + 32) if measure == "flops" else 48 + 32 + 1
+    assert abs(left - 0.4 * dense) <= unit
+
+
+@pytest.mark.parametrize("measure", ["params", "flops"])
+def test_coupled_costs_are_what_the_compacted_model_lost(measure):
+    """Per-group params (n_g) and FLOPs (flop counter on the example input) of GPT-2's heads
+    and neurons: what the target counts removed is what compaction removes."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = M.gpt2(layers=2, d=32, heads=4)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    target = fastprox.SparsityTarget(kept=0.5, by_step=6, measure=measure, example_input=x)
+    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=1e-3, target=target)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg.attach(opt)
+    dense_model = copy.deepcopy(model)
+    for _ in range(8):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+    pools = {p.name: p for p in reg.controller.pools}
+    assert set(pools) == {"heads", "neurons"}
+    removed = sum((1 - reg.controller.reached[n]) * p.total for n, p in pools.items())
+    small = fastprox.compact(model, reg).model
+    if measure == "params":
+        lost = sum(p.numel() for p in dense_model.parameters()) - \
+            sum(p.numel() for p in small.parameters())
+    else:
+        lost = fastprox.stats.count_flops(dense_model, x) - fastprox.stats.count_flops(small, x)
+    assert lost == pytest.approx(removed, rel=1e-9)
+    for name, p in pools.items():  # each pool within one group's cost of half its cost
+        costs = [layer.cost() for layer in (reg.controller.layers[i] for i in p.members)]
+        assert abs(reg.controller.reached[name] * p.total - 0.5 * p.total) <= \
+            max(float(c.max()) for c in costs)
+
+
+def _run(model, reg, opt, x, y, steps):
+    for _ in range(steps):
+        _step(model, opt, x, y)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("stop", [12, 28])  # mid-ramp; after the hold
+def test_resume_from_a_checkpoint_is_bitwise(optimizer, stop):
+    x, y = _data()
+
+    def build():
+        model = _wide()
+        reg = fastprox.Regularizer(model, "group_lasso", lam=1e-2,
+                                   target=fastprox.SparsityTarget(kept=0.3, by_step=20))
+        opt = _optimizer(optimizer, model)
+        reg.attach(opt)
+        return model, reg, opt
+
+    model, reg, opt = build()
+    _run(model, reg, opt, x, y, 35)
+    first, reg_a, opt_a = build()
+    _run(first, reg_a, opt_a, x, y, stop)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt_a.state_dict(),
+                "reg": reg_a.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    again, reg_b, opt_b = build()
+    again.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["opt"])
+    reg_b.load_state_dict(saved["reg"])
+    _run(again, reg_b, opt_b, x, y, 35 - stop)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert reg_b.controller.state_dict()["log_scale"] == reg.controller.state_dict()["log_scale"]
+    assert reg_b.controller.reached == reg.controller.reached
+
+
+def test_l0_gates_follow_the_schedule():
+    x, y = _data()
+    torch.manual_seed(0)
+    model = fastprox.l0.add_l0_gates(_wide())
+    target = fastprox.SparsityTarget(kept=0.5, by_step=40)
+    gates = fastprox.l0.L0Regularizer(model, 1e-1, train_size=200, target=target)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+    gates.attach(opt)
+    total = sum(g.features for g in gates.gates)
+    for step in range(1, 51):
+        opt.zero_grad()
+        (nn.functional.cross_entropy(model(x), y) + gates.penalty()).backward()
+        opt.step()
+        closed = total - sum(gates.units_alive())
+        assert closed == _schedule(total, 0.5, 40, step), step
+    assert gates.controller.reached == {"gates": sum(gates.units_alive()) / total}
+    with pytest.raises(ValueError, match="counts units"):
+        fastprox.l0.L0Regularizer(model, 1e-3, 200, target=fastprox.SparsityTarget(
+            kept=0.5, by_step=10, measure="flops"))
+
+
+def test_bad_targets_are_refused_naming_the_field():
+    for kwargs, words in ((dict(kept=0.0, by_step=10), "kept must be"),
+                          (dict(kept=0.5, by_step=10, measure="bytes"), "measure must be"),
+                          (dict(kept=0.5, by_step=0), "needs every >= 1 and by_step > start"),
+                          (dict(kept=0.5, by_step=10, min_kept=-1), "min_kept must be"),
+                          (dict(kept=0.5, by_step=10, min_kept=1.5), "min_kept must be")):
+        with pytest.raises(ValueError, match="SparsityTarget: " + words):
+            fastprox.SparsityTarget(**kwargs)
+    with pytest.raises(TypeError, match="SparsityTarget: uniform must be a bool"):
+        fastprox.SparsityTarget(kept=0.5, by_step=10, uniform=1)
+    with pytest.raises(ValueError, match="target.layers names no regularized"):
+        fastprox.Regularizer(_wide(), "group_lasso", 1e-3,
+                             target=fastprox.SparsityTarget(kept=0.5, by_step=5, layers=("9",)))
+    for options in (dict(per_layer=True), dict(uniform=True)):
+        with pytest.raises(ValueError, match="one pool: the params of the compacted model"):
+            fastprox.Regularizer(_wide(), "group_lasso", 1e-3, target=fastprox.SparsityTarget(
+                kept=0.5, by_step=5, measure="params", **options))
+
+
+def test_flops_of_coupled_groups_need_an_example_input():
+    pytest.importorskip("transformers")
+    model = M.gpt2(layers=1, d=32, heads=4)
+    with pytest.raises(ValueError, match="measure='flops' on coupled groups counts the model's "
+                                         "FLOPs on an example input"):
+        fastprox.Regularizer(model, ("heads", "neurons"), 1e-3, target=fastprox.SparsityTarget(
+            kept=0.5, by_step=5, measure="flops"))
+
+
+def test_state_of_another_pooling_is_refused():
+    model = _wide()
+    pooled = fastprox.Regularizer(model, "group_lasso", 1e-3,
+                                  target=fastprox.SparsityTarget(kept=0.5, by_step=5))
+    layered = fastprox.Regularizer(_wide(), "group_lasso", 1e-3, target=fastprox.SparsityTarget(
+        kept=0.5, by_step=5, by_kind=False))
+    with pytest.raises(ValueError, match="the saved target has by_kind=False"):
+        pooled.load_state_dict(layered.state_dict())
+    state = layered.state_dict()
+    state["controller"]["target"]["by_kind"] = True
+    with pytest.raises(ValueError, match="log_scale must be a list of 2 finite numbers \\(one "
+                                         "per pool: \\['features', 'units'\\]\\)"):
+        pooled.load_state_dict(state)
+    state["controller"]["log_scale"] = [0.0, 0.0]
+    state["controller"]["reached"] = {"all": 0.5}
+    with pytest.raises(ValueError, match="reached must be None or a number per pool"):
+        pooled.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pooled.load_state_dict(pooled.state_dict())
