@@ -226,7 +226,7 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
     tensors, coupled_s, bytes, per_tensor_s, per_tensor_bytes, floor_s, floor_bytes); metric:
     metric-step rows (metric_model, tensors, metric_s, bytes, euclidean_s, reference_s, floor_s,
     floor_bytes); steps: training-step rows (step_model, params, sets, train_s, adamw_s,
-    metric_s, euclidean_s)."""
+    metric_s, euclidean_s, target_s: the metric step with a SparsityTarget on its ramp)."""
     get = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
     ms = lambda r, k: f"{r[k] * 1e3:.3f}" if k in r else "-"  # noqa: E731
     lines = [f"Machine: {machine}. Floor: {floor}.", "",
@@ -288,8 +288,9 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
         lines += ["", "The regularizer's proximal step (coupled groups, AdamW) beside the AdamW "
                   "step and a whole training step (forward, backward, AdamW) of the model:", "",
                   "| model | params | sets | train step ms | AdamW step ms | metric prox ms | "
-                  "/ AdamW | / train | euclidean prox ms | / AdamW |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "/ AdamW | / train | euclidean prox ms | / AdamW | metric prox, target "
+                  "ramp ms | / AdamW |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in steps:
             t, adam = r["metric_s"], r["adamw_s"]
             per = lambda k, base: f"{r[k] / base:.2f}" if k in r else "-"  # noqa: E731
@@ -297,7 +298,8 @@ def report(machine: str, floor: str, rows: list[dict], models: list[dict] = (),
             lines.append(
                 f"| {r['step_model']} | {r['params'] / 1e6:.1f} M | {r['sets']} | "
                 f"{ms(r, 'train_s')} | {adam * 1e3:.2f} | {t * 1e3:.2f} | {t / adam:.2f} | "
-                f"{train} | {ms(r, 'euclidean_s')} | {per('euclidean_s', adam)} |")
+                f"{train} | {ms(r, 'euclidean_s')} | {per('euclidean_s', adam)} | "
+                f"{ms(r, 'target_s')} | {per('target_s', adam)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -336,13 +338,13 @@ def coupled_model(name: str, device="cpu"):
 STEP_MODELS = ["gpt2-4l", "llama-4l", "resnet50", "gpt2-small"]
 
 
-def step_model(name: str, g: torch.Generator, device="cpu", lam: float = 1e-4):
+def step_model(name: str, g: torch.Generator, device="cpu", lam: float = 1e-4, target=None):
     """(model, regularizer, loss_fn) of a coupled model trained with AdamW, on ``device``:
     Hugging Face GPT-2 and Llama (GQA) built from configs (4 layers, 512 wide, 8 heads; Llama 4
     KV heads, MLP 1536; vocabulary 256) and GPT-2 small, heads and neurons, batch 8 x 64 tokens;
     ResNet-50 (channels, torchvision's layout), batch 8 x 3 x 64 x 64; ``gpt2-tiny`` (1 layer,
     32 wide, 2 heads, batch 2 x 16: smoke runs). ImportError without transformers (GPT-2,
-    Llama) or Torch-Pruning (ResNet-50)."""
+    Llama) or Torch-Pruning (ResNet-50). ``target``: a SparsityTarget for the regularizer."""
     import fastprox
 
     torch.manual_seed(0)
@@ -353,7 +355,8 @@ def step_model(name: str, g: torch.Generator, device="cpu", lam: float = 1e-4):
                        classes=1000).to(device)
         x = torch.randn(8, 3, 64, 64, generator=g).to(device)
         y = torch.randint(0, 1000, (8,), generator=g).to(device)
-        reg = fastprox.Regularizer(model, "channels", lam=lam, example_inputs=(x[:1],))
+        reg = fastprox.Regularizer(model, "channels", lam=lam, example_inputs=(x[:1],),
+                                   target=target)
         return model, reg, lambda: torch.nn.functional.cross_entropy(model(x), y)
     import transformers as tf
 
@@ -374,5 +377,5 @@ def step_model(name: str, g: torch.Generator, device="cpu", lam: float = 1e-4):
         model = tf.GPT2LMHeadModel(tf.GPT2Config())
     model.to(device)
     ids = torch.randint(0, model.config.vocab_size, batch, generator=g).to(device)
-    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=lam)
+    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=lam, target=target)
     return model, reg, lambda: model(input_ids=ids, labels=ids).loss

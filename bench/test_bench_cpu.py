@@ -192,7 +192,7 @@ def test_metric_step(benchmark, model, impl):
 # -- the proximal step beside the optimizer step and the training step ---------------------------
 
 STEP_MODELS = harness.STEP_MODELS
-STEP_IMPLS = ["train", "adamw", "metric", "euclidean"]
+STEP_IMPLS = ["train", "adamw", "metric", "euclidean", "target"]
 STEP_LAM = 1e-4
 
 
@@ -208,8 +208,11 @@ def test_training_step(benchmark, model, impl):
         pytest.importorskip("torch_pruning")
     else:
         pytest.importorskip("transformers")
-    net, reg, loss_fn = _cached(("step", model),
-                                lambda g: harness.step_model(model, g, lam=STEP_LAM))
+    # "target": the metric step with a SparsityTarget on its ramp (a model of its own: the
+    # controller copies the weights before each step and counts every pool after it)
+    target = fastprox.SparsityTarget(kept=0.5, by_step=10 ** 6) if impl == "target" else None
+    net, reg, loss_fn = _cached(("step", model, impl == "target"), lambda g: harness.step_model(
+        model, g, lam=STEP_LAM, target=target))
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     loss_fn().backward()
@@ -233,7 +236,7 @@ def test_training_step(benchmark, model, impl):
         fn = lambda _: opt.step()  # noqa: E731 (the gradients of the warm-up step)
         rounds = 10
     else:
-        prox = "metric" if impl == "metric" else "euclidean"
+        prox = "euclidean" if impl == "euclidean" else "metric"
         fn = lambda _: reg.prox_step(opt, prox=prox)  # noqa: E731
         rounds = 5
     benchmark.group = f"step {model}"

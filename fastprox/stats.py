@@ -45,9 +45,22 @@ class LayerStats:
     flops_remaining: int | None = None
 
 
+def _pools(regularizer) -> list | None:
+    """A sparsity target's pools (fastprox/target.py), when the regularizer has one."""
+    controller = getattr(regularizer, "controller", None)
+    return None if controller is None else controller.report()
+
+
+def _pool_rows(pools) -> list[str]:
+    from .target import POOL_HEADER
+
+    return ["", POOL_HEADER, *(p.row() for p in pools)] if pools else []
+
+
 @dataclasses.dataclass
 class SparsityStats:
     layers: list[LayerStats]
+    pools: list | None = None  # a sparsity target's pools (target.PoolStats), when there is one
 
     def _sum(self, field: str):
         values = [getattr(layer, field) for layer in self.layers]
@@ -92,7 +105,9 @@ class SparsityStats:
 
     def as_dict(self) -> dict:
         return {"layers": [dataclasses.asdict(layer) for layer in self.layers],
-                "totals": self.totals()}
+                "totals": self.totals(),
+                "pools": None if self.pools is None else [dataclasses.asdict(p)
+                                                          for p in self.pools]}
 
     def to_markdown(self) -> str:
         def frac(a, b):
@@ -110,7 +125,7 @@ class SparsityStats:
                     f"(inputs) | {frac(t['hidden_units_kept'], t['hidden_units_total'])} "
                     f"(hidden) | | {frac(t['nonzero'], t['numel'])} | "
                     f"{frac(t['flops_remaining'], t['flops_dense'])} |")
-        return "\n".join(rows)
+        return "\n".join(rows + _pool_rows(self.pools))
 
 
 def _output_positions(model: nn.Module, example_input) -> dict[nn.Module, int]:
@@ -173,7 +188,7 @@ def sparsity_stats(model: nn.Module, regularizer=None, example_input=None) -> Sp
             stats.flops_dense = 2 * w.numel() * positions_out
             stats.flops_remaining = 2 * pairs * kernel * positions_out
         out.append(stats)
-    return SparsityStats(out)
+    return SparsityStats(out, _pools(regularizer))
 
 
 class SparsityHistory:
@@ -281,6 +296,7 @@ class CoupledStats:
     latency_dense_ms: float | None = None
     latency_compact_ms: float | None = None
     device: str | None = None
+    pools: list | None = None  # a sparsity target's pools (target.PoolStats), when there is one
 
     def units(self) -> dict[str, tuple[int, int]]:
         """Per kind: (units alive, units total)."""
@@ -293,7 +309,9 @@ class CoupledStats:
     def as_dict(self) -> dict:
         return {"sets": [dataclasses.asdict(s) for s in self.sets], "units": self.units(),
                 **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name != "sets"}}
+                   if f.name not in ("sets", "pools")},
+                "pools": None if self.pools is None else [dataclasses.asdict(p)
+                                                          for p in self.pools]}
 
     def to_markdown(self) -> str:
         rows = ["| coupled set | kind | alive / total |", "|---|---|---|"]
@@ -308,7 +326,7 @@ class CoupledStats:
         if self.latency_dense_ms is not None:
             rows.append(f"latency {self.latency_compact_ms:.3f} ms / {self.latency_dense_ms:.3f} "
                         f"ms dense ({self.device}, median)")
-        return "\n".join(rows)
+        return "\n".join(rows + _pool_rows(self.pools))
 
 
 def _call(model, inputs, forward_fn):
@@ -367,7 +385,7 @@ def coupled_stats(groups, model: nn.Module | None = None, compacted=None, exampl
     sets, found_inputs, found_forward = _found_sets(groups)
     stats = CoupledStats([SetStats(s.name, s.unit.kind if s.unit else "", s.unit.module
                                    if s.unit else "", int(s.alive().sum()), s.num_groups)
-                          for s in sets])
+                          for s in sets], pools=_pools(groups))
     if model is None or compacted is None:
         return stats
     small = getattr(compacted, "model", compacted)

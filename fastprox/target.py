@@ -164,6 +164,29 @@ class Pool:
     units: bool
 
 
+@dataclasses.dataclass
+class PoolStats:
+    """What a pool has left (``left`` of ``total``: units, params or FLOPs), the fraction,
+    what the schedule asks at this step (``goal``) and at ``by_step`` (``kept``)."""
+
+    name: str
+    measure: str
+    left: float
+    total: float
+    fraction: float
+    goal: float
+    kept: float
+
+    def row(self) -> str:
+        return (f"| {self.name} | {self.measure} | {self.left:g}/{self.total:g} | "
+                f"{100 * self.fraction:.1f} % | {100 * self.goal:.1f} % | "
+                f"{100 * self.kept:.1f} % |")
+
+
+POOL_HEADER = ("| pool | counts | left | fraction | schedule now | target |\n"
+               "|---|---|---|---|---|---|")
+
+
 class Controller:
     """Drives a regularizer toward a ``SparsityTarget`` (module docstring): the budget after
     every step and the strengths' dual ascent.
@@ -258,6 +281,17 @@ class Controller:
         return {p.name: (p.total - self._removed(p, alive, costs)) / p.total if p.total else 1.0
                 for p in self.pools}
 
+    def report(self) -> list[PoolStats]:
+        """Every pool, now (``fastprox.sparsity_stats`` and ``coupled_stats`` show them)."""
+        fractions = self.fractions()
+        out = []
+        for p in self.pools:
+            goal = (p.total - self.allowed(p, self.steps)) / p.total if p.total else 1.0
+            kept = (p.total - p.remove) / p.total if p.total else 1.0
+            out.append(PoolStats(p.name, self.target.measure, fractions[p.name] * p.total,
+                                 p.total, fractions[p.name], goal, kept))
+        return out
+
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def before_step(self) -> None:
@@ -346,19 +380,19 @@ class Controller:
         for i in pool.members:
             was, score = before[i]
             score = _relative(score, was)
-            for g in torch.nonzero(~alive[i]).flatten().tolist():
-                candidates.append((bool(was[g]), float(score[g]), i, g))
+            dead = torch.nonzero(~alive[i]).flatten()
+            candidates += zip(was[dead].tolist(), score[dead].tolist(), [i] * len(dead),
+                              dead.tolist(), costs[i][dead].tolist())
         candidates.sort()
         if self.count is None:
             removed = 0.0
         else:  # exact count: the removed left as they are, less what is restored
             removed = self._removed(pool, alive, costs)
-            removed -= sum(float(costs[i][g]) for was, _, i, g in candidates if was)
+            removed -= sum(c for was, _, i, g, c in candidates if was)
         dead = {i: 0 for i in pool.members}
         back = {i: [] for i in pool.members}
         stuck = 0
-        for was, _, i, g in candidates:
-            c = float(costs[i][g])
+        for was, _, i, g, c in candidates:
             if not was:
                 removed += c if self.count is None else 0.0
                 dead[i] += 1
@@ -385,13 +419,13 @@ class Controller:
         candidates = []
         for i in pool.members:
             score = _relative(scores[i], alive[i])
-            for g in torch.nonzero(alive[i]).flatten().tolist():
-                candidates.append((float(score[g]), i, g))
+            live = torch.nonzero(alive[i]).flatten()
+            candidates += zip(score[live].tolist(), [i] * len(live), live.tolist(),
+                              costs[i][live].tolist())
         candidates.sort()
         left = {i: int(alive[i].sum()) for i in pool.members}
         drop = {i: [] for i in pool.members}
-        for _, i, g in candidates:
-            c = float(costs[i][g])
+        for _, i, g, c in candidates:
             if c <= room + 1e-9 and left[i] - 1 >= floors[i]:
                 room -= c
                 left[i] -= 1

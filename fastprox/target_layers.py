@@ -45,8 +45,13 @@ def plain_layer(target, dims: list[int], kind: str, costs=None) -> Layer:
         norms = norms.detach().reshape(-1).to("cpu", torch.float64)
         return norms != 0, norms / n
 
+    kept = [d for d in range(w.dim()) if d not in dims]
+
     def remove(mask):
-        w.data.mul_(~_broadcast(mask.reshape(_kept_shape(w, dims)), w, dims))
+        if len(kept) == 1:  # the groups along one dimension: only their slices are written
+            w.data.index_fill_(kept[0], torch.nonzero(mask).flatten().to(w.device), 0)
+        else:
+            w.data.mul_(~_broadcast(mask.reshape(_kept_shape(w, dims)), w, dims))
 
     def scale(s):
         target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
@@ -58,8 +63,12 @@ def plain_layer(target, dims: list[int], kind: str, costs=None) -> Layer:
         return buffer[0].copy_(w.detach())
 
     def restore(state, mask):
-        keep = _broadcast(mask.reshape(_kept_shape(w, dims)), w, dims)
-        w.data.copy_(torch.where(keep, state, w.data))
+        if len(kept) == 1:
+            where = torch.nonzero(mask).flatten().to(w.device)
+            w.data.index_copy_(kept[0], where, state.index_select(kept[0], where))
+        else:
+            keep = _broadcast(mask.reshape(_kept_shape(w, dims)), w, dims)
+            w.data.copy_(torch.where(keep, state, w.data))
 
     return Layer(target.name, kind, size, lambda: measured(w.detach()), remove, scale, save,
                  restore, measured, costs)
@@ -79,18 +88,20 @@ def coupled_layer(target, costs=None) -> Layer:
 
     def measured(tensors):
         acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        parts = []
+        parts = []  # per member, the squared norm of each slice (the fused group_norms)
         for t, dims in zip(tensors, g._dims):
-            v = t.detach().to(acc).square()
-            parts.append(v.sum(dim=dims) if dims else v)
+            t = t.detach()
+            norms = ops.group_norms(t, tuple(dims)) if dims else t.abs()
+            parts.append(norms.to(acc).square())
         norms = g._totals(parts).to("cpu", torch.float64).sqrt()
         return norms != 0, norms / root
 
+    def positions(mask, m):
+        return torch.nonzero(mask[m.index]).flatten().to(m.tensor.device)
+
     def remove(mask):
         for m in g.slices:
-            dead = mask[m.index].to(m.tensor.device)
-            view = m.tensor.data.movedim(m.axis, 0)
-            view[dead] = 0
+            m.tensor.data.index_fill_(m.axis, positions(mask, m), 0)
 
     def scale(s):
         target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
@@ -105,9 +116,8 @@ def coupled_layer(target, costs=None) -> Layer:
 
     def restore(state, mask):
         for m, saved in zip(g.slices, state):
-            back = mask[m.index].to(m.tensor.device)
-            view = m.tensor.data.movedim(m.axis, 0)
-            view[back] = saved.movedim(m.axis, 0)[back]
+            where = positions(mask, m)
+            m.tensor.data.index_copy_(m.axis, where, saved.index_select(m.axis, where))
 
     return Layer(target.name, _kind(target), g.num_groups,
                  lambda: measured([m.tensor for m in g.slices]), remove, scale, save, restore,

@@ -114,6 +114,9 @@ def test_heads_and_neurons_reach_the_target_each_on_its_own(arch, lam):
             assert sum(dead[n] for n in names) == _schedule(totals[kind], kept, by_step, step), \
                 (kind, step)
     assert reg.controller.reached == {"heads": 0.5, "neurons": 0.5}
+    stats = fastprox.stats.coupled_stats(reg)
+    assert [(p.name, p.fraction) for p in stats.pools] == [("heads", 0.5), ("neurons", 0.5)]
+    assert "| heads | units |" in stats.to_markdown()
     for t in reg.coupled.values():  # every member of a removed group is zero
         dead = ~t.groups.alive()
         for m in t.groups.slices:
@@ -168,6 +171,15 @@ def test_pools(options, pools):
         left = total - sum(dead[n] for n in members[pool])
         assert left == math.floor(0.25 * total + 0.5), pool
         assert reg.controller.reached[pool] == left / total
+    # the stats report every pool
+    stats = fastprox.sparsity_stats(model, reg)
+    assert [p.name for p in stats.pools] == pools
+    for p in stats.pools:
+        assert p.fraction == reg.controller.reached[p.name] and p.goal == p.kept
+        assert p.left == p.fraction * p.total and p.measure == "units"
+    text = stats.to_markdown()
+    assert all(f"| {name} | units |" in text for name in pools)
+    assert stats.as_dict()["pools"][0]["name"] == pools[0]
 
 
 def test_uniform_keeps_one_width_per_kind():
