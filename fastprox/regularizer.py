@@ -162,16 +162,20 @@ class Regularizer:
             count = _layers.sequential_count(model, target.example_input, sparsity_stats)
             costs = _layers.sequential_costs(model, target.example_input, sparsity_stats,
                                              target.measure)
-        coupled = [every[n] for n in names if n not in plain]
-        coupled_costs = {}
+        coupled_names = [n for n in names if n not in plain]
+        coupled = [every[n] for n in coupled_names]
+        coupled_costs, overlaps = {}, []
         if target.measure != "units" and coupled:
             inputs = target.example_input
             found = self.found
             if inputs is None and found is not None:
                 inputs = found.example_inputs
-            values = _layers.coupled_costs(coupled, model, target.measure, inputs,
-                                           found.forward_fn if found is not None else None)
-            coupled_costs = {t.name: c for t, c in zip(coupled, values)}
+            values, crossing = _layers.coupled_costs(
+                coupled, model, target.measure, inputs,
+                found.forward_fn if found is not None else None)
+            coupled_costs = dict(zip(coupled_names, values))
+            at = {k: names.index(n) for k, n in enumerate(coupled_names)}
+            overlaps = [(at[i], at[j], wi, wj, pair) for i, j, wi, wj, pair in crossing]
         first = next((f"{n}.weight" for n, m in model.named_modules()
                       if isinstance(m, _WEIGHTED)), None) if isinstance(model, nn.Sequential) \
             else None
@@ -186,7 +190,7 @@ class Regularizer:
                 size = math.prod(s for d, s in enumerate(t.param.shape) if d not in dims)
                 layers.append(_layers.plain_layer(t, dims, kind, None if costs is None
                                                   else costs(name, size)))
-        return _target.Controller(target, layers, count)
+        return _target.Controller(target, layers, count, overlaps)
 
     # -- building ------------------------------------------------------------------------------
     def add(self, name: str, param: torch.Tensor, *, kind: str = "custom", lam_l1: float = 0.0,

@@ -197,10 +197,11 @@ class Controller:
     The regularizer calls ``before_step()`` before its proximal step and ``after_step()``
     after it."""
 
-    def __init__(self, target: SparsityTarget, layers: list[Layer], count=None):
+    def __init__(self, target: SparsityTarget, layers: list[Layer], count=None, overlaps=()):
         if not layers:
             raise ValueError("SparsityTarget: nothing to control (no regularized layer matches)")
         self.target, self.layers, self.count = target, layers, count
+        self.overlaps = list(overlaps)
         self.pools = self._pools()
         self.log_scale = [0.0] * len(self.pools)
         self.steps = 0
@@ -242,6 +243,9 @@ class Controller:
                 total = float(dense)
             else:
                 total = float(sum(float(layers[i].cost().sum()) for i in members))
+                total -= sum(pair * float(wi.sum()) * float(wj.sum())
+                             for i, j, wi, wj, pair in self.overlaps
+                             if i in members and j in members)
             remove = total - math.floor(t.kept * total + 0.5) if units else (1 - t.kept) * total
             pools.append(Pool(name, members, total, float(remove), units))
         return pools
@@ -272,7 +276,11 @@ class Controller:
         if self.count is not None:
             left, dense = self.count(self.target.measure)
             return float(dense - left)
-        return float(sum(float(costs[i][~alive[i]].sum()) for i in pool.members))
+        removed = float(sum(float(costs[i][~alive[i]].sum()) for i in pool.members))
+        for i, j, wi, wj, pair in self.overlaps:  # elements two layers of the pool both count
+            if i in pool.members and j in pool.members:
+                removed -= pair * float(wi[~alive[i]].sum()) * float(wj[~alive[j]].sum())
+        return removed
 
     def fractions(self, alive=None, costs=None) -> dict[str, float]:
         """What is left, per pool."""
@@ -340,6 +348,12 @@ class Controller:
                                   f"{t.kept}")
         self._apply()
 
+    def _counted(self, pool: Pool) -> bool:
+        """Whether what a group saves depends on the others: the pool is counted on the
+        model, or two of its layers count some elements both."""
+        return self.count is not None or any(i in pool.members and j in pool.members
+                                             for i, j, *_ in self.overlaps)
+
     def _unit(self, pool: Pool, costs: list) -> float:
         """One unit of the pool: 1, or its costliest group."""
         if pool.units:
@@ -358,15 +372,15 @@ class Controller:
         restored = False
         if (removed > allowed + 1e-9 or below) and self._saved is not None:
             restored = self._restore(pool, alive, costs, allowed, floors)
-            if self.count is None:
+            if not self._counted(pool):
                 return restored
             costs[:] = [layer.cost() for layer in layers]
             removed = self._removed(pool, alive, costs)
-        for _ in range(8 if self.count is not None else 1):
+        for _ in range(8 if self._counted(pool) else 1):
             if removed >= allowed - 1e-9 or not self._force(pool, alive, scores, costs,
                                                             allowed - removed, floors):
                 break
-            # an exact count: each removal changed what the others save; count again
+            # each removal changed what the others save (a count, overlaps): count again
             costs[:] = [layer.cost() for layer in layers]
             removed = self._removed(pool, alive, costs)
         return restored
@@ -385,7 +399,7 @@ class Controller:
                               dead.tolist(), costs[i][dead].tolist())
         candidates.sort()
         if self.count is None:
-            removed = 0.0
+            removed = 0.0  # with overlaps, an over-estimate: the loop after it fills the rest
         else:  # exact count: the removed left as they are, less what is restored
             removed = self._removed(pool, alive, costs)
             removed -= sum(c for was, _, i, g, c in candidates if was)

@@ -6,9 +6,10 @@
   every member) or the FLOPs per example its removal saves: each weight element of a Linear /
   conv / GPT-2 ``Conv1D`` member carries its module's FLOPs (``torch.utils.flop_counter`` on an
   example input) divided by the module's weight elements; an attention module's own FLOPs (the
-  score and value products, not in a child layer) are shared by its head groups equally. Each
-  cost is counted once per set, so a weight element in two sets (a conv between two channel
-  sets) counts in both: the sum over-counts what removing both saves;
+  score and value products, not in a child layer) are shared by its head groups equally. A
+  weight in two sets along two axes (a conv between two channel sets: its output channels in
+  one, its input channels in the next) has the elements of a removed group of each in both
+  costs: ``overlaps`` says how many, and the controller counts them once;
 * ``sequential_count`` / ``sequential_costs``: the plain presets on an ``nn.Sequential``: params
   and FLOPs left as ``fastprox.sparsity_stats`` counts them on the compacted model, and per
   group, what removing one more group of a layer saves now (a column of its own weight, and its
@@ -24,6 +25,12 @@ import torch
 from . import ops
 from ._modules import WEIGHTED
 from .target import Layer
+
+
+def _dense_types() -> tuple:
+    from .groups import _dense_types as dense
+
+    return WEIGHTED + dense()
 
 
 def _broadcast(mask: torch.Tensor, weight: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -131,10 +138,13 @@ def _kind(target) -> str:
 
 # -- what groups cost ----------------------------------------------------------------------------
 
-def coupled_costs(targets, model, measure: str, example_inputs=None, forward_fn=None) -> list:
-    """Per coupled target, its groups' costs (float64) for ``measure`` (module docstring)."""
+def coupled_costs(targets, model, measure: str, example_inputs=None, forward_fn=None):
+    """Per coupled target, its groups' costs (float64) for ``measure``, and the overlaps of the
+    sets (module docstring): ``(costs, overlaps)``."""
+    per_element = {}  # id(member tensor's parameter storage) -> cost of one element
     if measure == "params":
-        return [t.groups.sizes.to(torch.float64) for t in targets]
+        costs = [t.groups.sizes.to(torch.float64) for t in targets]
+        return costs, overlaps(targets, lambda m: 1.0)
     if example_inputs is None:
         raise ValueError("SparsityTarget: measure='flops' on coupled groups counts the model's "
                          "FLOPs on an example input: give SparsityTarget(example_input=...) "
@@ -144,33 +154,60 @@ def coupled_costs(targets, model, measure: str, example_inputs=None, forward_fn=
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             owners[p.untyped_storage().data_ptr()] = (name, module, pname)
-    out = []
+
+    def element_flops(m) -> float:
+        owner = owners.get(m.tensor.untyped_storage().data_ptr())
+        if owner is None or owner[2] != "weight" or not isinstance(owner[1], _dense_types()):
+            return 0.0  # biases and norm weights: no multiply-adds of their own
+        return flops.get(owner[0], 0) / owner[1].weight.numel()
+
+    costs = []
     for t in targets:
         g = t.groups
         cost = torch.zeros(g.num_groups, dtype=torch.float64)
         for m in g.slices:
-            owner = owners.get(m.tensor.untyped_storage().data_ptr())
-            if owner is None or owner[2] != "weight" or not _dense(owner[1]):
-                continue  # biases and norm weights: no multiply-adds of their own
-            module_name, module, _ = owner
-            per_element = flops.get(module_name, 0) / module.weight.numel()
-            per_position = m.tensor.numel() / max(m.tensor.shape[m.axis], 1)
-            counts = torch.bincount(torch.as_tensor(m.index).cpu(), minlength=g.num_groups)
-            cost += counts.to(torch.float64) * per_position * per_element
+            fpe = per_element.setdefault(id(m), element_flops(m))
+            if fpe:
+                cost += _positions(m, g.num_groups) * (_per_position(m) * fpe)
         unit = g.unit
         if unit is not None and unit.kind == "heads" and g.num_groups:
             module = model.get_submodule(unit.module)
             inner = flops.get(unit.module, 0) - sum(
                 flops.get(f"{unit.module}.{n}", 0) for n, c in module.named_children())
             cost += max(inner, 0) / g.num_groups
-        out.append(cost)
+        costs.append(cost)
+    return costs, overlaps(targets, lambda m: per_element[id(m)])
+
+
+def _positions(m, num_groups: int) -> torch.Tensor:
+    """Per group, its positions along the member's axis (float64)."""
+    return torch.bincount(torch.as_tensor(m.index).cpu(), minlength=num_groups).to(torch.float64)
+
+
+def _per_position(m) -> float:
+    return m.tensor.numel() / max(m.tensor.shape[m.axis], 1)
+
+
+def overlaps(targets, element_cost) -> list[tuple]:
+    """The elements two sets both count: a tensor that is a member of two sets along two axes
+    (a conv's output channels in one, its input channels in the next) holds, for group ``g`` of
+    the first and ``h`` of the second, ``positions_g x positions_h x (numel / (size_a x
+    size_b))`` elements in both. Per such pair of members: ``(i, j, positions_i, positions_j,
+    cost of one crossing element pair)``, ``i``, ``j`` indices into ``targets``."""
+    seen: dict[tuple, list] = {}
+    out = []
+    for i, t in enumerate(targets):
+        for m in t.groups.slices:
+            key = (m.tensor.untyped_storage().data_ptr(), m.tensor.storage_offset(),
+                   tuple(m.tensor.shape), tuple(m.tensor.stride()))
+            for j, other in seen.get(key, []):
+                if j != i and other.axis != m.axis:
+                    pair = m.tensor.numel() / max(m.tensor.shape[m.axis] *
+                                                  m.tensor.shape[other.axis], 1)
+                    out.append((j, i, _positions(other, targets[j].groups.num_groups),
+                                _positions(m, t.groups.num_groups), pair * element_cost(m)))
+            seen.setdefault(key, []).append((i, m))
     return out
-
-
-def _dense(module) -> bool:
-    from .groups import _dense_types
-
-    return isinstance(module, _dense_types())
 
 
 def module_flops(model, example_inputs, forward_fn=None) -> dict[str, int]:

@@ -290,26 +290,45 @@ def test_params_and_flops_of_a_sequential_match_the_compacted_model(measure):
     assert abs(left - 0.4 * dense) <= unit
 
 
-@pytest.mark.parametrize("measure", ["params", "flops"])
-def test_coupled_costs_are_what_the_compacted_model_lost(measure):
-    """Per-group params (n_g) and FLOPs (flop counter on the example input) of GPT-2's heads
-    and neurons: what the target counts removed is what compaction removes."""
-    pytest.importorskip("transformers")
+def _coupled_case(name):
+    """(model, presets, example input, loss) of a tiny GPT-2 (heads, neurons) or the demo's
+    ResNet (channel sets; a conv between two of them is a member of both)."""
     torch.manual_seed(0)
-    model = M.gpt2(layers=2, d=32, heads=4)
-    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    if name == "gpt2":
+        pytest.importorskip("transformers")
+        model = M.gpt2(layers=2, d=32, heads=4)
+        x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+        return model, ("heads", "neurons"), x, lambda: model(x, labels=x).loss
+    pytest.importorskip("torch_pruning")
+    from fastprox.demo.experiments import digits_resnet
+
+    model = digits_resnet()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
+    return model, "channels", x, lambda: nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet"])
+@pytest.mark.parametrize("measure", ["params", "flops"])
+def test_coupled_costs_are_what_the_compacted_model_lost(measure, name):
+    """Per-group params (n_g) and FLOPs (flop counter on the example input) of GPT-2's heads
+    and neurons and of a ResNet's channels (elements two sets both hold counted once): what
+    the target counts removed is what compaction removes."""
+    model, presets, x, loss = _coupled_case(name)
     target = fastprox.SparsityTarget(kept=0.5, by_step=6, measure=measure, example_input=x)
-    reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=1e-3, target=target)
+    reg = fastprox.Regularizer(model, presets, lam=1e-3, target=target,
+                               **({"example_inputs": x[:1]} if name == "resnet" else {}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     reg.attach(opt)
     dense_model = copy.deepcopy(model)
     for _ in range(8):
         opt.zero_grad()
-        model(x, labels=x).loss.backward()
+        loss().backward()
         opt.step()
     pools = {p.name: p for p in reg.controller.pools}
-    assert set(pools) == {"heads", "neurons"}
+    assert set(pools) == ({"heads", "neurons"} if name == "gpt2" else {"channels"})
     removed = sum((1 - reg.controller.reached[n]) * p.total for n, p in pools.items())
+    assert removed > 0
     small = fastprox.compact(model, reg).model
     if measure == "params":
         lost = sum(p.numel() for p in dense_model.parameters()) - \
@@ -317,9 +336,9 @@ def test_coupled_costs_are_what_the_compacted_model_lost(measure):
     else:
         lost = fastprox.stats.count_flops(dense_model, x) - fastprox.stats.count_flops(small, x)
     assert lost == pytest.approx(removed, rel=1e-9)
-    for name, p in pools.items():  # each pool within one group's cost of half its cost
+    for pool_name, p in pools.items():  # each pool within one group's cost of half its cost
         costs = [layer.cost() for layer in (reg.controller.layers[i] for i in p.members)]
-        assert abs(reg.controller.reached[name] * p.total - 0.5 * p.total) <= \
+        assert abs(reg.controller.reached[pool_name] * p.total - 0.5 * p.total) <= \
             max(float(c.max()) for c in costs)
 
 
@@ -430,3 +449,22 @@ def test_state_of_another_pooling_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pooled.load_state_dict(pooled.state_dict())
+
+
+def test_readme_target_snippet_does_what_it_says():
+    """The README's target snippet, run as written: 25 % of DIGITS's hidden units."""
+    pytest.importorskip("sklearn")
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("## Sparsity targets"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    printed = []
+    scope = {"print": lambda *a: printed.append(a)}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert printed[0] == ({"units": 0.25},)
+    model = scope["model"]
+    alive = [int((m.weight.detach() != 0).any(dim=0).sum()) for m in (model[2], model[4])]
+    assert sum(alive) == 15
+    assert "| units | units | 15/60 | 25.0 % |" in printed[1][0]
