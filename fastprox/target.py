@@ -47,7 +47,8 @@ Sheared-LLaMA do for their L0 masks: every ``every`` steps the fraction the step
 scaled by ``exp(rate * (k - g) / (1 - kept))``. At ``by_step`` (with ``hold=True``) the mask is
 held (removed groups are reset to zero after every step) and the strengths drop to 0, so that
 what is left recovers from the shrinkage. ``controller.reached`` (per pool) is the fraction left
-then. A pool the schedule cannot reach (``min_kept`` in the way; groups that were zero before a
+then (with ``hold=False`` too, the budget then going on at the target). A pool the schedule
+cannot reach (``min_kept`` in the way; groups that were zero before a
 step, which no copy brings back) warns at the step that makes it clear.
 
 The copy costs one read and one write of the controlled weights per step until ``by_step``
@@ -79,7 +80,7 @@ class SparsityTarget:
     layers: tuple | None = None  # names of the targets (or L0 gates' layers) counted; None: all
     start: int = 0
     every: int = 1  # steps between two updates of the strengths
-    rate: float = 0.05
+    rate: float = 0.1
     hold: bool = True
     example_input: object = None
 
@@ -338,14 +339,15 @@ class Controller:
         costs = [layer.cost() for layer in self.layers]
         fractions = self.fractions(alive, costs)
         self.history.append((self.steps, sum(fractions.values()) / len(fractions)))
-        if t.hold and self.steps >= t.by_step:
-            self.held = [a.clone() for a in alive]
+        if self.steps >= t.by_step and self.reached is None:  # what by_step reached
             self.reached = fractions
             for p in self.pools:
                 left = fractions[p.name] * p.total
                 if abs(left - (p.total - p.remove)) > self._unit(p, costs) + 1e-9:
                     self._warn(p, f"reached {fractions[p.name]:.4f} at step {self.steps}, not "
                                   f"{t.kept}")
+        if t.hold and self.steps >= t.by_step:
+            self.held = [a.clone() for a in alive]
         self._apply()
 
     def _counted(self, pool: Pool) -> bool:
@@ -507,24 +509,7 @@ class Controller:
         steps = state["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{fn}: steps must be an int >= 0, got {steps!r}")
-        held = state["held"]
-        if held is not None:
-            if not isinstance(held, (list, tuple)) or len(held) != len(self.layers):
-                count = len(held) if isinstance(held, (list, tuple)) else type(held).__name__
-                raise ValueError(f"{fn}: held must be None or one mask per controlled layer "
-                                 f"({len(self.layers)}), got {count}")
-            checked = []
-            for layer, mask in zip(self.layers, held):
-                shape = (layer.size,)
-                if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
-                        or tuple(mask.shape) != shape:
-                    got = (f"{mask.dtype} of shape {tuple(mask.shape)}"
-                           if isinstance(mask, torch.Tensor) else type(mask).__name__)
-                    raise ValueError(f"{fn}: the held mask of {layer.name} must be a bool "
-                                     f"tensor of shape {shape} (one entry per group), got "
-                                     f"{got}: a state from a model of another width?")
-                checked.append(mask.detach().to("cpu").clone())
-            held = checked
+        held = self._masks(state["held"], "held", fn)
         reached = state["reached"]
         names = {p.name for p in self.pools}
         if not (reached is None or isinstance(reached, dict) and set(reached) == names
@@ -538,6 +523,27 @@ class Controller:
             raise ValueError(f"{fn}: history must be a list of (step, fraction) pairs")
         return (list(log_scale), steps, held, None if reached is None else dict(reached),
                 [tuple(h) for h in history])
+
+    def _masks(self, masks, key: str, fn: str):
+        """None, or one bool mask per controlled layer (one entry per group), copied."""
+        if masks is None:
+            return None
+        if not isinstance(masks, (list, tuple)) or len(masks) != len(self.layers):
+            count = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
+            raise ValueError(f"{fn}: {key} must be None or one mask per controlled layer "
+                             f"({len(self.layers)}), got {count}")
+        checked = []
+        for layer, mask in zip(self.layers, masks):
+            shape = (layer.size,)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                    or tuple(mask.shape) != shape:
+                got = (f"{mask.dtype} of shape {tuple(mask.shape)}"
+                       if isinstance(mask, torch.Tensor) else type(mask).__name__)
+                raise ValueError(f"{fn}: the {key} mask of {layer.name} must be a bool tensor "
+                                 f"of shape {shape} (one entry per group), got {got}: a state "
+                                 "from a model of another width?")
+            checked.append(mask.detach().to("cpu").clone())
+        return checked
 
 
 def _relative(score: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:

@@ -50,3 +50,17 @@ def test_model_steps_agree():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_target_study_runs_a_row_of_each_table():
+    """bench/target_study.py (the README's target tables) on a few steps: each study's row
+    trains and reports its pools."""
+    import target_study
+
+    pytest.importorskip("sklearn")
+    digits = target_study.run_digits(kept=0.25, lam=1e-3, steps=6, by_step=3)
+    assert digits["reached"] == {"units": 0.25} and len(digits["widths"]) == 3
+    pytest.importorskip("transformers")
+    row = target_study.run_transformer("llama", 1e-3, steps=4, by_step=2, layers=1)
+    assert row["reached"] == {"heads": 0.5, "neurons": 0.5} and len(row["losses"]) == 4
+    assert row["warnings"] == []

@@ -86,6 +86,7 @@ def test_units_are_counted_per_layer(quick_run):
             reference = by_name[r.method.scratch_of]
             assert [t for _, t in r.units] == [k for k, _ in reference.units]
             assert r.params[0] == reference.params[0]
+            assert len(r.inits) == 3 and r.metric == sorted(r.inits)[1]
         else:
             assert [t for _, t in r.units] == totals[r.method.task]
         assert all(0 <= k <= t for k, t in r.units)

@@ -262,7 +262,8 @@ def test_hold_false_keeps_the_target_and_the_strength_after_by_step():
         dead = _plain_dead(model, ["0.weight", "2.weight", "4.weight"])
         assert dead["0.weight"] <= 6 and dead["2.weight"] + dead["4.weight"] <= 40
     assert dead["0.weight"] == 6 and dead["2.weight"] + dead["4.weight"] == 40
-    assert reg.controller.held is None and reg.controller.reached is None
+    assert reg.controller.held is None
+    assert reg.controller.reached == {"features": 0.5, "units": 0.5}  # at by_step
     assert reg.targets["2.weight"].lam_group > 0
 
 
@@ -378,6 +379,45 @@ def test_resume_from_a_checkpoint_is_bitwise(optimizer, stop):
         assert torch.equal(a, b), name
     assert reg_b.controller.state_dict()["log_scale"] == reg.controller.state_dict()["log_scale"]
     assert reg_b.controller.reached == reg.controller.reached
+
+
+@pytest.mark.parametrize("stop", [5, 14])  # mid-ramp; after the hold
+def test_resume_of_coupled_heads_and_neurons_is_bitwise(stop):
+    pytest.importorskip("transformers")
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        model = M.llama(layers=2, d=32, heads=4, kv_heads=2, ff=48)
+        reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=1e-2,
+                                   target=fastprox.SparsityTarget(kept=0.5, by_step=10))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        reg.attach(opt)
+        return model, reg, opt
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x, labels=x).loss.backward()
+            opt.step()
+
+    model, reg, opt = build()
+    train(model, opt, 18)
+    first, reg_a, opt_a = build()
+    train(first, opt_a, stop)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt_a.state_dict(),
+                "reg": reg_a.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    again, reg_b, opt_b = build()
+    again.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["opt"])
+    reg_b.load_state_dict(saved["reg"])
+    train(again, opt_b, 18 - stop)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert reg_b.controller.reached == reg.controller.reached == {"heads": 0.5, "neurons": 0.5}
 
 
 def test_l0_gates_follow_the_schedule():

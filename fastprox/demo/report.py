@@ -49,7 +49,9 @@ def _baseline(rows: list[Result], r: Result) -> Result | None:
 def _label(r: Result) -> str:
     reached = r.target_reached
     if r.method.scratch_of is not None:
-        return f"{r.method.label} ({'-'.join(str(k) for k, _ in r.units)})"
+        inits = " / ".join(f"{100 * m:.1f}" for m in r.inits)
+        return (f"{r.method.label} ({'-'.join(str(k) for k, _ in r.units)}; "
+                f"{len(r.inits)} inits: {inits} %, the median's row)")
     if reached is None:
         return r.method.label
     return r.method.label + ": reached " + ", ".join(f"{pool} {100 * v:.1f} %"
@@ -128,7 +130,8 @@ def as_json(results: list[Result]) -> list[dict]:
                  zeros=r.zeros, max_diff=r.max_diff, same_predictions=r.same_predictions,
                  kept_inputs=None if r.kept_inputs is None else r.kept_inputs.tolist(),
                  kinds=list(r.kinds), flops=r.flops, latency_ms=r.latency_ms,
-                 target=r.method.target, target_reached=r.target_reached)
+                 target=r.method.target, target_reached=r.target_reached,
+                 inits=list(r.inits))
             for r in results]
 
 
