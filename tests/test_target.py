@@ -44,6 +44,16 @@ def _step(model, opt, x, y):
     opt.step()
 
 
+def _attached(target, lam, model=None, optimizer="adamw"):
+    """(model, regularizer, optimizer): group lasso at ``lam`` with ``target`` on ``_wide()``
+    (or ``model``), attached."""
+    model = _wide() if model is None else model
+    reg = fastprox.Regularizer(model, "group_lasso", lam=lam, target=target)
+    opt = _optimizer(optimizer, model)
+    reg.attach(opt)
+    return model, reg, opt
+
+
 def _schedule(total, kept, by_step, step):
     """What the schedule allows removed at ``step`` (units): counted here, apart from the
     controller's code."""
@@ -63,12 +73,9 @@ def test_plain_pools_follow_the_schedule_at_every_step(optimizer, lam):
     once, each pool (the input features; the hidden units) is on its schedule after every step,
     and at the target from by_step on."""
     x, y = _data()
-    model = _wide()
     kept, by_step = 0.3, 30
-    target = fastprox.SparsityTarget(kept=kept, by_step=by_step)
-    reg = fastprox.Regularizer(model, "group_lasso", lam=lam, target=target)
-    opt = _optimizer(optimizer, model)
-    reg.attach(opt)
+    model, reg, opt = _attached(fastprox.SparsityTarget(kept=kept, by_step=by_step), lam,
+                                optimizer=optimizer)
     pools = {"features": ["0.weight"], "units": ["2.weight", "4.weight"]}
     totals = {"features": 12, "units": 48 + 32}
     assert [p.name for p in reg.controller.pools] == list(pools)
@@ -154,11 +161,7 @@ def test_groups_over_the_budget_get_their_value_from_before_the_step():
 ])
 def test_pools(options, pools):
     x, y = _data()
-    model = _wide()
-    target = fastprox.SparsityTarget(kept=0.25, by_step=20, **options)
-    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-3, target=target)
-    opt = _optimizer("adamw", model)
-    reg.attach(opt)
+    model, reg, opt = _attached(fastprox.SparsityTarget(kept=0.25, by_step=20, **options), 1e-3)
     for _ in range(22):
         _step(model, opt, x, y)
     assert list(reg.controller.reached) == pools
@@ -252,11 +255,7 @@ def test_groups_zero_before_the_step_warn_that_the_pool_is_ahead():
 
 def test_hold_false_keeps_the_target_and_the_strength_after_by_step():
     x, y = _data()
-    model = _wide()
-    target = fastprox.SparsityTarget(kept=0.5, by_step=10, hold=False)
-    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-2, target=target)
-    opt = _optimizer("adamw", model)
-    reg.attach(opt)
+    model, reg, opt = _attached(fastprox.SparsityTarget(kept=0.5, by_step=10, hold=False), 1e-2)
     for _ in range(25):
         _step(model, opt, x, y)
         dead = _plain_dead(model, ["0.weight", "2.weight", "4.weight"])
@@ -270,11 +269,8 @@ def test_hold_false_keeps_the_target_and_the_strength_after_by_step():
 @pytest.mark.parametrize("measure", ["params", "flops"])
 def test_params_and_flops_of_a_sequential_match_the_compacted_model(measure):
     x, y = _data()
-    model = _wide()
-    target = fastprox.SparsityTarget(kept=0.4, by_step=30, measure=measure)
-    reg = fastprox.Regularizer(model, "group_lasso", lam=1e-3, target=target)
-    opt = _optimizer("adamw", model)
-    reg.attach(opt)
+    model, reg, opt = _attached(fastprox.SparsityTarget(kept=0.4, by_step=30, measure=measure),
+                                1e-3)
     for _ in range(32):
         _step(model, opt, x, y)
     (pool,) = reg.controller.pools
@@ -295,9 +291,10 @@ def _coupled_case(name):
     """(model, presets, example input, loss) of a tiny GPT-2 (heads, neurons) or the demo's
     ResNet (channel sets; a conv between two of them is a member of both)."""
     torch.manual_seed(0)
-    if name == "gpt2":
+    if name in ("gpt2", "llama"):
         pytest.importorskip("transformers")
-        model = M.gpt2(layers=2, d=32, heads=4)
+        model = M.gpt2(layers=2, d=32, heads=4) if name == "gpt2" else \
+            M.llama(layers=2, d=32, heads=4, kv_heads=2, ff=48)
         x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
         return model, ("heads", "neurons"), x, lambda: model(x, labels=x).loss
     pytest.importorskip("torch_pruning")
@@ -309,11 +306,11 @@ def _coupled_case(name):
     return model, "channels", x, lambda: nn.functional.cross_entropy(model(x), y)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "resnet"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "resnet"])
 @pytest.mark.parametrize("measure", ["params", "flops"])
 def test_coupled_costs_are_what_the_compacted_model_lost(measure, name):
-    """Per-group params (n_g) and FLOPs (flop counter on the example input) of GPT-2's heads
-    and neurons and of a ResNet's channels (elements two sets both hold counted once): what
+    """Per-group params (n_g) and FLOPs (flop counter on the example input) of GPT-2's and
+    Llama's (GQA) heads and neurons and of a ResNet's channels (elements two sets both hold counted once): what
     the target counts removed is what compaction removes."""
     model, presets, x, loss = _coupled_case(name)
     target = fastprox.SparsityTarget(kept=0.5, by_step=6, measure=measure, example_input=x)
@@ -327,7 +324,7 @@ def test_coupled_costs_are_what_the_compacted_model_lost(measure, name):
         loss().backward()
         opt.step()
     pools = {p.name: p for p in reg.controller.pools}
-    assert set(pools) == ({"heads", "neurons"} if name == "gpt2" else {"channels"})
+    assert set(pools) == ({"channels"} if name == "resnet" else {"heads", "neurons"})
     removed = sum((1 - reg.controller.reached[n]) * p.total for n, p in pools.items())
     assert removed > 0
     small = fastprox.compact(model, reg).model
@@ -343,9 +340,28 @@ def test_coupled_costs_are_what_the_compacted_model_lost(measure, name):
             max(float(c.max()) for c in costs)
 
 
-def _run(model, reg, opt, x, y, steps):
-    for _ in range(steps):
-        _step(model, opt, x, y)
+def _resumed(build, train, steps: int, stop: int):
+    """(straight, resumed): ``build() -> (model, reg, opt)`` trained ``steps`` steps straight,
+    and trained ``stop`` steps, saved (model, optimizer, regularizer) through torch.save, loaded
+    into a fresh build and trained the rest."""
+    straight = build()
+    train(straight, steps)
+    first = build()
+    train(first, stop)
+    buffer = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[2].state_dict(),
+                "reg": first[1].state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    again = build()
+    again[0].load_state_dict(saved["model"])
+    again[2].load_state_dict(saved["opt"])
+    again[1].load_state_dict(saved["reg"])
+    train(again, steps - stop)
+    for (name, a), b in zip(straight[0].state_dict().items(), again[0].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert again[1].controller.log_scale == straight[1].controller.log_scale
+    return straight, again
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -354,31 +370,15 @@ def test_resume_from_a_checkpoint_is_bitwise(optimizer, stop):
     x, y = _data()
 
     def build():
-        model = _wide()
-        reg = fastprox.Regularizer(model, "group_lasso", lam=1e-2,
-                                   target=fastprox.SparsityTarget(kept=0.3, by_step=20))
-        opt = _optimizer(optimizer, model)
-        reg.attach(opt)
-        return model, reg, opt
+        return _attached(fastprox.SparsityTarget(kept=0.3, by_step=20), 1e-2,
+                         optimizer=optimizer)
 
-    model, reg, opt = build()
-    _run(model, reg, opt, x, y, 35)
-    first, reg_a, opt_a = build()
-    _run(first, reg_a, opt_a, x, y, stop)
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt_a.state_dict(),
-                "reg": reg_a.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    again, reg_b, opt_b = build()
-    again.load_state_dict(saved["model"])
-    opt_b.load_state_dict(saved["opt"])
-    reg_b.load_state_dict(saved["reg"])
-    _run(again, reg_b, opt_b, x, y, 35 - stop)
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert reg_b.controller.state_dict()["log_scale"] == reg.controller.state_dict()["log_scale"]
-    assert reg_b.controller.reached == reg.controller.reached
+    def train(built, steps):
+        for _ in range(steps):
+            _step(built[0], built[2], x, y)
+
+    straight, again = _resumed(build, train, 35, stop)
+    assert again[1].controller.reached == straight[1].controller.reached
 
 
 @pytest.mark.parametrize("stop", [5, 14])  # mid-ramp; after the hold
@@ -395,29 +395,15 @@ def test_resume_of_coupled_heads_and_neurons_is_bitwise(stop):
         reg.attach(opt)
         return model, reg, opt
 
-    def train(model, opt, steps):
+    def train(built, steps):
         for _ in range(steps):
-            opt.zero_grad()
-            model(x, labels=x).loss.backward()
-            opt.step()
+            built[2].zero_grad()
+            built[0](x, labels=x).loss.backward()
+            built[2].step()
 
-    model, reg, opt = build()
-    train(model, opt, 18)
-    first, reg_a, opt_a = build()
-    train(first, opt_a, stop)
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt_a.state_dict(),
-                "reg": reg_a.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    again, reg_b, opt_b = build()
-    again.load_state_dict(saved["model"])
-    opt_b.load_state_dict(saved["opt"])
-    reg_b.load_state_dict(saved["reg"])
-    train(again, opt_b, 18 - stop)
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert reg_b.controller.reached == reg.controller.reached == {"heads": 0.5, "neurons": 0.5}
+    straight, again = _resumed(build, train, 18, stop)
+    assert again[1].controller.reached == straight[1].controller.reached == \
+        {"heads": 0.5, "neurons": 0.5}
 
 
 def test_l0_gates_follow_the_schedule():
