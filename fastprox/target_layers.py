@@ -290,6 +290,11 @@ def sequential_costs(model, example_input, sparsity_stats, measure: str) -> dict
     weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
 
     def costs_of(name: str, size: int):
+        if name not in names:
+            raise ValueError(f"SparsityTarget: {name} is not the weight of a Linear / conv layer "
+                             f"of the nn.Sequential (those are {names}); measure="
+                             f"{measure!r} counts their compacted {measure}")
+
         def costs():  # counted again once a weight has changed (its version moved)
             key = tuple(w._version for w in weights)
             if cache.get("key") != key:

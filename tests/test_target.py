@@ -440,6 +440,10 @@ def test_bad_targets_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="target.layers names no regularized"):
         fastprox.Regularizer(_wide(), "group_lasso", 1e-3,
                              target=fastprox.SparsityTarget(kept=0.5, by_step=5, layers=("9",)))
+    with pytest.raises(ValueError, match="SparsityTarget: 0.bias is not the weight of a Linear"):
+        fastprox.Regularizer(_wide(), "group_lasso", 1e-3, bias_l1=1e-3,
+                             target=fastprox.SparsityTarget(kept=0.5, by_step=5, measure="params",
+                                                            layers=("0.weight", "0.bias")))
     for options in (dict(per_layer=True), dict(uniform=True)):
         with pytest.raises(ValueError, match="one pool: the params of the compacted model"):
             fastprox.Regularizer(_wide(), "group_lasso", 1e-3, target=fastprox.SparsityTarget(
