@@ -186,7 +186,8 @@ class Regularizer:
                 layers.append(_layers.coupled_layer(t, coupled_costs.get(name)))
             else:
                 dims = _checks.normalize_dim(t.dim, t.param, "Regularizer")
-                kind = "features" if name == first else "units"
+                # the first layer's inputs are the model's features; its rows are units
+                kind = "features" if name == first and 1 not in dims else "units"
                 size = math.prod(s for d, s in enumerate(t.param.shape) if d not in dims)
                 layers.append(_layers.plain_layer(t, dims, kind, None if costs is None
                                                   else costs(name, size)))

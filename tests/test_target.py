@@ -498,3 +498,15 @@ def test_readme_target_snippet_does_what_it_says():
     alive = [int((m.weight.detach() != 0).any(dim=0).sum()) for m in (model[2], model[4])]
     assert sum(alive) == 15
     assert "| units | units | 15/60 | 25.0 % |" in printed[1][0]
+
+
+def test_pool_kinds_follow_what_the_groups_are():
+    """The first layer's columns are the model's input features; rows (a preset whose groups
+    are output units) are units, whatever the layer."""
+    kinds = {}
+    for preset in ("group_lasso", "lasso"):
+        reg = fastprox.Regularizer(_wide(), preset, lam=1e-3,
+                                   target=fastprox.SparsityTarget(kept=0.5, by_step=5))
+        kinds[preset] = [(layer.name, layer.kind, layer.size) for layer in reg.controller.layers]
+    assert kinds["group_lasso"][0] == ("0.weight", "features", 12)
+    assert kinds["lasso"][0] == ("0.weight", "units", 48)
