@@ -159,9 +159,8 @@ class Regularizer:
                                  "units")
             from .stats import sparsity_stats
 
-            count = _layers.sequential_count(model, target.example_input, sparsity_stats)
-            costs = _layers.sequential_costs(model, target.example_input, sparsity_stats,
-                                             target.measure)
+            count, costs = _layers.sequential_counts(model, target.example_input,
+                                                     sparsity_stats, target.measure)
         coupled_names = [n for n in names if n not in plain]
         coupled = [every[n] for n in coupled_names]
         coupled_costs, overlaps = {}, []

@@ -115,9 +115,6 @@ class SparsityTarget:
         """The part of the removal the schedule allows at ``step``: 0 at start, 1 at by_step."""
         return min(max((step - self.start) / (self.by_step - self.start), 0.0), 1.0)
 
-    def goal(self, step: int) -> float:
-        return 1.0 - (1.0 - self.kept) * self.ramp(step)
-
     def floor(self, groups: int) -> int:
         """The fewest groups ``min_kept`` leaves in a layer of ``groups``."""
         m = self.min_kept
@@ -134,7 +131,9 @@ class Layer:
     times their base; ``save()`` copies its tensors (the state before a step), ``restore(state,
     mask)`` puts back the groups of ``mask`` from such a copy, ``saved(state)`` measures a copy.
     ``kind`` names its pool by default; ``costs`` (float64, per group, or a callable giving them)
-    is what a group's removal saves for ``params`` / ``flops`` (None: 1 per group)."""
+    is what a group's removal saves for ``params`` / ``flops`` (None: 1 per group);
+    ``storages``: the data pointers of the tensors it writes (two layers that share one, a conv
+    in two channel sets, are kept consistent after a restore)."""
 
     name: str
     kind: str
@@ -146,6 +145,7 @@ class Layer:
     restore: object
     saved: object
     costs: object = None
+    storages: tuple = ()
 
     def cost(self) -> torch.Tensor:
         if self.costs is None:
@@ -203,6 +203,10 @@ class Controller:
             raise ValueError("SparsityTarget: nothing to control (no regularized layer matches)")
         self.target, self.layers, self.count = target, layers, count
         self.overlaps = list(overlaps)
+        # per layer, the other layers that write one of its tensors
+        self._sharing = [{j for j, other in enumerate(layers)
+                          if j != i and set(layer.storages) & set(other.storages)}
+                         for i, layer in enumerate(layers)]
         self.pools = self._pools()
         self.log_scale = [0.0] * len(self.pools)
         self.steps = 0
@@ -322,12 +326,13 @@ class Controller:
         scores = [s for _, s in measured]
         costs = [layer.cost() for layer in self.layers]
         natural = [self._removed(p, alive, costs) for p in self.pools]
-        restored = False
+        restored = set()
         for p in self.pools:
             restored |= self._budget(p, alive, scores, costs)
-        if restored:  # a tensor in two layers (a conv in two sets): the removed stay zero
-            for layer, a in zip(self.layers, alive):
-                layer.remove(~a)
+        # a restored slice of a tensor another layer also holds (a conv in two sets) may have
+        # brought back elements of that layer's removed groups: they are zeroed again
+        for i in set().union(*(self._sharing[k] for k in restored)):
+            self.layers[i].remove(~alive[i])
         self._saved = None
         if self.steps % t.every == 0:
             span = max(1.0 - t.kept, 1e-3)
@@ -363,15 +368,15 @@ class Controller:
         return max((float(costs[i].max()) for i in pool.members if self.layers[i].size),
                    default=0.0)
 
-    def _budget(self, pool: Pool, alive: list, scores: list, costs: list) -> bool:
-        """Brings the pool's removal to the schedule (module docstring); True when groups were
-        restored from the copy."""
+    def _budget(self, pool: Pool, alive: list, scores: list, costs: list) -> set:
+        """Brings the pool's removal to the schedule (module docstring); the layers whose
+        groups were restored from the copy."""
         layers = self.layers
         allowed = self.allowed(pool, self.steps)
         removed = self._removed(pool, alive, costs)
         floors = {i: self.target.floor(layers[i].size) for i in pool.members}
         below = any(int(alive[i].sum()) < floors[i] for i in pool.members)
-        restored = False
+        restored = set()
         if (removed > allowed + 1e-9 or below) and self._saved is not None:
             restored = self._restore(pool, alive, costs, allowed, floors)
             if not self._counted(pool):
@@ -387,14 +392,16 @@ class Controller:
             removed = self._removed(pool, alive, costs)
         return restored
 
-    def _restore(self, pool, alive, costs, allowed, floors) -> bool:
+    def _restore(self, pool, alive, costs, allowed, floors) -> set:
         layers = self.layers
-        before = {i: layers[i].saved(self._saved[i]) for i in pool.members}
-        # the groups the step removed, weakest before the step first; those already zero before
-        # it have no value to go back to
+        # the groups the step removed, weakest before the step first (the copy is measured
+        # only where the step left a group removed); those already zero before it have no
+        # value to go back to
         candidates = []
         for i in pool.members:
-            was, score = before[i]
+            if not bool((~alive[i]).any()):
+                continue
+            was, score = layers[i].saved(self._saved[i])
             score = _relative(score, was)
             dead = torch.nonzero(~alive[i]).flatten()
             candidates += zip(was[dead].tolist(), score[dead].tolist(), [i] * len(dead),
@@ -428,7 +435,7 @@ class Controller:
             self._warn(pool, f"{stuck} groups were zero before the proximal step of step "
                              f"{self.steps} (the optimizer left them there): ahead of the "
                              "schedule, and no copy brings them back")
-        return any(back.values())
+        return {i for i, groups in back.items() if groups}
 
     def _force(self, pool, alive, scores, costs, room, floors) -> bool:
         layers = self.layers

@@ -1,5 +1,9 @@
 """The layers a sparsity target controls (fastprox/target.py), and what their groups cost.
 
+The layers write their tensors in place under ``torch.no_grad`` (not through ``.data``), so
+that a tensor's version moves with every write: the counts of an ``nn.Sequential`` are cached
+on those versions.
+
 * ``plain_layer``: a plain target of a Regularizer, its groups along ``dims``;
 * ``coupled_layer``: a coupled set, its groups over every member;
 * ``coupled_costs``: per group of a coupled set, the parameters (``n_g``, every element of
@@ -10,7 +14,7 @@
   weight in two sets along two axes (a conv between two channel sets: its output channels in
   one, its input channels in the next) has the elements of a removed group of each in both
   costs: ``overlaps`` says how many, and the controller counts them once;
-* ``sequential_count`` / ``sequential_costs``: the plain presets on an ``nn.Sequential``: params
+* ``sequential_counts``: the plain presets on an ``nn.Sequential``: params
   and FLOPs left as ``fastprox.sparsity_stats`` counts them on the compacted model, and per
   group, what removing one more group of a layer saves now (a column of its own weight, and its
   share of the unit the layer before makes).
@@ -54,11 +58,12 @@ def plain_layer(target, dims: list[int], kind: str, costs=None) -> Layer:
 
     kept = [d for d in range(w.dim()) if d not in dims]
 
+    @torch.no_grad()
     def remove(mask):
         if len(kept) == 1:  # the groups along one dimension: only their slices are written
-            w.data.index_fill_(kept[0], torch.nonzero(mask).flatten().to(w.device), 0)
+            w.index_fill_(kept[0], torch.nonzero(mask).flatten().to(w.device), 0)
         else:
-            w.data.mul_(~_broadcast(mask.reshape(_kept_shape(w, dims)), w, dims))
+            w.mul_(~_broadcast(mask.reshape(_kept_shape(w, dims)), w, dims))
 
     def scale(s):
         target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
@@ -69,16 +74,17 @@ def plain_layer(target, dims: list[int], kind: str, costs=None) -> Layer:
             buffer[:] = [torch.empty_like(w, memory_format=torch.contiguous_format)]
         return buffer[0].copy_(w.detach())
 
+    @torch.no_grad()
     def restore(state, mask):
         if len(kept) == 1:
             where = torch.nonzero(mask).flatten().to(w.device)
-            w.data.index_copy_(kept[0], where, state.index_select(kept[0], where))
+            w.index_copy_(kept[0], where, state.index_select(kept[0], where))
         else:
             keep = _broadcast(mask.reshape(_kept_shape(w, dims)), w, dims)
-            w.data.copy_(torch.where(keep, state, w.data))
+            w.copy_(torch.where(keep, state, w))
 
     return Layer(target.name, kind, size, lambda: measured(w.detach()), remove, scale, save,
-                 restore, measured, costs)
+                 restore, measured, costs, (w.untyped_storage().data_ptr(),))
 
 
 def _kept_shape(w: torch.Tensor, dims: list[int]) -> tuple:
@@ -106,9 +112,10 @@ def coupled_layer(target, costs=None) -> Layer:
     def positions(mask, m):
         return torch.nonzero(mask[m.index]).flatten().to(m.tensor.device)
 
+    @torch.no_grad()
     def remove(mask):
         for m in g.slices:
-            m.tensor.data.index_fill_(m.axis, positions(mask, m), 0)
+            m.tensor.index_fill_(m.axis, positions(mask, m), 0)
 
     def scale(s):
         target.lam_l1, target.lam_group, target.lam_exclusive = (s * b for b in base)
@@ -121,14 +128,16 @@ def coupled_layer(target, costs=None) -> Layer:
                           for m in g.slices]
         return [b.copy_(m.tensor.detach()) for b, m in zip(buffers, g.slices)]
 
+    @torch.no_grad()
     def restore(state, mask):
         for m, saved in zip(g.slices, state):
             where = positions(mask, m)
-            m.tensor.data.index_copy_(m.axis, where, saved.index_select(m.axis, where))
+            m.tensor.index_copy_(m.axis, where, saved.index_select(m.axis, where))
 
     return Layer(target.name, _kind(target), g.num_groups,
                  lambda: measured([m.tensor for m in g.slices]), remove, scale, save, restore,
-                 measured, costs)
+                 measured, costs,
+                 tuple({m.tensor.untyped_storage().data_ptr() for m in g.slices}))
 
 
 def _kind(target) -> str:
@@ -238,45 +247,50 @@ def module_flops(model, example_inputs, forward_fn=None) -> dict[str, int]:
     return out
 
 
-def sequential_count(model, example_input, sparsity_stats):
-    """(left, dense) params or FLOPs of the compacted model, from ``sparsity_stats``
-    (fastprox.stats, passed in: it imports compaction, which imports the L0 gates)."""
+def sequential_counts(model, example_input, sparsity_stats, measure: str):
+    """``(count, costs_of)`` for the plain presets on an ``nn.Sequential``: ``count(measure)
+    -> (left, dense)`` params or FLOPs of the compacted model, and ``costs_of(name, size)`` a
+    callable giving, per input group of that weight, what removing one more saves now (module
+    docstring). Both read one ``sparsity_stats`` (fastprox.stats, passed in: it imports
+    compaction, which imports the L0 gates), counted again only once a weight has changed (its
+    version moved): the controller asks many times a step."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
+    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
+    cache = {}
+
+    def stats():
+        key = tuple(w._version for w in weights)
+        if cache.get("key") != key:
+            counted = sparsity_stats(model, None, example_input=example_input)
+            if measure == "flops" and counted.flops_dense is None:
+                raise ValueError("SparsityTarget: FLOPs of conv layers need example_input")
+            cache.update(key=key, stats=counted, costs=None)
+        return cache["stats"]
 
     def count(measure: str) -> tuple[float, float]:
-        stats = sparsity_stats(model, None, example_input=example_input)
+        counted = stats()
         if measure == "flops":
-            if stats.flops_dense is None:
-                raise ValueError("SparsityTarget: FLOPs of conv layers need example_input")
-            return float(stats.flops_remaining), float(stats.flops_dense)
+            return float(counted.flops_remaining), float(counted.flops_dense)
         left = dense = 0
-        for layer in stats.layers:
+        for layer in counted.layers:
             per_pair = layer.numel // max(layer.inputs_total * layer.outputs_total, 1)
             left += layer.outputs_kept * layer.inputs_kept * per_pair + layer.outputs_kept
             dense += layer.numel + layer.outputs_total
         return float(left), float(dense)
 
-    return count
-
-
-def sequential_costs(model, example_input, sparsity_stats, measure: str) -> dict:
-    """Per weighted layer of an ``nn.Sequential`` (by its weight's name), a callable giving the
-    cost of removing one more of its input groups, now (module docstring)."""
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
-    cache = {}
-
     def per_layer() -> dict[str, float]:
-        stats = sparsity_stats(model, None, example_input=example_input)
-        if measure == "flops" and stats.flops_dense is None:
-            raise ValueError("SparsityTarget: FLOPs of conv layers need example_input")
+        counted = stats()
+        if cache["costs"] is not None:
+            return cache["costs"]
         out = {}
-        for k, layer in enumerate(stats.layers):
+        for k, layer in enumerate(counted.layers):
             pair = layer.numel / max(layer.inputs_total * layer.outputs_total, 1)
             positions = 1.0
             if measure == "flops":
-                positions = stats.layers[k].flops_dense / (2 * max(layer.numel, 1))
+                positions = layer.flops_dense / (2 * max(layer.numel, 1))
             cost = layer.outputs_kept * pair * (2 * positions if measure == "flops" else 1)
             if k:
-                prev = stats.layers[k - 1]
+                prev = counted.layers[k - 1]
                 per_unit = layer.inputs_total / max(prev.outputs_total, 1)
                 prev_pair = prev.numel / max(prev.inputs_total * prev.outputs_total, 1)
                 if measure == "flops":
@@ -285,21 +299,14 @@ def sequential_costs(model, example_input, sparsity_stats, measure: str) -> dict
                 else:
                     cost += (prev.inputs_kept * prev_pair + 1) / per_unit
             out[names[k]] = cost
+        cache["costs"] = out
         return out
-
-    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
 
     def costs_of(name: str, size: int):
         if name not in names:
             raise ValueError(f"SparsityTarget: {name} is not the weight of a Linear / conv layer "
                              f"of the nn.Sequential (those are {names}); measure="
                              f"{measure!r} counts their compacted {measure}")
+        return lambda: torch.full((size,), per_layer()[name], dtype=torch.float64)
 
-        def costs():  # counted again once a weight has changed (its version moved)
-            key = tuple(w._version for w in weights)
-            if cache.get("key") != key:
-                cache["values"], cache["key"] = per_layer(), key
-            return torch.full((size,), cache["values"][name], dtype=torch.float64)
-        return costs
-
-    return costs_of
+    return count, costs_of

@@ -510,3 +510,20 @@ def test_pool_kinds_follow_what_the_groups_are():
         kinds[preset] = [(layer.name, layer.kind, layer.size) for layer in reg.controller.layers]
     assert kinds["group_lasso"][0] == ("0.weight", "features", 12)
     assert kinds["lasso"][0] == ("0.weight", "units", 48)
+
+
+def test_a_weight_in_two_sets_keeps_both_sets_removed_groups_zero():
+    """A conv between two channel sets holds the output channels of one and the input channels
+    of the other: giving back a group of one (its whole slice, from the copy) must not bring
+    back the elements of a removed group of the other."""
+    pytest.importorskip("torch_pruning")
+    model, presets, x, _ = _coupled_case("resnet")
+    reg = fastprox.Regularizer(model, presets, lam=10.0, example_inputs=x[:1],
+                               target=fastprox.SparsityTarget(kept=0.5, by_step=4))
+    sharing = [s for s in reg.controller._sharing if s]
+    assert sharing  # the sets do share convs
+    total = sum(t.groups.num_groups for t in reg.coupled.values())
+    for step in range(1, 4):
+        reg.prox_step(lr=1.0)  # zeroes every group; the schedule allows a few
+        dead = sum(int((~t.groups.alive()).sum()) for t in reg.coupled.values())
+        assert dead == _schedule(total, 0.5, 4, step), step
