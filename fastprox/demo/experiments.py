@@ -551,14 +551,13 @@ def run_all(methods: list[str], schedule: Schedule, *, seed: int = 0, device="cp
             splits[method.task] = load(method.task, seed, validation).to(device)
         scratch = next(r for r in results if r.method.name == method.scratch_of) \
             if method.scratch_of else None
-        result = run(method, splits[method.task], schedule.epochs(method.task),
-                     record_every=schedule.record_every, seed=seed, device=device,
-                     progress=progress, scratch=scratch)
-        if scratch is not None:  # small models vary with their init: three of them, the median
-            runs = [result] + [run(method, splits[method.task], schedule.epochs(method.task),
-                                   record_every=schedule.record_every, seed=seed + k,
-                                   device=device, progress=progress, scratch=scratch)
-                               for k in (1, 2)]
+        # small models vary with their init: a from-scratch row takes three, the median's
+        runs = [run(method, splits[method.task], schedule.epochs(method.task),
+                    record_every=schedule.record_every, seed=seed + k, device=device,
+                    progress=progress, scratch=scratch)
+                for k in range(3 if scratch is not None else 1)]
+        result = runs[0]
+        if scratch is not None:
             runs.sort(key=lambda r: r.metric)
             result = dataclasses.replace(runs[1], inits=tuple(r.metric for r in runs))
         log(f"{method.task:8} {method.label:30} {result.metric_name} {result.metric:.4f}  "
