@@ -84,7 +84,7 @@ def plain_layer(target, dims: list[int], kind: str, costs=None) -> Layer:
             w.copy_(torch.where(keep, state, w))
 
     return Layer(target.name, kind, size, lambda: measured(w.detach()), remove, scale, save,
-                 restore, measured, costs, (w.untyped_storage().data_ptr(),))
+                 restore, measured, costs, (w.untyped_storage().data_ptr(),), n * n)
 
 
 def _kept_shape(w: torch.Tensor, dims: list[int]) -> tuple:
@@ -137,7 +137,8 @@ def coupled_layer(target, costs=None) -> Layer:
     return Layer(target.name, _kind(target), g.num_groups,
                  lambda: measured([m.tensor for m in g.slices]), remove, scale, save, restore,
                  measured, costs,
-                 tuple({m.tensor.untyped_storage().data_ptr() for m in g.slices}))
+                 tuple({m.tensor.untyped_storage().data_ptr() for m in g.slices}),
+                 float((root * root).mean()) if len(root) else 1.0)
 
 
 def _kind(target) -> str:

@@ -527,3 +527,68 @@ def test_a_weight_in_two_sets_keeps_both_sets_removed_groups_zero():
         reg.prox_step(lr=1.0)  # zeroes every group; the schedule allows a few
         dead = sum(int((~t.groups.alive()).sum()) for t in reg.coupled.values())
         assert dead == _schedule(total, 0.5, 4, step), step
+
+
+def test_a_cost_pool_weighs_each_layers_strength_by_its_cost_per_unit_of_norm():
+    """FLOPs of 12-48-32-3: a layer's strength is the pool's scale times c / tau over the
+    layers' mean (c: what one of its groups saves, tau: its groups' mean norm times sqrt(n_g)),
+    counted here by hand; a units pool gives every layer the pool's scale alone."""
+    x, y = _data()
+    lam = 1e-3
+    model, reg, opt = _attached(fastprox.SparsityTarget(kept=0.4, by_step=30, measure="flops"),
+                                lam)
+    for _ in range(3):
+        _step(model, opt, x, y)
+    ws = {n: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
+    live = {n: w.norm(dim=0) != 0 for n, w in ws.items()}
+    kept = {n: int(v.sum()) for n, v in live.items()}
+    # a column of 0.weight (an input) saves its 48 products; one of 2.weight (a unit of the
+    # first hidden layer) its 32 and the 12 of its row in 0.weight; one of 4.weight 3 + 48
+    saves = {"0.weight": kept["2.weight"], "2.weight": kept["0.weight"] + kept["4.weight"],
+             "4.weight": kept["2.weight"] + 3}
+    raw = {n: 2 * saves[n] / float((w.norm(dim=0)[live[n]] * math.sqrt(w.shape[0])).mean())
+           for n, w in ws.items()}
+    mean = sum(raw.values()) / 3
+    scale = math.exp(reg.controller.log_scale[0])
+    for n in ws:
+        assert reg.targets[n].lam_group == pytest.approx(lam * scale * raw[n] / mean, rel=1e-6), n
+    assert raw["2.weight"] > raw["0.weight"]  # the costly middle layer shrinks first
+
+    model, reg, opt = _attached(fastprox.SparsityTarget(kept=0.4, by_step=30), lam)
+    for _ in range(3):
+        _step(model, opt, x, y)
+    for i, pool in enumerate(reg.controller.pools):
+        for k in pool.members:
+            name = reg.controller.layers[k].name
+            assert reg.targets[name].lam_group == pytest.approx(
+                lam * math.exp(reg.controller.log_scale[i]), rel=1e-12)
+
+
+def test_a_group_given_back_for_min_kept_leaves_the_pool_on_schedule():
+    """The step empties a layer (the floor gives one group back): the pool is then behind the
+    schedule, and the weakest groups of the other layer make it up, at that same step."""
+    from types import SimpleNamespace
+
+    from fastprox.target import Controller
+    from fastprox.target_layers import plain_layer
+
+    def target(name, shape):
+        return SimpleNamespace(name=name, param=torch.nn.Parameter(torch.randn(shape) + 3.0),
+                               lam_l1=0.0, lam_group=1.0, lam_exclusive=0.0,
+                               size_weighted=True)
+
+    a, b = target("a", (4, 2)), target("b", (4, 6))
+    with torch.no_grad():
+        b.param[:, :3] *= 0.1  # its three weakest groups
+    layers = [plain_layer(a, [0], "units"), plain_layer(b, [0], "units")]
+    c = Controller(fastprox.SparsityTarget(kept=0.5, by_step=1), layers)
+    c.before_step()
+    strongest = int(a.param.detach().norm(dim=0).argmax())
+    with torch.no_grad():
+        a.param.zero_()  # the step removed the whole layer
+    c.after_step()
+    alive_a = a.param.detach().norm(dim=0) != 0
+    alive_b = b.param.detach().norm(dim=0) != 0
+    assert alive_a.tolist() == [i == strongest for i in range(2)]
+    assert alive_b.tolist() == [False] * 3 + [True] * 3
+    assert c.reached == {"units": 0.5}
