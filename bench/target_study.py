@@ -4,6 +4,8 @@ accuracy it costs (the README's "Sparsity targets" tables).
     python bench/target_study.py transformers   # Hugging Face GPT-2 and Llama (GQA), heads and
                                                 # neurons, AdamW lr 1e-3 (and SGD), lam 1e-5..1e-2
     python bench/target_study.py digits         # DIGITS MLP 64-40-20-10, AdamW lr 1e-3
+    python bench/target_study.py scratch        # the demo's DIGITS targets from six seeds,
+                                                # each beside its widths trained from scratch
 
 Each row trains from the same seed; "loss at / after by_step" is the training loss of step
 by_step (its forward pass, before that step's removal) and of the next step (a one-shot removal
@@ -152,12 +154,36 @@ def digits_table() -> str:
     return "\n".join(rows)
 
 
+def scratch_table(seeds: int = 6) -> str:
+    """The demo's two DIGITS targets (25 % of hidden units, 25 % of FLOPs; AdamW lr 1e-3, 300
+    epochs) from several seeds, each beside its widths trained from scratch (three inits)."""
+    from fastprox.demo import experiments as ex
+
+    split = ex.load("digits", 0)
+    epochs = ex.SCHEDULES["default"].epochs("digits")
+    rows = ["| target | seed | widths | pruned while training | from scratch (3 inits) |",
+            "|---|---|---|---|---|"]
+    for name in ("gl-target-hidden", "gl-target-flops"):
+        method = next(m for m in ex.METHODS if m.name == name)
+        scratch = next(m for m in ex.METHODS if m.scratch_of == name)
+        for seed in range(seeds):
+            r = ex.run(method, split, epochs, seed=seed, progress=False)
+            inits = sorted(ex.run(scratch, split, epochs, seed=seed + k, progress=False,
+                                  scratch=r).metric for k in range(3))
+            rows.append(f"| {method.label.split('target ')[-1]} | {seed} | "
+                        f"{'-'.join(str(k) for k, _ in r.units)} | {100 * r.metric:.1f} % | "
+                        f"{' / '.join(f'{100 * a:.1f}' for a in inits)} % |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=("transformers", "digits"))
+    parser.add_argument("study", choices=("transformers", "digits", "scratch"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    table = transformers_table() if args.study == "transformers" else digits_table()
+    table = {"transformers": transformers_table, "digits": digits_table,
+             "scratch": scratch_table}[args.study]()
     print(f"\n{table}\n\n{time.perf_counter() - start:.0f} s, torch {torch.__version__}",
           file=sys.stdout)
 
