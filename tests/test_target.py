@@ -364,13 +364,14 @@ def _resumed(build, train, steps: int, stop: int):
     return straight, again
 
 
+@pytest.mark.parametrize("measure", ["units", "flops"])  # flops: the strengths' cost shares
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("stop", [12, 28])  # mid-ramp; after the hold
-def test_resume_from_a_checkpoint_is_bitwise(optimizer, stop):
+def test_resume_from_a_checkpoint_is_bitwise(optimizer, stop, measure):
     x, y = _data()
 
     def build():
-        return _attached(fastprox.SparsityTarget(kept=0.3, by_step=20), 1e-2,
+        return _attached(fastprox.SparsityTarget(kept=0.3, by_step=20, measure=measure), 1e-2,
                          optimizer=optimizer)
 
     def train(built, steps):
