@@ -35,22 +35,10 @@ its cost), rises linearly from 0 at ``start`` to ``R`` at ``by_step``; at step `
 
 Weakest: the smallest norm per ``sqrt(n_g)`` (per 1 without size weighting; an L0 gate's
 log_alpha) relative to the mean of its layer's live groups, so that layers of another scale are
-ranked on one footing (ranked by the raw norm, DIGITS's 25 % of hidden units kept 5 and 10 of
-40 and 20 units at 0.89-0.92 accuracy; relative, 8 and 7 at 0.94-0.95).
+ranked on one footing (measured against the raw norm in README.md, "Sparsity targets").
 
 So at every step a pool is within one unit of its schedule (one group's cost, for ``params``
 / ``flops``), at ``by_step`` within one unit of the target, whatever strength it started from.
-
-In a ``params`` / ``flops`` pool a group's strength is also weighed by what it costs: each
-layer's thresholds are set in proportion to ``c / tau`` (``c`` the mean cost of its live
-groups, ``tau`` their mean norm), the gradient, per unit of norm, of the pool's cost relaxed as
-``sum_g c_g * ||w_g|| / tau``: the Lagrangian of "the least loss at this cost", as MorphNet's
-FLOP regularizer weighs its neurons. A costly layer shrinks first, and a cheap one (input
-pixels, whose removal saves one column of the first layer) keeps its groups. The shares are
-normalized to a mean of 1 over the pool's layers; the ascent sets the level. On DIGITS's 25 %
-of FLOPs (six seeds), the same strength in every layer kept 10-31 of 64 pixels at 86-93 %
-accuracy; weighed by cost, 28-45 pixels and a narrower middle layer at 94-96 %. In a units pool
-(every group costs 1) the same weighing was measured to change nothing, and is not applied.
 The strength decides which groups go (the shrinkage ranks them and makes each removal small) and
 a dual ascent keeps it where the step itself removes about what the schedule allows, as CoFi and
 Sheared-LLaMA do for their L0 masks: every ``every`` steps the fraction the step itself left,
@@ -62,8 +50,17 @@ then (with ``hold=False`` too, the budget then going on at the target). A pool t
 cannot reach (``min_kept`` in the way; groups that were zero before a
 step, which no copy brings back) warns at the step that makes it clear.
 
+In a ``params`` / ``flops`` pool each layer's strength is also weighed by what its groups cost:
+its thresholds are set in proportion to ``c / tau`` (``c`` the mean cost of its live groups,
+``tau`` their mean norm), the gradient per unit of norm of the pool's cost relaxed as
+``sum_g c_g * ||w_g|| / tau`` (the Lagrangian of "the least loss at this cost", as MorphNet's
+FLOP regularizer weighs its neurons), normalized to a mean of 1 over the pool's layers. A costly
+layer shrinks first; a cheap one (input pixels, each saving one column of the first layer)
+keeps its groups. In a units pool (every group costs 1) it was measured to change nothing, and
+is not applied (bench/RESULTS.md, "a cost pool's strengths weighed by cost").
+
 The copy costs one read and one write of the controlled weights per step until ``by_step``
-(and memory for one copy); the groups' norms one read.
+(and memory for one copy); the groups' norms one read (the cost shares take them from there).
 """
 
 from __future__ import annotations
@@ -368,7 +365,7 @@ class Controller:
                                   f"{t.kept}")
         if t.hold and self.steps >= t.by_step:
             self.held = [a.clone() for a in alive]
-        self._apply()
+        self._apply(alive, scores, costs)
 
     def _counted(self, pool: Pool) -> bool:
         """Whether what a group saves depends on the others: the pool is counted on the
@@ -393,11 +390,9 @@ class Controller:
         below = any(int(alive[i].sum()) < floors[i] for i in pool.members)
         restored = set()
         if (removed > allowed + 1e-9 or below) and self._saved is not None:
-            restored = self._restore(pool, alive, costs, allowed, floors)
             # a group given back to keep its layer at min_kept may leave the pool behind the
-            # schedule: the weakest others make it up (scored as they are now)
-            for i in restored:
-                scores[i] = layers[i].measure()[1]
+            # schedule: the weakest others make it up below (the given back scored as restored)
+            restored = self._restore(pool, alive, scores, costs, allowed, floors)
             if self._counted(pool):
                 costs[:] = [layer.cost() for layer in layers]
             removed = self._removed(pool, alive, costs)
@@ -410,17 +405,18 @@ class Controller:
             removed = self._removed(pool, alive, costs)
         return restored
 
-    def _restore(self, pool, alive, costs, allowed, floors) -> set:
+    def _restore(self, pool, alive, scores, costs, allowed, floors) -> set:
         layers = self.layers
         # the groups the step removed, weakest before the step first (the copy is measured
         # only where the step left a group removed); those already zero before it have no
         # value to go back to
         candidates = []
+        before = {}  # per layer, the scores of the copy
         for i in pool.members:
             if not bool((~alive[i]).any()):
                 continue
-            was, score = layers[i].saved(self._saved[i])
-            score = _relative(score, was)
+            was, before[i] = layers[i].saved(self._saved[i])
+            score = _relative(before[i], was)
             dead = torch.nonzero(~alive[i]).flatten()
             candidates += zip(was[dead].tolist(), score[dead].tolist(), [i] * len(dead),
                               dead.tolist(), costs[i][dead].tolist())
@@ -449,6 +445,7 @@ class Controller:
                 mask[groups] = True
                 layers[i].restore(self._saved[i], mask)
                 alive[i] |= mask
+                scores[i] = torch.where(mask, before[i], scores[i])
         if removed > allowed + self._unit(pool, costs) + 1e-9 and stuck:
             self._warn(pool, f"{stuck} groups were zero before the proximal step of step "
                              f"{self.steps} (the optimizer left them there): ahead of the "
@@ -481,16 +478,18 @@ class Controller:
                 alive[i] &= ~mask
         return any(drop.values())
 
-    def _apply(self) -> None:
+    def _apply(self, alive=None, scores=None, costs=None) -> None:
         """Every layer's strength: its pool's scale (0 once held), in a params / FLOPs pool
-        times the layer's cost share (``_shares``)."""
+        times the layer's cost share (``_shares``, from the step's ``alive`` / ``scores`` /
+        ``costs`` per layer; measured when not given)."""
         for i, pool in enumerate(self.pools):
-            shares = {} if self.held is not None or pool.units else self._shares(pool)
+            shares = {} if self.held is not None or pool.units else \
+                self._shares(pool, alive, scores, costs)
             for k in pool.members:
                 self.layers[k].scale(0.0 if self.held is not None
                                      else math.exp(self.log_scale[i]) * shares.get(k, 1.0))
 
-    def _shares(self, pool: Pool) -> dict[int, float]:
+    def _shares(self, pool: Pool, alive=None, scores=None, costs=None) -> dict[int, float]:
         """Per layer of a cost pool, ``c / tau`` over the pool's mean (module docstring):
         ``c`` the mean cost of its live groups, ``tau`` their mean norm per unit of threshold
         (the mean score times ``weight_sq``). A layer with no live group, or live groups of
@@ -498,11 +497,11 @@ class Controller:
         raw = {}
         for k in pool.members:
             layer = self.layers[k]
-            alive, scores = layer.measure()
-            if not bool(alive.any()):
+            live, score = layer.measure() if alive is None else (alive[k], scores[k])
+            if not bool(live.any()):
                 continue
-            tau = float(scores[alive].mean()) * layer.weight_sq
-            cost = float(layer.cost()[alive].mean())
+            tau = float(score[live].mean()) * layer.weight_sq
+            cost = float((layer.cost() if costs is None else costs[k])[live].mean())
             if tau > 0 and math.isfinite(tau) and cost > 0:
                 raw[k] = cost / tau
         if not raw:
