@@ -59,6 +59,8 @@ def run_transformer(arch: str, lam: float, *, kept: float | None = 0.5, optimize
     torch.manual_seed(seed)
     model = transformer(arch, layers)
     x = _markov_tokens(seed)
+    if options.get("measure") == "flops":  # a group's FLOPs, counted on one sequence
+        options["example_input"] = x[:1]
     target = None if kept is None else fastprox.SparsityTarget(kept=kept, by_step=by_step,
                                                                **options)
     reg = fastprox.Regularizer(model, ("heads", "neurons"), lam=lam, target=target)
@@ -115,6 +117,11 @@ def _fmt_reached(reached) -> str:
     return ", ".join(f"{k} {100 * v:.1f} %" for k, v in reached.items()) if reached else "-"
 
 
+def _pools(options: dict) -> str:
+    return "uniform" if options.get("uniform") else \
+        "FLOPs by kind" if options.get("measure") == "flops" else "by kind"
+
+
 def transformers_table() -> str:
     rows = ["| model | optimizer | lam | pools | reached | heads per layer | neurons per layer "
             "| loss at / after by_step | end (dense) | warnings |",
@@ -123,14 +130,16 @@ def transformers_table() -> str:
         dense = run_transformer(arch, 0.0, kept=None)["losses"][-1]
         cases = [("adamw", lam, {}) for lam in (1e-5, 1e-4, 1e-3, 1e-2)]
         cases += [("sgd", 1e-3, {}), ("adamw", 1e-3, dict(uniform=True))]
+        cases += [("adamw", lam, dict(measure="flops")) for lam in (1e-4, 1e-3)]
         for optimizer, lam, options in cases:
             r = run_transformer(arch, lam, optimizer=optimizer, **options)
             heads = [v for n, v in r["widths"].items() if n.startswith("heads")]
             neurons = [v for n, v in r["widths"].items() if n.startswith("neurons")]
             b = r["by_step"]
+            reached = "each layer 50.0 %" if options.get("uniform") else \
+                _fmt_reached(r["reached"])
             rows.append(
-                f"| {arch} | {optimizer} | {lam:g} | {'uniform' if options else 'by kind'} | "
-                f"{_fmt_reached(r['reached']) if not options else 'each layer 50.0 %'} | "
+                f"| {arch} | {optimizer} | {lam:g} | {_pools(options)} | {reached} | "
                 f"{'-'.join(map(str, heads))} | {'-'.join(map(str, neurons))} | "
                 f"{r['losses'][b - 1]:.3f} / {r['losses'][b]:.3f} | "
                 f"{r['losses'][-1]:.3f} ({dense:.3f}) | {len(r['warnings'])} |")

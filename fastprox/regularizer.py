@@ -190,7 +190,7 @@ class Regularizer:
                 size = math.prod(s for d, s in enumerate(t.param.shape) if d not in dims)
                 layers.append(_layers.plain_layer(t, dims, kind, None if costs is None
                                                   else costs(name, size)))
-        return _target.Controller(target, layers, count, overlaps)
+        return _target.Controller(target, layers, count, overlaps, spare=True)
 
     # -- building ------------------------------------------------------------------------------
     def add(self, name: str, param: torch.Tensor, *, kind: str = "custom", lam_l1: float = 0.0,

@@ -25,6 +25,15 @@ its cost), rises linearly from 0 at ``start`` to ``R`` at ``by_step``; at step `
 ``a(s) = round(R * (s - start) / (by_step - start))`` units removed (the cost of them, for
 ``params`` / ``flops``). The budget, after every proximal step (``Controller.after_step``):
 
+* **spared**: the strongest groups before the step, as many as ``ramp(s) * kept`` of the pool
+  (``ramp`` rising from 0 at ``start`` to 1 at ``by_step``; for ``params`` / ``flops``, their
+  costs up to that share of what all the pool's groups cost now, which for a count on the
+  model, where a group saves less once others are gone, measured better than a share of the
+  dense total), get back their values from before the step: the shrinkage falls on the groups
+  the target will remove, and less and less on those it keeps. The share grows with the
+  schedule, so that the ranking stays open early (every group shrinks while the loss and the
+  penalty decide which are strong) and what is kept trains unshrunk by ``by_step``. Not for
+  L0 gates, whose copy precedes the optimizer's step (giving it back would undo the update);
 * **never ahead**: when the step left more removed than ``a(s)``, the groups that were weakest
   before the step keep their removal, up to ``a(s)``; every
   other group the step zeroed gets back its value from before the step (a copy taken just
@@ -60,7 +69,9 @@ keeps its groups. In a units pool (every group costs 1) it was measured to chang
 is not applied (bench/RESULTS.md, "a cost pool's strengths weighed by cost").
 
 The copy costs one read and one write of the controlled weights per step until ``by_step``
-(and memory for one copy); the groups' norms one read (the cost shares take them from there).
+(and memory for one copy); the groups' norms one read (the cost shares take them from there),
+the copy's norms one more (for the spared share and the budget), and giving the spared share
+back one write of it (bench/RESULTS.md, "the kept share spared").
 """
 
 from __future__ import annotations
@@ -207,13 +218,17 @@ class Controller:
     ``layers``: ``Layer`` per controlled layer (built by the regularizer). ``count`` (optional):
     ``count(measure) -> (left, dense)``, the exact params / FLOPs of the compacted model, which
     then decides the pool's removal (one pool), the layers' ``costs`` giving each group's share.
-    The regularizer calls ``before_step()`` before its proximal step and ``after_step()``
+    ``spare``: the strongest share gets its values from before the step back (module
+    docstring, "spared"; the copy must be of the state the proximal step started from). The
+    regularizer calls ``before_step()`` before its proximal step and ``after_step()``
     after it."""
 
-    def __init__(self, target: SparsityTarget, layers: list[Layer], count=None, overlaps=()):
+    def __init__(self, target: SparsityTarget, layers: list[Layer], count=None, overlaps=(),
+                 spare: bool = False):
         if not layers:
             raise ValueError("SparsityTarget: nothing to control (no regularized layer matches)")
         self.target, self.layers, self.count = target, layers, count
+        self.spare = spare
         self.overlaps = list(overlaps)
         # per layer, the other layers that write one of its tensors
         self._sharing = [{j for j, other in enumerate(layers)
@@ -333,14 +348,18 @@ class Controller:
                 layer.remove(~mask)
             self._saved = None
             return
+        costs = [layer.cost() for layer in self.layers]
+        before = {}  # per layer, (alive, scores) of the copy, measured once
+        restored = self._spare(before, costs) if self.spare and self._saved is not None \
+            else set()
+        if restored and any(self._counted(p) for p in self.pools):  # what a group saves moved
+            costs = [layer.cost() for layer in self.layers]
         measured = [layer.measure() for layer in self.layers]
         alive = [a.clone() for a, _ in measured]
         scores = [s for _, s in measured]
-        costs = [layer.cost() for layer in self.layers]
         natural = [self._removed(p, alive, costs) for p in self.pools]
-        restored = set()
         for p in self.pools:
-            restored |= self._budget(p, alive, scores, costs)
+            restored |= self._budget(p, alive, scores, costs, before)
         # a restored slice of a tensor another layer also holds (a conv in two sets) may have
         # brought back elements of that layer's removed groups: they are zeroed again
         for i in set().union(*(self._sharing[k] for k in restored)):
@@ -380,7 +399,54 @@ class Controller:
         return max((float(costs[i].max()) for i in pool.members if self.layers[i].size),
                    default=0.0)
 
-    def _budget(self, pool: Pool, alive: list, scores: list, costs: list) -> set:
+    def _copy(self, before: dict, i: int):
+        """Layer ``i``'s copy (the state before the step), measured once a step."""
+        if i not in before:
+            before[i] = self.layers[i].saved(self._saved[i])
+        return before[i]
+
+    def _spare(self, before: dict, costs: list) -> set:
+        """Gives back their values from before the step to the strongest groups of each pool
+        (module docstring, "spared"): ranked by relative score before the step, until their
+        cost reaches ``ramp * kept`` of what the pool's groups cost now. The layers written."""
+        layers = self.layers
+        share = self.target.ramp(self.steps) * self.target.kept
+        if share <= 0:
+            return set()
+        back = {}
+        for pool in self.pools:
+            ranked, owner, cost, total = [], [], [], 0.0
+            for i in pool.members:
+                was, score = self._copy(before, i)
+                live = torch.nonzero(was).flatten()
+                ranked.append(_relative(score, was)[live])
+                owner.append(torch.stack([torch.full_like(live, i), live], dim=1))
+                cost.append(costs[i][live])
+                total += float(costs[i].sum())
+            ranked, owner, cost = torch.cat(ranked), torch.cat(owner), torch.cat(cost)
+            order = torch.argsort(ranked, descending=True, stable=True)
+            # the strongest first, while their cost fits in the share
+            count = int((torch.cumsum(cost[order], 0) <= share * total + 1e-9).sum())
+            for i, g in owner[order[:count]].tolist():
+                back.setdefault(i, []).append(g)
+        # a layer that shares a tensor with a spared one (a conv in two channel sets) keeps
+        # the removals of the step: the spared slice brought back some of its elements
+        # (its own spared groups aside)
+        sharing = set().union(*(self._sharing[i] for i in back)) if back else set()
+        removed = {j: ~layers[j].measure()[0] for j in sharing}
+        for i, groups in back.items():
+            mask = torch.zeros(layers[i].size, dtype=torch.bool)
+            mask[groups] = True
+            layers[i].restore(self._saved[i], mask)
+            if i in removed:
+                removed[i] &= ~mask
+        for j, mask in removed.items():
+            if bool(mask.any()):
+                layers[j].remove(mask)
+        return set(back)
+
+    def _budget(self, pool: Pool, alive: list, scores: list, costs: list,
+                before: dict) -> set:
         """Brings the pool's removal to the schedule (module docstring); the layers whose
         groups were restored from the copy."""
         layers = self.layers
@@ -392,7 +458,7 @@ class Controller:
         if (removed > allowed + 1e-9 or below) and self._saved is not None:
             # a group given back to keep its layer at min_kept may leave the pool behind the
             # schedule: the weakest others make it up below (the given back scored as restored)
-            restored = self._restore(pool, alive, scores, costs, allowed, floors)
+            restored = self._restore(pool, alive, scores, costs, allowed, floors, before)
             if self._counted(pool):
                 costs[:] = [layer.cost() for layer in layers]
             removed = self._removed(pool, alive, costs)
@@ -405,18 +471,17 @@ class Controller:
             removed = self._removed(pool, alive, costs)
         return restored
 
-    def _restore(self, pool, alive, scores, costs, allowed, floors) -> set:
+    def _restore(self, pool, alive, scores, costs, allowed, floors, before) -> set:
         layers = self.layers
         # the groups the step removed, weakest before the step first (the copy is measured
         # only where the step left a group removed); those already zero before it have no
         # value to go back to
         candidates = []
-        before = {}  # per layer, the scores of the copy
         for i in pool.members:
             if not bool((~alive[i]).any()):
                 continue
-            was, before[i] = layers[i].saved(self._saved[i])
-            score = _relative(before[i], was)
+            was, copied = self._copy(before, i)
+            score = _relative(copied, was)
             dead = torch.nonzero(~alive[i]).flatten()
             candidates += zip(was[dead].tolist(), score[dead].tolist(), [i] * len(dead),
                               dead.tolist(), costs[i][dead].tolist())
@@ -445,7 +510,7 @@ class Controller:
                 mask[groups] = True
                 layers[i].restore(self._saved[i], mask)
                 alive[i] |= mask
-                scores[i] = torch.where(mask, before[i], scores[i])
+                scores[i] = torch.where(mask, before[i][1], scores[i])
         if removed > allowed + self._unit(pool, costs) + 1e-9 and stuck:
             self._warn(pool, f"{stuck} groups were zero before the proximal step of step "
                              f"{self.steps} (the optimizer left them there): ahead of the "

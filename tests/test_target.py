@@ -154,6 +154,40 @@ def test_groups_over_the_budget_get_their_value_from_before_the_step():
     assert reg.targets["2.weight"].lam_group < 10.0
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_the_strongest_part_of_what_is_kept_is_spared_the_shrinkage(hold):
+    """At step s the strongest groups (by their norm before the step), as many as
+    ramp(s) * kept of the pool, keep their values from before the step; every other live group
+    is shrunk. The share rises with the schedule: none at the start, all of what is kept at
+    by_step (with hold=False the budget and the sparing go on after it)."""
+    torch.manual_seed(0)
+    model = _wide()
+    target = fastprox.SparsityTarget(kept=0.5, by_step=8, layers=("2.weight",), hold=hold)
+    # a strength too small for the step to zero a group: the schedule's removals are the
+    # budget's, and every group alive after the step and not spared was shrunk
+    reg = fastprox.Regularizer(model, "group_lasso", lam=0.002, target=target)
+    w = model[2].weight
+    with torch.no_grad():  # distinct column norms: "strongest" is one set
+        w.mul_(torch.linspace(0.5, 2.0, 48)[torch.randperm(48)])
+    for step in range(1, 12):
+        before = w.detach().clone()
+        reg.prox_step(lr=1.0)
+        after = w.detach()
+        live = fastprox.group_norms(before, 0) > 0
+        spared = math.floor(min(step / 8, 1.0) * 0.5 * 48 + 1e-9)
+        if hold and step > 8:  # held: no strength, nothing is shrunk and no group comes back
+            assert torch.equal(after[:, live], before[:, live]), step
+            continue
+        order = before.norm(dim=0).argsort(descending=True)
+        top = order[:spared]
+        assert torch.equal(after[:, top], before[:, top]), step
+        rest = order[spared:]
+        rest = rest[after[:, rest].norm(dim=0) > 0]
+        assert len(rest) == 48 - spared - _schedule(48, 0.5, 8, step), step
+        assert bool((after[:, rest].norm(dim=0) < before[:, rest].norm(dim=0)).all()), step
+    assert _plain_dead(model, ["2.weight"]) == {"2.weight": 24}
+
+
 @pytest.mark.parametrize("options, pools", [
     (dict(), ["features", "units"]),
     (dict(by_kind=False), ["all"]),
@@ -419,9 +453,14 @@ def test_l0_gates_follow_the_schedule():
     for step in range(1, 51):
         opt.zero_grad()
         (nn.functional.cross_entropy(model(x), y) + gates.penalty()).backward()
+        before = [g.log_alpha.detach().clone() for g in gates.gates]
         opt.step()
         closed = total - sum(gates.units_alive())
         assert closed == _schedule(total, 0.5, 40, step), step
+        # no gate is spared: the copy precedes the optimizer's step, and giving it back
+        # would undo the update of the strongest gates
+        strongest = [b.argmax() for b in before]
+        assert all(g.log_alpha[k] != b[k] for g, b, k in zip(gates.gates, before, strongest))
     assert gates.controller.reached == {"gates": sum(gates.units_alive()) / total}
     with pytest.raises(ValueError, match="counts units"):
         fastprox.l0.L0Regularizer(model, 1e-3, 200, target=fastprox.SparsityTarget(
