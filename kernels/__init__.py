@@ -19,17 +19,29 @@ kernels under ``TRITON_INTERPRET=1``, set before ``import triton``: fastprox._re
 
 from __future__ import annotations
 
-from .coupled_metric import coupled_metric_prox_
-from .foreach_prox import foreach_prox_
-from .group_norms import group_norms
-from .group_phases import foreach_group_rewrite_, foreach_group_sums, foreach_group_sums_above
-from .metric_prox import foreach_metric_prox_
+import sys
 
-ENTRIES = {"group_norms": group_norms, "foreach_prox_": foreach_prox_,
-           "foreach_group_sums": foreach_group_sums,
-           "foreach_group_sums_above": foreach_group_sums_above,
-           "foreach_group_rewrite_": foreach_group_rewrite_,
-           "foreach_metric_prox_": foreach_metric_prox_,
-           "coupled_metric_prox_": coupled_metric_prox_}
+if __name__ != "fastprox.kernels":
+    # Found as a top-level ``kernels`` (Python started in the source tree, whose root is on
+    # sys.path): this folder is not that package. Another distribution of that name (Hugging
+    # Face's ``kernels``, which transformers imports) is loaded in its place, from the rest of
+    # sys.path; without one, the import fails as it would outside the tree.
+    from ._outside import load_elsewhere
 
-__all__ = ["ENTRIES", *ENTRIES]
+    sys.modules[__name__] = load_elsewhere(__name__, __file__)
+else:
+    from .coupled_metric import coupled_metric_prox_
+    from .foreach_prox import foreach_prox_
+    from .group_norms import group_norms
+    from .group_phases import foreach_group_rewrite_, foreach_group_sums, \
+        foreach_group_sums_above
+    from .metric_prox import foreach_metric_prox_
+
+    ENTRIES = {"group_norms": group_norms, "foreach_prox_": foreach_prox_,
+               "foreach_group_sums": foreach_group_sums,
+               "foreach_group_sums_above": foreach_group_sums_above,
+               "foreach_group_rewrite_": foreach_group_rewrite_,
+               "foreach_metric_prox_": foreach_metric_prox_,
+               "coupled_metric_prox_": coupled_metric_prox_}
+
+    __all__ = ["ENTRIES", *ENTRIES]

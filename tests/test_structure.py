@@ -119,3 +119,56 @@ def test_kernels_are_a_leaf():
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("fastprox") for a in node.names), name
     assert foreach_prox.COLUMNS == COLUMNS
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python_in_root(code: str, extra_path: str | None = None):
+    """Runs ``code`` in a fresh interpreter started in the source tree's root (its first
+    sys.path entry), with ``extra_path`` after it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if extra_path is not None:
+        env["PYTHONPATH"] = extra_path
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_kernels_folder_never_shadows_a_kernels_distribution(tmp_path):
+    """Python started in the tree's root finds kernels/ first as a top-level ``kernels``: it
+    is fastprox.kernels only, so another distribution of that name (Hugging Face's, which
+    transformers imports) is what ``import kernels`` gets; without one, the import fails."""
+    other = tmp_path / "kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("WHO = 'the other distribution'\n")
+    (other / "layers.py").write_text("X = 1\n")
+    got = _python_in_root("import kernels, kernels.layers, fastprox.kernels as k; "
+                          "print(kernels.WHO, kernels.layers.X, len(k.ENTRIES))", str(tmp_path))
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["the", "other", "distribution", "1", "7"]
+    # no other distribution on the path (site-packages left out): not found, as outside
+    # the tree, naming the package the folder is
+    got = _python_in_root("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not "
+                          "in p]\ntry:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+                          "    print('missing', e.name, 'fastprox.kernels' in str(e))\n"
+                          "print(sorted(m for m in sys.modules if m.startswith('kernels')))")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split("\n")[:2] == ["missing kernels True", "[]"]
+
+
+def test_transformers_imports_in_the_tree_root():
+    """A script in the tree's root (or Python started there) imports transformers' models."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        import pytest
+
+        pytest.skip("transformers is not installed")
+    got = _python_in_root("import transformers\nfrom transformers import GPT2Config, "
+                          "GPT2LMHeadModel\nm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, "
+                          "n_head=2, vocab_size=16, n_positions=8))\nprint(type(m).__name__)")
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip() == "GPT2LMHeadModel"
