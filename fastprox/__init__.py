@@ -13,8 +13,8 @@ parallelism) are accepted by every operator: fastprox.distributed.
 from . import coupled, distributed, groups, l0, metric, operators, reference
 from ._attention import HeadPrunedAttention
 from .coupled import CoupledGroups, Slice
-from .compaction import (Compacted, compact, load_compact, recalibrate_batchnorm, save_compact,
-                         save_pretrained_compact)
+from .compaction import Compacted, compact, load_compact, recalibrate_batchnorm, save_compact
+from .hf import save_pretrained_compact
 from .stats import CoupledStats, SparsityHistory, SparsityStats, coupled_stats, sparsity_stats
 from .regularizer import CGESSchedule, CoupledTarget, Regularizer, Target
 from .target import SparsityTarget

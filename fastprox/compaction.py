@@ -23,8 +23,8 @@ Two paths:
   and outputs keep their size.
 
 ``save_compact`` / ``load_compact`` save a compacted model small and rebuild it with
-``torch.load(weights_only=True)``; ``save_pretrained_compact`` writes a Hugging Face model whose
-layers are uniform with ``save_pretrained`` and an updated config.
+``torch.load(weights_only=True)``; ``fastprox.save_pretrained_compact`` (fastprox/hf.py) writes
+a Hugging Face model that stock transformers loads.
 """
 
 from __future__ import annotations
@@ -329,6 +329,8 @@ def apply_plan(model: nn.Module, plan_: dict, example_inputs=None, forward_fn=No
             param = next(mlp.parameters())
             x = torch.zeros(1, 2, G._in_features(mlp), dtype=param.dtype, device=param.device)
             _prune_root(G.dependency_graph(mlp, x), model.get_submodule(p["root"]), dead)
+            if isinstance(getattr(owner, "intermediate_size", None), int):  # Llama-style MLPs
+                owner.intermediate_size = p["groups"] - len(dead)
         else:
             _prune_heads(model, p["module"], p["family"], p["kept"])
     return model
@@ -535,56 +537,3 @@ def _check_plan_fits(model: nn.Module, plan_: dict, where: str) -> None:
                 raise ValueError(f"load_compact: {where} was saved from another model: its "
                                  f"set {name!r} names the module {p[key]!r}, which the model "
                                  f"build() made ({type(model).__name__}) does not have")
-
-
-def save_pretrained_compact(model: nn.Module, directory: str | os.PathLike) -> None:
-    """``model.save_pretrained(directory)`` for a compacted Hugging Face GPT-2 or Llama model
-    whose layers are uniform (the same MLP width and head counts in every layer), with its
-    config updated (``n_inner`` / ``intermediate_size``, ``num_attention_heads``,
-    ``num_key_value_heads``, ``head_dim``). Raises ValueError naming the layers when they are
-    not uniform (use ``save_compact``), or when the config cannot say it (GPT-2 derives its
-    head size from ``n_embd / n_head``: heads removed from GPT-2 need ``save_compact``)."""
-    from . import groups as G
-
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "save_pretrained"):
-        raise TypeError(f"save_pretrained_compact: {type(model).__name__} is not a Hugging Face "
-                        "model")
-    widths, heads = {}, {}
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("MLP"):
-            dense = [c for c in module.children() if isinstance(c, G._dense_types())]
-            out = dense[0].weight.shape[G._out_axis(dense[0])]
-            widths[name] = out
-        family = G._attention_family(module)
-        if family is not None:
-            heads[name] = G.attention_layout(module, name)
-    for what, values in (("MLP widths", widths), ("attention heads (query, KV, head dim)",
-                                                   heads)):
-        if len(set(values.values())) > 1:
-            raise ValueError(
-                f"save_pretrained_compact: the layers are not uniform ({what}: "
-                + ", ".join(f"{n}={v}" for n, v in values.items())
-                + "); a config cannot describe them: use fastprox.save_compact")
-    config = copy.deepcopy(config)
-    if widths:
-        width = next(iter(widths.values()))
-        for attr in ("intermediate_size", "n_inner"):
-            if hasattr(config, attr):
-                setattr(config, attr, width)
-    if heads:
-        q, kv, hd = next(iter(heads.values()))
-        if config.model_type == "gpt2":
-            if q != config.n_head:
-                raise ValueError("save_pretrained_compact: GPT-2's config derives the head size "
-                                 "from n_embd / n_head, so it cannot describe removed heads; "
-                                 "use fastprox.save_compact")
-        else:
-            config.num_attention_heads, config.num_key_value_heads = q, kv
-            config.head_dim = hd
-    original = model.config
-    model.config = config
-    try:  # atomic: a failed save leaves the previous directory as it was
-        _atomic.write_directory(directory, model.save_pretrained)
-    finally:
-        model.config = original

@@ -348,19 +348,21 @@ def test_save_pretrained_uniform_llama(tmp_path):
         torch.testing.assert_close(again(x).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_save_pretrained_says_when_it_cannot(tmp_path):
+def test_save_pretrained_of_layers_a_config_cannot_say_writes_the_modeling_file(tmp_path):
+    """Widths that differ by layer, and GPT-2 with heads removed (its config derives the head
+    size from n_embd / n_head): the per-module form (loaded in tests/test_hf.py)."""
     pytest.importorskip("transformers")
     model = M.llama(layers=2).eval()
     found = G.discover(model, "neurons")
     M.kill(found.sets[0], 0.5)  # only the first layer loses neurons
     small = fastprox.compact(model, found).model
-    with pytest.raises(ValueError, match="not uniform.*model.layers.0.mlp=.*save_compact"):
-        fastprox.save_pretrained_compact(small, tmp_path / "x")
+    assert fastprox.save_pretrained_compact(small, tmp_path / "x") == "remote_code"
+    assert (tmp_path / "x" / "modeling_pruned.py").is_file()
     gpt = M.gpt2(layers=1).eval()
     found = G.discover(gpt, "heads")
     _kill_uniform(found)
-    with pytest.raises(ValueError, match="GPT-2's config derives the head size"):
-        fastprox.save_pretrained_compact(fastprox.compact(gpt, found).model, tmp_path / "y")
+    small = fastprox.compact(gpt, found)
+    assert fastprox.save_pretrained_compact(small, tmp_path / "y") == "remote_code"
 
 
 # -- statistics ---------------------------------------------------------------------------------
