@@ -15,6 +15,7 @@ from ._attention import HeadPrunedAttention
 from .coupled import CoupledGroups, Slice
 from .compaction import Compacted, compact, load_compact, recalibrate_batchnorm, save_compact
 from .hf import save_pretrained_compact
+from .saving import load, save
 from .stats import CoupledStats, SparsityHistory, SparsityStats, coupled_stats, sparsity_stats
 from .regularizer import CGESSchedule, CoupledTarget, Regularizer, Target
 from .target import SparsityTarget
@@ -42,6 +43,8 @@ __all__ = [
     "compact",
     "Compacted",
     "groups",
+    "save",
+    "load",
     "save_compact",
     "load_compact",
     "save_pretrained_compact",

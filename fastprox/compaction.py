@@ -73,6 +73,17 @@ class Compacted:
     plan: dict | None = None
     example_inputs: object = None
 
+    def __call__(self, *args, **kwargs):
+        """The compact model called as the original was: on the Sequential path the first
+        argument (the original's input) is cut to ``kept_inputs`` first."""
+        if self.kept_inputs is not None and args:
+            x = args[0]
+            flat = isinstance(self.model[0], nn.Flatten) if len(self.model) else False
+            x = x.flatten(1)[:, self.kept_inputs.to(x.device)] if flat \
+                else x.index_select(1, self.kept_inputs.to(x.device))
+            args = (x, *args[1:])
+        return self.model(*args, **kwargs)
+
     def parameters_before_after(self, original: nn.Module) -> tuple[int, int]:
         return (sum(p.numel() for p in original.parameters()),
                 sum(p.numel() for p in self.model.parameters()))
@@ -163,11 +174,13 @@ def compact(model: nn.Module, groups=None, *, example_inputs=None,
             forward_fn=None) -> Compacted:
     """A new, smaller model whose outputs equal ``model``'s (the original is not modified).
 
-    ``groups`` None: ``model`` must be an ``nn.Sequential`` (the Sequential path, see the module
-    docstring). Otherwise the coupled path: ``groups`` is a ``fastprox.groups.Found``, a
-    ``Regularizer`` built with a coupled preset, or a list of discovered ``CoupledGroups``; the
-    ``channels`` sets trace the model again (``example_inputs``, ``forward_fn``: those of the
-    discovery unless given).
+    ``groups`` None on an ``nn.Sequential``: the Sequential path (see the module docstring).
+    Otherwise the coupled path: ``groups`` is a ``fastprox.groups.Found``, a ``Regularizer``
+    built with a coupled preset, a list of discovered ``CoupledGroups``, or presets (``"heads"``,
+    ``("heads", "neurons")``, ``"channels"``: discovered here); ``groups`` None on another
+    model discovers ``heads`` and ``neurons``, and ``channels`` when ``example_inputs`` are
+    given. The ``channels`` sets trace the model again (``example_inputs``, ``forward_fn``:
+    those of the discovery unless given). ``Compacted`` is callable as the original model.
 
     BatchNorm's statistics are per channel, so outputs match in train and eval mode; L0 gates
     are taken at their test-time values (compare in eval mode).
@@ -181,13 +194,13 @@ def compact(model: nn.Module, groups=None, *, example_inputs=None,
         small = fastprox.compact(resnet, found)
         small.model(x)                                     # == resnet(x)
     """
+    if groups is None and not isinstance(model, nn.Sequential):
+        groups = _discovered(model, None, example_inputs, forward_fn)
+    elif isinstance(groups, str) or isinstance(groups, (tuple, list)) and groups \
+            and all(isinstance(g, str) for g in groups):
+        groups = _discovered(model, groups, example_inputs, forward_fn)
     if groups is not None:
         return _compact_coupled(model, groups, example_inputs, forward_fn)
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(
-            f"compact: {type(model).__name__} is not an nn.Sequential; give its coupled groups: "
-            "compact(model, fastprox.groups.discover(model, ...)) or the Regularizer built "
-            "with a coupled preset")
     layers, kept_inputs, kept_units = plan(model)
     incoming = kept_inputs  # kept indices of the units flowing into the current module
     spatial = 1             # features per channel once flattened
@@ -259,6 +272,36 @@ def _slice_batchnorm(m, keep: torch.Tensor):
 
 
 # -- the coupled path ----------------------------------------------------------------------------
+def _discovered(model, kinds, example_inputs, forward_fn):
+    """``fastprox.groups.discover`` of ``kinds``; None: every kind the model has (heads,
+    neurons, and channels when ``example_inputs`` are given), TypeError naming why each
+    found nothing."""
+    from . import groups as G
+
+    if kinds is not None:
+        return G.discover(model, kinds, example_inputs=example_inputs, forward_fn=forward_fn)
+    found, reasons = None, []
+    for kind in ("heads", "neurons", "channels"):
+        if kind == "channels" and example_inputs is None:
+            reasons.append("channels: they trace the model, give example_inputs")
+            continue
+        try:
+            part = G.discover(model, kind, example_inputs=example_inputs,
+                              forward_fn=forward_fn)
+        except (ValueError, NotImplementedError) as exc:
+            reasons.append(f"{kind}: {exc}")
+            continue
+        if part.sets:
+            found = part if found is None else found + part
+        else:
+            reasons.append(f"{kind}: none found")
+    if found is None:
+        raise TypeError(f"compact: {type(model).__name__} is not an nn.Sequential and no "
+                        f"coupled groups were found in it ({'; '.join(reasons)}); give them: "
+                        "fastprox.groups.discover(...) or the Regularizer")
+    return found
+
+
 def _found_sets(groups) -> tuple[list, object, object]:
     """(sets, example_inputs, forward_fn) of what ``compact`` was given."""
     from .coupled import CoupledGroups
@@ -301,6 +344,7 @@ def _compact_coupled(model, groups, example_inputs, forward_fn) -> Compacted:
     apply_plan(small, plan_, example_inputs if example_inputs is not None else found_inputs,
                forward_fn or found_forward)
     inputs = example_inputs if example_inputs is not None else found_inputs
+    small._fastprox_plan = (plan_, inputs)  # save_compact(small) finds what it saves
     return Compacted(small, None, {name: p["kept"] for name, p in plan_.items()}, plan_, inputs)
 
 
@@ -414,13 +458,16 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
 
 # -- saving and reloading a compacted model -----------------------------------------------------
 def save_compact(compacted: Compacted, path) -> None:
-    """Saves a model compacted on the coupled path small: its state dict, the plan (per coupled
+    """Saves a model compacted on the coupled path (the ``Compacted``, or its model) small: its state dict, the plan (per coupled
     set: its unit and the kept group indices, by the compacted model's module names) and the
     discovery's example inputs when they are tensors. Everything is read back by
     ``torch.load(weights_only=True)``; ``load_compact`` rebuilds the model."""
+    if isinstance(compacted, nn.Module) and hasattr(compacted, "_fastprox_plan"):
+        plan_, inputs = compacted._fastprox_plan  # the model of a Compacted
+        compacted = Compacted(compacted, None, {}, plan_, inputs)
     if not isinstance(compacted, Compacted):
         raise TypeError(f"save_compact: compacted must be what fastprox.compact returned (a "
-                        f"Compacted), got {type(compacted).__name__}")
+                        f"Compacted, or its model), got {type(compacted).__name__}")
     if compacted.plan is None:
         raise ValueError("save_compact: this model was compacted on the Sequential path; save "
                          "compacted.model with torch.save (it is a plain nn.Sequential)")
@@ -471,6 +518,7 @@ def load_compact(path, build, *, example_inputs=None, forward_fn=None,
     inputs = example_inputs if example_inputs is not None else saved.get("example_inputs")
     with torch.no_grad():
         apply_plan(model, plan_, inputs, forward_fn)
+    model._fastprox_plan = (plan_, inputs)  # saved again as it was
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:

@@ -147,8 +147,12 @@ def _output_positions(model: nn.Module, example_input) -> dict[nn.Module, int]:
 
 
 @torch.no_grad()
-def sparsity_stats(model: nn.Module, regularizer=None, example_input=None) -> SparsityStats:
-    """Counts of what is left of ``model`` (see the module docstring)."""
+def sparsity_stats(model: nn.Module, regularizer=None, example_input=None):
+    """Counts of what is left of ``model`` (see the module docstring). With a regularizer built
+    with coupled presets (heads, neurons, channels): its ``coupled_stats`` (per coupled set and
+    kind, and the target's pools), which counts each group once across the layers it spans."""
+    if regularizer is not None and getattr(regularizer, "coupled", None):
+        return coupled_stats(regularizer)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYERS)]
     positions = _output_positions(model, example_input) if example_input is not None else {}
     kept_units, kept_inputs = None, None

@@ -118,7 +118,7 @@ def test_unsupported_models_raise():
         def forward(self, x):
             return x
 
-    with pytest.raises(TypeError, match="Net is not an nn.Sequential; give its coupled groups"):
+    with pytest.raises(TypeError, match="Net is not an nn.Sequential and no coupled groups were found"):
         fastprox.compact(Net())
     with pytest.raises(NotImplementedError, match="LayerNorm"):
         fastprox.compact(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)))

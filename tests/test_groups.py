@@ -187,11 +187,16 @@ def test_compact_transformers(name):
                 model(x, mask=causal, src_key_padding_mask=mask), rtol=1e-4, atol=1e-5)
 
 
-def test_compact_needs_groups_for_general_models():
-    with pytest.raises(TypeError, match="not an nn.Sequential; give its coupled groups"):
-        fastprox.compact(M.encoder())
+def test_compact_discovers_the_groups_of_general_models():
+    encoder = M.encoder().eval()
+    found = G.discover(encoder, ("heads", "neurons"))
+    for s in found.sets:
+        M.kill(s, 0.5)
+    assert set(fastprox.compact(encoder).kept_units) == {s.name for s in found.sets}
+    assert set(fastprox.compact(encoder, "heads").kept_units) == \
+        {s.name for s in found.sets if s.name.startswith("heads")}
     with pytest.raises(TypeError, match="groups must be"):
-        fastprox.compact(M.encoder(), groups="heads")
+        fastprox.compact(encoder, groups=3)
 
 
 def test_head_pruned_attention_matches_multihead_attention():

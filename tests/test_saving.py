@@ -155,9 +155,10 @@ def test_a_save_of_another_model_is_refused_before_pruning(saved):
 
 def test_save_compact_names_a_wrong_argument(tmp_path):
     model, small, _ = save_child.compacted_resnet(seed=1, fraction=0.5)
-    with pytest.raises(TypeError, match="save_compact: compacted must be what fastprox.compact "
-                                        "returned"):
-        fastprox.save_compact(small.model, tmp_path / "x.pt")
+    for wrong in (model, small.kept_units):  # the dense model (no plan), a dict
+        with pytest.raises(TypeError, match="save_compact: compacted must be what "
+                                            "fastprox.compact returned"):
+            fastprox.save_compact(wrong, tmp_path / "x.pt")
     assert not os.listdir(tmp_path)
 
 
