@@ -14,7 +14,7 @@ from . import coupled, distributed, groups, l0, metric, operators, reference
 from ._attention import HeadPrunedAttention
 from .coupled import CoupledGroups, Slice
 from .compaction import Compacted, compact, load_compact, recalibrate_batchnorm, save_compact
-from .hf import save_pretrained_compact
+from .hf.export import save_pretrained_compact
 from .saving import load, save
 from .stats import CoupledStats, SparsityHistory, SparsityStats, coupled_stats, sparsity_stats
 from .regularizer import CGESSchedule, CoupledTarget, Regularizer, Target

@@ -23,7 +23,7 @@ Two paths:
   and outputs keep their size.
 
 ``save_compact`` / ``load_compact`` save a compacted model small and rebuild it with
-``torch.load(weights_only=True)``; ``fastprox.save_pretrained_compact`` (fastprox/hf.py) writes
+``torch.load(weights_only=True)``; ``fastprox.save_pretrained_compact`` (fastprox/hf/export.py) writes
 a Hugging Face model that stock transformers loads.
 """
 

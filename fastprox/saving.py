@@ -3,7 +3,7 @@
 ``save(small, path)`` takes what ``fastprox.compact`` returned (a ``Compacted``) or its model:
 
 * a Hugging Face model: ``path`` is a directory, written by ``save_pretrained_compact``
-  (fastprox/hf.py) so that stock transformers loads it (returns ``"config"`` or
+  (fastprox/hf/export.py) so that stock transformers loads it (returns ``"config"`` or
   ``"remote_code"``);
 * any other model compacted on the coupled path: ``path`` is a file, written by
   ``save_compact`` (the weights and the plan; returns ``"compact"``).
@@ -22,7 +22,7 @@ import os
 from torch import nn
 
 from .compaction import Compacted, load_compact, save_compact
-from .hf import save_pretrained_compact
+from .hf.export import save_pretrained_compact
 
 
 def save(compacted, path) -> str:

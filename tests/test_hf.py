@@ -1,5 +1,5 @@
 """Hugging Face export: a compacted model that stock transformers loads in a process that never
-imports fastprox (``fastprox.save_pretrained_compact``, fastprox/hf.py): the architecture's own
+imports fastprox (``fastprox.save_pretrained_compact``, fastprox/hf/export.py): the architecture's own
 config where it can say the shapes, else a per-module config and a modeling file named in
 ``auto_map`` (``trust_remote_code=True``). Same logits, and ``generate`` works."""
 

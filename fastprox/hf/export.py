@@ -11,7 +11,7 @@
 * ``"remote_code"``: otherwise (widths that differ by layer; GPT-2 with heads removed), the
   convention of heterogeneous pruned models on the Hub: the config holds the shape of every
   module the pruning changed and the attributes it set, and names a modeling file written
-  beside the weights (``modeling_pruned.py``, from ``fastprox/hf_modeling.py``, which imports
+  beside the weights (``modeling_pruned.py``, from ``fastprox/hf/modeling.py``, which imports
   only torch and transformers) in its ``auto_map``: loaded by
   ``AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)``.
 
@@ -31,10 +31,10 @@ import os
 import torch
 from torch import nn
 
-from . import _atomic
+from .. import _atomic
 
 MODELING_FILE = "modeling_pruned.py"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling.py")
 _FN = "save_pretrained_compact"
 
 
@@ -95,7 +95,7 @@ def _differences(model: nn.Module, dense: nn.Module) -> tuple[dict, dict]:
 def _uniform_config(model: nn.Module):
     """The model's config updated to its shapes when every layer has the same MLP width and
     head counts; None when they differ."""
-    from . import groups as G
+    from .. import groups as G
 
     config = model.config
     widths, heads = {}, {}
@@ -149,7 +149,7 @@ def save_pretrained_compact(model, directory: str | os.PathLike) -> str:
     loads it; returns ``"config"`` or ``"remote_code"`` (module docstring). Atomic: a failed
     save leaves the previous directory as it was (its other files, such as a tokenizer, are
     carried over)."""
-    from .compaction import Compacted
+    from ..compaction import Compacted
 
     if isinstance(model, Compacted):
         model = model.model
