@@ -142,3 +142,12 @@ class TinyMLP(torch.nn.Module):
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x)))
+
+
+def readme_snippet(heading: str) -> str:
+    """The first Python block of README.md after ``heading``."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)

@@ -151,12 +151,9 @@ def test_what_cannot_be_exported_is_refused_before_a_file_is_written(tmp_path):
 
 def test_readme_hf_snippet_does_what_it_says(tmp_path, monkeypatch):
     """The README's Hugging Face snippet, run as written (in a scratch directory)."""
-    import pathlib
-    import re
+    from helpers import readme_snippet
 
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text[text.index("## Hugging Face models"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = readme_snippet("## Hugging Face models")
     monkeypatch.chdir(tmp_path)
     printed = []
     scope = {"print": lambda *a: printed.append(a)}

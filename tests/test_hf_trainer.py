@@ -90,12 +90,9 @@ def test_resuming_from_a_checkpoint_without_the_state_is_an_error(tmp_path):
 
 def test_readme_trainer_snippet_does_what_it_says(tmp_path, monkeypatch):
     """The README's Trainer snippet, run as written (in a scratch directory)."""
-    import pathlib
-    import re
+    from helpers import readme_snippet
 
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = text[text.index("**In a `Trainer`**"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = readme_snippet("**In a `Trainer`**")
     monkeypatch.chdir(tmp_path)
     printed = []
     scope = {"print": lambda *a: printed.append(a)}

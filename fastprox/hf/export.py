@@ -76,7 +76,7 @@ def _differences(model: nn.Module, dense: nn.Module) -> tuple[dict, dict]:
             raise ValueError(f"{_FN}: {name} holds {sorted(shapes)} where the architecture "
                              f"has {sorted(dense_shapes)}: use fastprox.save_compact")
         if shapes != dense_shapes:
-            if not isinstance(m, (nn.Linear, conv1d)) or type(m) not in (nn.Linear, conv1d):
+            if type(m) not in (nn.Linear, conv1d):
                 raise ValueError(f"{_FN}: {name} ({type(m).__name__}) changed shape "
                                  f"({dense_shapes} -> {shapes}); only Linear / Conv1D modules "
                                  "can be rebuilt at another shape: use fastprox.save_compact")
