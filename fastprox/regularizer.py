@@ -262,19 +262,18 @@ class Regularizer:
         call (the dispatcher picks the device's kernel: fused on the CPU and on CUDA with
         Triton, the C++ kernels on a host copy elsewhere). Sharded targets (DTensor parameters,
         as under FSDP2's ``fully_shard``) go through a call of their own, which
-        ``foreach_prox_`` hands to ``fastprox.distributed``: every rank must take the step."""
+        ``foreach_prox_`` hands to ``fastprox.distributed``: every rank must take the step.
+
+        Under ``torch.compile`` (a whole training step compiled, the step attached to its
+        optimizer): the Euclidean step of plain targets is traced into the graph, no break;
+        the metric step, coupled sets and a target work on the host (the optimizer's step
+        counts, plans found by where their tensors lie, the groups' ranking) and run outside
+        the graph, as one region: one graph break."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
-        if self.controller is not None:
-            self.controller.before_step()
-        if optimizer is not None and _steps.prox_of(optimizer, prox or self.prox,
-                                                    "Regularizer.prox_step") == "metric":
-            _steps.metric_step(self, optimizer)
-        else:
-            _steps.euclidean_step(self, optimizer, lr)
-        self.steps += 1
-        if self.controller is not None:
-            self.controller.after_step()
+        metric = optimizer is not None and _steps.prox_of(
+            optimizer, prox or self.prox, "Regularizer.prox_step") == "metric"
+        _steps.take(self, optimizer, lr, metric)
 
     # -- penalty -------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:

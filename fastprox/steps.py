@@ -11,6 +11,8 @@
   ``fastprox.metric.foreach_metric_prox_``.
 
 Each checks everything (learning rates, thresholds, metrics) before anything is written.
+``take`` runs one of them, with a target's controller around it (and, under torch.compile, the
+parts that read values on the host outside the graph, in one region).
 """
 
 from __future__ import annotations
@@ -58,6 +60,35 @@ def lr_of(reg, optimizer) -> dict[int, object]:
     if missing:
         raise ValueError(f"Regularizer: {missing} are not parameters of the optimizer")
     return lrs
+
+
+def take(reg, optimizer, lr, metric: bool) -> None:
+    """One proximal step of ``reg`` (its target's controller around it, when it has one): the
+    metric step when ``metric``, else the Euclidean one. Under torch.compile, the Euclidean
+    step of plain targets is traced (no graph break). The metric step, coupled sets and a
+    controller work on the host (the optimizer's step counts read, plans found by where their
+    tensors lie, group norms ranked), which would break the graph at each read and recompile
+    for each tensor: they run outside it, all in one region, one break."""
+    if torch.compiler.is_compiling() and (metric or reg.coupled or reg.controller is not None):
+        _take_outside_graph(reg, optimizer, lr, metric)
+    else:
+        _take(reg, optimizer, lr, metric)
+
+
+def _take(reg, optimizer, lr, metric: bool) -> None:
+    if reg.controller is not None:
+        reg.controller.before_step()
+    if metric:
+        metric_step(reg, optimizer)
+    else:
+        euclidean_step(reg, optimizer, lr)
+    reg.steps += 1
+    if reg.controller is not None:
+        reg.controller.after_step()
+
+
+# called only under torch.compile: the graph breaks once, here, and the step runs eagerly
+_take_outside_graph = torch.compiler.disable(_take)
 
 
 def euclidean_step(reg, optimizer, lr) -> None:
