@@ -27,11 +27,12 @@ def pytest_terminal_summary(terminalreporter, config):
     coupled: dict[str, dict] = {}
     metric: dict[str, dict] = {}
     steps: dict[str, dict] = {}
+    compiled: dict[str, dict] = {}
     for bench in session.benchmarks:
         info = bench.extra_info
         if not bench.stats.data:  # failed before it was timed
             continue
-        into = coupled if "coupled_model" in info else metric if "metric_model" in info else \
+        into = compiled if "compiled_model" in info else coupled if "coupled_model" in info else metric if "metric_model" in info else \
             steps if "step_model" in info else models if "model" in info else ops
         row = into.setdefault(bench.group, {k: v for k, v in info.items()
                                             if k not in ("impl", "bytes")})
@@ -48,6 +49,7 @@ def pytest_terminal_summary(terminalreporter, config):
                           [c for c in coupled.values() if "coupled_s" in c and "floor_s" in c],
                           [m for m in metric.values() if "metric_s" in m and "floor_s" in m],
                           [s for s in steps.values() if "adamw_s" in s and "metric_s" in s])
+    text += harness.compiled_report(list(compiled.values()))
     terminalreporter.write_sep("=", "fastprox CPU summary")
     terminalreporter.write(text)
     with open(os.path.join(os.path.dirname(__file__), "last-run-cpu.md"), "w") as f:

@@ -246,3 +246,46 @@ def test_training_step(benchmark, model, impl):
     fn(None)
     restore()
     benchmark.pedantic(fn, args=(None,), setup=restore, rounds=rounds, warmup_rounds=0)
+
+
+COMPILED_MODELS = ["gpt2-4l", "llama-4l"]
+COMPILED_IMPLS = ["eager", "eager_prox", "compiled", "compiled_prox"]
+
+
+@pytest.mark.parametrize("impl", COMPILED_IMPLS)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("model", COMPILED_MODELS)
+def test_compiled_training_step(benchmark, model, optimizer, impl):
+    """A whole training step (forward, backward, the optimizer's step, zero_grad) eager and
+    under ``torch.compile`` (inductor), without the regularizer and with it attached (coupled
+    heads and neurons): AdamW takes the metric step (one region outside the graph), SGD the
+    Euclidean step (traced). What the proximal step adds to the compiled step, beside what it
+    adds to the eager one. Training goes on between rounds (lam is small: the cost stays)."""
+    pytest.importorskip("transformers")
+    net, reg, loss_fn = _cached(("compiled", model), lambda g: harness.step_model(
+        model, g, lam=STEP_LAM))
+    net.loss_type = "ForCausalLM"  # (transformers' default, said without a logged warning)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=1e-3) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=1e-2))
+    handle = reg.attach(opt) if impl.endswith("_prox") else None
+
+    def step():
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad()
+
+    torch._dynamo.reset()
+    fn = torch.compile(step) if impl.startswith("compiled") else step
+    try:
+        for _ in range(3):  # compilation, and the recompiles of the first steps
+            fn()
+        benchmark.group = f"compiled step {model} {optimizer}"
+        benchmark.extra_info.update(compiled_model=model, optimizer=optimizer, impl=impl,
+                                    params=sum(p.numel() for p in params),
+                                    sets=len(reg.coupled), bytes=0)
+        benchmark.pedantic(fn, rounds=5, warmup_rounds=0)
+    finally:
+        if handle is not None:
+            handle.remove()
+        torch._dynamo.reset()

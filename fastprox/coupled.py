@@ -308,17 +308,7 @@ def step_sets(sets: list[CoupledGroups], lams: list[tuple], size_weighted: list[
     exact exclusive ones."""
     with torch.no_grad():
         for wave in _plan.waves(sets):
-            soft, one_pass, newton = [], {}, []
-            for j in wave:
-                l1, lg, le = lams[j]
-                if lg == 0 and le == 0:
-                    if l1 > 0:
-                        soft.append(j)
-                elif le == 0 or not exact[j]:
-                    what = (1 if lg > 0 else 0) | (2 if le > 0 else 0)
-                    one_pass.setdefault(what, []).append(j)
-                else:
-                    newton.append(j)
+            soft, one_pass, newton = _kinds(wave, lams, exact)
             if soft:  # the soft threshold alone: elementwise, no groups
                 members = [(m.tensor, lams[j][0]) for j in soft for m in sets[j].slices]
                 n = len(members)
@@ -331,6 +321,42 @@ def step_sets(sets: list[CoupledGroups], lams: list[tuple], size_weighted: list[
             if newton:
                 _newton_sets([sets[j] for j in newton], [lams[j] for j in newton],
                              [size_weighted[j] for j in newton], max_newton_steps)
+
+
+def _kinds(wave, lams, exact) -> tuple[list[int], dict[int, list[int]], list[int]]:
+    """The sets of a wave by the step they take: the soft threshold alone, one pass (by the
+    statistics it sums: 1 the group norms, 2 the L1 norms), Newton steps."""
+    soft, one_pass, newton = [], {}, []
+    for j in wave:
+        l1, lg, le = lams[j]
+        if lg == 0 and le == 0:
+            if l1 > 0:
+                soft.append(j)
+        elif le == 0 or not exact[j]:
+            what = (1 if lg > 0 else 0) | (2 if le > 0 else 0)
+            one_pass.setdefault(what, []).append(j)
+        else:
+            newton.append(j)
+    return soft, one_pass, newton
+
+
+def traceable(sets, lams, size_weighted, exact) -> bool:
+    """Whether torch.compile can trace ``step_sets`` of these sets with thresholds whose zeros
+    are those of ``lams``: every plan it takes was built by an eager step (found, not built:
+    building reads storage addresses) and no set takes Newton steps (their stopping test is
+    read on the host)."""
+    waves = _plan.planned_waves(sets)
+    if waves is None:
+        return False
+    for wave in waves:
+        _, one_pass, newton = _kinds(wave, lams, exact)
+        if newton:
+            return False
+        for idx in one_pass.values():
+            if _plan.planned_one_pass([sets[j] for j in idx],
+                                      [size_weighted[j] for j in idx]) is None:
+                return False
+    return True
 
 
 def _thresholds(g: CoupledGroups, lg: float, size_weighted: bool) -> torch.Tensor:

@@ -32,13 +32,30 @@ from .plan_keys import layout_key
 _PLANS_KEPT = 16  # plans cached (a model's step needs one per wave and kind of statistics)
 
 
+def _shapes(sets) -> tuple:
+    """What torch.compile's guards see of every member's tensor (no storage address, which a
+    trace cannot read): shape, strides, dtype and device."""
+    return tuple((tuple(m.tensor.shape), tuple(m.tensor.stride()), m.tensor.dtype,
+                  m.tensor.device) for g in sets for m in g.slices)
+
+
 class _Cache:
-    """A few plans, found by (kind, the sets (by identity), their layout key)."""
+    """A few plans, found by (kind, the sets (by identity), their layout key).
+
+    Under torch.compile a plan is only found, never built (building reads storage addresses):
+    ``find`` takes the plan an eager step built for the same sets, with the same shapes,
+    strides, dtypes and devices (what the compiled graph's guards check at every call); the
+    step is traced only when every plan it takes is found (``coupled.traceable``)."""
 
     def __init__(self) -> None:
         self._plans: OrderedDict = OrderedDict()
 
     def get(self, kind, sets, build):
+        if torch.compiler.is_compiling():
+            plan = self.find(kind, sets)
+            if plan is None:  # (coupled.traceable said it would be found)
+                raise RuntimeError(f"fastprox: no {kind!r} plan of the coupled sets to trace")
+            return plan
         ids = (kind,) + tuple(id(g) for g in sets)
         layout = layout_key(sets)
         entry = self._plans.get(ids)
@@ -47,11 +64,20 @@ class _Cache:
             self._plans.move_to_end(ids)
             return entry[2]
         plan = build()
-        self._plans[ids] = ([weakref.ref(g) for g in sets], layout, plan)
+        self._plans[ids] = ([weakref.ref(g) for g in sets], layout, plan, _shapes(sets))
         self._plans.move_to_end(ids)
         while len(self._plans) > _PLANS_KEPT:
             self._plans.popitem(last=False)
         return plan
+
+    def find(self, kind, sets):
+        """The plan of ``kind`` an eager step built for ``sets`` as they are now (their
+        shapes, strides, dtypes, devices), or None."""
+        entry = self._plans.get((kind,) + tuple(id(g) for g in sets))
+        if entry is None or entry[3] != _shapes(sets) or not all(
+                ref() is g for ref, g in zip(entry[0], sets)):
+            return None
+        return entry[2]
 
 
 _CACHE = _Cache()
@@ -62,6 +88,16 @@ def waves(sets) -> list[list[int]]:
     shares memory with, so running the waves in order, each wave's sets together, is running
     the sets one after another in the order given (planned once per list of sets)."""
     return _CACHE.get("waves", sets, lambda: _waves(sets))
+
+
+def planned_waves(sets):
+    """The waves an eager step planned for ``sets`` as they are now, or None."""
+    return _CACHE.find("waves", sets)
+
+
+def planned_one_pass(sets, size_weighted):
+    """The one-pass plan an eager step built for ``sets`` as they are now, or None."""
+    return _CACHE.find(("one pass", tuple(size_weighted)), sets)
 
 
 def _waves(sets) -> list[list[int]]:
@@ -108,6 +144,7 @@ class _Rules:
         self.index = None  # per slice of every member in order: its group, on the device
         self.counts: list[int] = []  # slices per member, members in order
         self.members: list[int] = []  # positions of those members in the wave's member list
+        self.set_of_group = None  # int64 (CPU): per group, its set's position in ``sets``
         self.last = None  # (per-set (lg, le), t, le per group) of the last step
 
 
@@ -168,6 +205,8 @@ class OnePassPlan:
                     r.counts += g._counts
                     r.members += list(range(first[j], first[j] + len(g.slices)))
             r.c = torch.cat(cs) if cs else torch.zeros(0, dtype=torch.float64)
+            r.set_of_group = torch.repeat_interleave(
+                torch.arange(len(r.groups)), torch.tensor(r.groups, dtype=torch.int64))
             r.index = (torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
                        ).to(r.device)
 
@@ -176,14 +215,13 @@ class OnePassPlan:
         thresholds ``lams`` (l1, lg, le): t_g = lg * c_g (float64, then rounded), le as each
         set's le; reused while the thresholds stay the same."""
         own = tuple((float(lams[j][1]), float(lams[j][2])) for j in r.sets)
-        if r.last is not None and r.last[0] == own:
+        traced = torch.compiler.is_compiling()  # (in the graph: computed, not kept)
+        if not traced and r.last is not None and r.last[0] == own:
             return r.last[1], r.last[2]
-        groups = torch.tensor(r.groups, dtype=torch.int64)
-        lg = torch.repeat_interleave(torch.tensor([a for a, _ in own], dtype=torch.float64),
-                                     groups)
-        le = torch.repeat_interleave(torch.tensor([b for _, b in own], dtype=torch.float64),
-                                     groups)
+        lg = torch.tensor([a for a, _ in own], dtype=torch.float64)[r.set_of_group]
+        le = torch.tensor([b for _, b in own], dtype=torch.float64)[r.set_of_group]
         t = (lg * r.c).to(device=r.device, dtype=r.acc)
         le = le.to(device=r.device, dtype=r.acc)
-        r.last = (own, t, le)
+        if not traced:
+            r.last = (own, t, le)
         return t, le

@@ -26,6 +26,7 @@ from torch import nn
 BETA, GAMMA, ZETA, EPS = 2 / 3, -0.1, 1.1, 1e-6
 LOG_ALPHA_RANGE = (math.log(0.01), math.log(100.0))
 
+from ._compiled import outside_graph as _outside_graph
 from ._modules import CONV as _CONV, flatten
 
 
@@ -196,15 +197,28 @@ class L0Regularizer:
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
 
     def step(self) -> None:
-        self.clamp_()
-        if self.controller is not None:
-            self.controller.after_step()
-            # the gates' state after this step: what the budget of the next one goes back to
-            self.controller.before_step()
+        """Clamps log_alpha, then takes the controller's step. Under torch.compile the clamp is
+        traced; a controller ranks the gates on the host, outside the graph (one break)."""
+        if self.controller is not None and torch.compiler.is_compiling():
+            _step_outside_graph(self)
+        else:
+            _step(self)
 
     def units_alive(self) -> list[int]:
         """Per gate module, the number of gates open at test time."""
         return [int((g.test_gates() > 0).sum()) for g in self.gates]
+
+
+def _step(reg: L0Regularizer) -> None:
+    reg.clamp_()
+    if reg.controller is not None:
+        reg.controller.after_step()
+        # the gates' state after this step: what the budget of the next one goes back to
+        reg.controller.before_step()
+
+
+# called only under torch.compile: the graph breaks once, here, and the step runs eagerly
+_step_outside_graph = _outside_graph(_step)
 
 
 def _gate_layer(reg: L0Regularizer, i: int, name: str):

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from . import euclidean_plan as _euclidean_plan, metric as _metric, metric_plan as _metric_plan
+from . import coupled as _coupled, euclidean_plan as _euclidean_plan, metric as _metric
+from . import metric_plan as _metric_plan
 from . import ops
+from ._compiled import outside_graph as _outside_graph
 from ._checks import is_dtensor
 
 PROX_MODES = ("auto", "metric", "euclidean")
@@ -69,10 +71,31 @@ def take(reg, optimizer, lr, metric: bool) -> None:
     controller work on the host (the optimizer's step counts read, plans found by where their
     tensors lie, group norms ranked), which would break the graph at each read and recompile
     for each tensor: they run outside it, all in one region, one break."""
-    if torch.compiler.is_compiling() and (metric or reg.coupled or reg.controller is not None):
+    if torch.compiler.is_compiling() and (metric or reg.controller is not None
+                                          or not _coupled_traceable(reg, optimizer, lr)):
         _take_outside_graph(reg, optimizer, lr, metric)
     else:
         _take(reg, optimizer, lr, metric)
+
+
+def _coupled_traceable(reg, optimizer, lr) -> bool:
+    """Whether the Euclidean step of ``reg``'s coupled sets can be traced: learning rates that
+    are numbers (a tensor one would be read on the host: ``coupled._threshold``) and every
+    plan the step takes built by an eager step (``coupled.traceable``)."""
+    sets = list(reg.coupled.values())
+    if not sets:
+        return True
+    if optimizer is None:
+        rates = [lr]
+    else:
+        mine = {id(p) for t in sets for p in t.params}
+        rates = [g["lr"] for g in optimizer.param_groups
+                 if any(id(p) in mine for p in g["params"])]
+    if any(isinstance(r, torch.Tensor) for r in rates):
+        return False
+    return _coupled.traceable([t.groups for t in sets],
+                              [(t.lam_l1, t.lam_group, t.lam_exclusive) for t in sets],
+                              [t.size_weighted for t in sets], [t.exact for t in sets])
 
 
 def _take(reg, optimizer, lr, metric: bool) -> None:
@@ -88,7 +111,7 @@ def _take(reg, optimizer, lr, metric: bool) -> None:
 
 
 # called only under torch.compile: the graph breaks once, here, and the step runs eagerly
-_take_outside_graph = torch.compiler.disable(_take)
+_take_outside_graph = _outside_graph(_take)
 
 
 def euclidean_step(reg, optimizer, lr) -> None:
