@@ -77,6 +77,25 @@ def test_a_trainer_prunes_logs_checkpoints_and_resumes_bitwise(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(mine["held"], theirs["held"]))
 
 
+def test_resuming_from_a_checkpoint_outside_output_dir_restores_the_regularizer(tmp_path):
+    """A checkpoint copied elsewhere (another disk, another run's directory) and handed to
+    ``trainer.train`` by its path: the regularizer's state comes from there, bitwise."""
+    import shutil
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, reg, first, _ = _trainer(tmp_path / "a", 10)
+        first.train()  # checkpoint-6 on the way
+        shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "elsewhere")
+        shutil.rmtree(tmp_path / "a" / "checkpoint-6")
+        resumed_model, resumed_reg, again, _ = _trainer(tmp_path / "b", 10)
+        again.train(str(tmp_path / "elsewhere"))  # positional, as Trainer.train takes it
+    for (name, p), q in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q), name
+    assert resumed_reg.state_dict()["controller"]["history"] == \
+        reg.state_dict()["controller"]["history"]
+
+
 def test_resuming_from_a_checkpoint_without_the_state_is_an_error(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -11,7 +11,8 @@
 * saves the regularizer's state (thresholds, steps, the target's controller) in every
   checkpoint the Trainer writes (``fastprox_regularizer.pt``, atomic), and restores it when
   training resumes from one (``trainer.train(resume_from_checkpoint=True)``, a checkpoint of
-  ``output_dir``, or the one ``TrainingArguments.resume_from_checkpoint`` names), before the
+  ``output_dir``, the directory ``trainer.train(resume_from_checkpoint=...)`` is given, seen by
+  ``attach``, or the one ``TrainingArguments.resume_from_checkpoint`` names), before the
   first step, so that a resumed run is bitwise the run
   that did not stop; a checkpoint without it is an error, not a silent restart of the target;
 * with ``save_compact_to``, compacts the model when training ends and saves it there
@@ -24,6 +25,8 @@ as it is: no subclass, its own optimizer and scheduler.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -52,6 +55,9 @@ class SparsityCallback(TrainerCallback):
         self.regularizer, self.save_compact_to = regularizer, save_compact_to
         self.handle = None
         self.optimizer = None
+        # the checkpoint directory handed to trainer.train(resume_from_checkpoint=...), which
+        # the Trainer tells no callback (``attach`` records it)
+        self.resume_from: str | None = None
 
     # -- training --------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -65,8 +71,8 @@ class SparsityCallback(TrainerCallback):
             self.handle = self.regularizer.attach(inner)
             self.optimizer = inner
         if state.global_step > 0:  # resumed: the checkpoint of that step holds our state
-            named = getattr(args, "resume_from_checkpoint", None)
-            places = [named] if isinstance(named, str) and os.path.isdir(named) else []
+            named = [self.resume_from, getattr(args, "resume_from_checkpoint", None)]
+            places = [p for p in named if isinstance(p, str) and os.path.isdir(p)]
             places.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
             path = next((os.path.join(p, STATE_FILE) for p in places
                          if os.path.isfile(os.path.join(p, STATE_FILE))),
@@ -125,7 +131,21 @@ class SparsityCallback(TrainerCallback):
 
 
 def attach(trainer, regularizer, **options) -> SparsityCallback:
-    """Adds a ``SparsityCallback`` first in ``trainer``'s callbacks; returns it."""
+    """Adds a ``SparsityCallback`` first in ``trainer``'s callbacks and returns it; the
+    checkpoint ``trainer.train(resume_from_checkpoint=...)`` is given (a directory anywhere)
+    is where the callback finds the regularizer's state when training resumes."""
     callback = SparsityCallback(regularizer, **options)
     trainer.callback_handler.callbacks.insert(0, callback)
+    train = trainer.train
+    signature = inspect.signature(train)
+
+    @functools.wraps(train)
+    def train_seen(*args, **kwargs):
+        given = signature.bind_partial(*args, **kwargs).arguments.get("resume_from_checkpoint")
+        callback.resume_from = given if isinstance(given, (str, os.PathLike)) else None
+        if callback.resume_from is not None:
+            callback.resume_from = os.fspath(callback.resume_from)
+        return train(*args, **kwargs)
+
+    trainer.train = train_seen
     return callback
