@@ -405,6 +405,7 @@ def _prune_heads(model: nn.Module, name: str, family: str, kept: torch.Tensor) -
         _take(module.c_attn, "bias", 0, packed)
         module.c_attn.nf = len(packed)
         _take(module.c_proj, "weight", 0, rows)
+        module.c_proj.nx = len(rows)
         module.num_heads = len(kept)
         module.split_size = len(rows)
         module.embed_dim = module.c_proj.weight.shape[1]

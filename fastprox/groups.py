@@ -214,6 +214,7 @@ def _customized_pruners(tp) -> dict:
         def prune_in_channels(self, layer, idxs):
             keep = _keep(layer.weight.shape[0], idxs)
             layer.weight = nn.Parameter(layer.weight.data[keep].clone())
+            layer.nx = len(keep)
             return layer
 
         def get_out_channels(self, layer):

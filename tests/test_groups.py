@@ -171,6 +171,12 @@ def test_compact_transformers(name):
     with torch.no_grad():
         torch.testing.assert_close(call(small.model.eval(), x), expected, rtol=1e-4, atol=1e-5)
     assert _params(small.model) < 0.75 * _params(model)
+    # every dense layer says its new sizes (Conv1D: nf outputs, nx inputs; Linear)
+    for module in small.model.modules():
+        if type(module).__name__ == "Conv1D":
+            assert (module.nx, module.nf) == tuple(module.weight.shape), module
+        elif isinstance(module, torch.nn.Linear):
+            assert (module.out_features, module.in_features) == tuple(module.weight.shape)
     heads = [s for s in found.sets if s.unit.kind == "heads"]
     for s in heads:
         module = small.model.get_submodule(s.unit.module)
