@@ -42,10 +42,12 @@ def _shapes(sets) -> tuple:
 class _Cache:
     """A few plans, found by (kind, the sets (by identity), their layout key).
 
-    Under torch.compile a plan is only found, never built (building reads storage addresses):
+    Under torch.compile a plan is found without reading storage addresses where it can be:
     ``find`` takes the plan an eager step built for the same sets, with the same shapes,
-    strides, dtypes and devices (what the compiled graph's guards check at every call); the
-    step is traced only when every plan it takes is found (``coupled.traceable``)."""
+    strides, dtypes and devices (what the compiled graph's guards check at every call); a
+    Regularizer's step is traced only when every plan it takes is found
+    (``coupled.traceable``). Not found (a coupled op called in a compiled function before
+    any eager step), it is looked up and built as eagerly, which breaks the graph there."""
 
     def __init__(self) -> None:
         self._plans: OrderedDict = OrderedDict()
@@ -53,9 +55,8 @@ class _Cache:
     def get(self, kind, sets, build):
         if torch.compiler.is_compiling():
             plan = self.find(kind, sets)
-            if plan is None:  # (coupled.traceable said it would be found)
-                raise RuntimeError(f"fastprox: no {kind!r} plan of the coupled sets to trace")
-            return plan
+            if plan is not None:
+                return plan
         ids = (kind,) + tuple(id(g) for g in sets)
         layout = layout_key(sets)
         entry = self._plans.get(ids)

@@ -269,3 +269,37 @@ def test_l0_gates_compile_with_their_step(target):
     assert not limits and len(recompiles) <= int(target) and late == 0, (recompiles, limits)
     if target:
         assert reg.controller.steps == 7
+
+
+@pytest.mark.parametrize("eager_first", [False, True], ids=["fresh", "planned"])
+def test_coupled_prox_called_in_a_compiled_function(eager_first):
+    """``fastprox.coupled_prox_`` in a compiled function: the eager result, whether its plans
+    were built by an eager call before (then the call is traced, no break) or not (then they
+    are built as eagerly, breaking the graph there)."""
+    from helpers import TinyMLP
+
+    def build():
+        torch.manual_seed(3)
+        model = TinyMLP()
+        reg = fastprox.Regularizer(model, "neurons", lam=0.1)
+        return model, [t.groups for t in reg.coupled.values()]
+
+    model, sets = build()
+    twin, twin_sets = build()
+
+    def step(groups, lam):
+        with torch.no_grad():
+            fastprox.coupled_prox_(groups, lam_group=lam)
+
+    if eager_first:
+        step(sets, 0.01)
+        step(twin_sets, 0.01)
+    breaks, _, limits, _, traced = _compiled_steps(lambda: step(sets, 0.3), (), 4)
+    for _ in range(4):
+        step(twin_sets, 0.3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert (model.up.weight == 0).all(dim=1).any()  # the step did remove units
+    assert not limits
+    assert traced  # the fused ops are in the graphs either way
+    assert (not _ours(breaks)) == eager_first, breaks  # planned: no break of fastprox's
