@@ -265,10 +265,11 @@ class Regularizer:
         ``foreach_prox_`` hands to ``fastprox.distributed``: every rank must take the step.
 
         Under ``torch.compile`` (a whole training step compiled, the step attached to its
-        optimizer): the Euclidean step of plain targets is traced into the graph, no break;
-        the metric step, coupled sets and a target work on the host (the optimizer's step
-        counts, plans found by where their tensors lie, the groups' ranking) and run outside
-        the graph, as one region: one graph break."""
+        optimizer): the Euclidean step (plain targets; coupled sets with learning rates that
+        are numbers, from their second step on) is traced into the graph, no break; the metric
+        step, a target and the other coupled steps work on the host (the optimizer's step
+        counts, the groups' ranking) and run outside the graph, as one region: one graph
+        break (fastprox/steps.py, ``take``)."""
         if (optimizer is None) == (lr is None):
             raise ValueError("Regularizer.prox_step: give an optimizer or an lr, not both")
         metric = optimizer is not None and _steps.prox_of(

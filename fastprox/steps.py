@@ -67,10 +67,12 @@ def lr_of(reg, optimizer) -> dict[int, object]:
 def take(reg, optimizer, lr, metric: bool) -> None:
     """One proximal step of ``reg`` (its target's controller around it, when it has one): the
     metric step when ``metric``, else the Euclidean one. Under torch.compile, the Euclidean
-    step of plain targets is traced (no graph break). The metric step, coupled sets and a
-    controller work on the host (the optimizer's step counts read, plans found by where their
-    tensors lie, group norms ranked), which would break the graph at each read and recompile
-    for each tensor: they run outside it, all in one region, one break."""
+    step is traced (no graph break): plain targets, and coupled sets whose plans an eager step
+    built, with learning rates that are numbers (``_coupled_traceable``). The metric step, a
+    controller and the other coupled steps work on the host (the optimizer's step counts read,
+    plans built from where their tensors lie, group norms ranked), which would break the graph
+    at each read and recompile for each tensor: they run outside it, in one region, one
+    break."""
     if torch.compiler.is_compiling() and (metric or reg.controller is not None
                                           or not _coupled_traceable(reg, optimizer, lr)):
         _take_outside_graph(reg, optimizer, lr, metric)

@@ -142,9 +142,8 @@ def attach(trainer, regularizer, **options) -> SparsityCallback:
     @functools.wraps(train)
     def train_seen(*args, **kwargs):
         given = signature.bind_partial(*args, **kwargs).arguments.get("resume_from_checkpoint")
-        callback.resume_from = given if isinstance(given, (str, os.PathLike)) else None
-        if callback.resume_from is not None:
-            callback.resume_from = os.fspath(callback.resume_from)
+        callback.resume_from = os.fspath(given) if isinstance(given, (str, os.PathLike)) \
+            else None
         return train(*args, **kwargs)
 
     trainer.train = train_seen
